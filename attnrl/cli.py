@@ -1,0 +1,48 @@
+"""`attnrl` command line: generate | signals | train | eval | merge.
+
+Each subcommand lives in the module that implements it; that module provides
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
+`attnrl merge` never pays for importing vLLM.
+"""
+
+import argparse
+import importlib
+import sys
+
+from attnrl.errors import UserError
+
+SUBCOMMANDS = {
+    "generate": ("attnrl.rollout.cli", "sample completions for a task with a rollout engine"),
+    "signals": ("attnrl.signals.cli", "show WAAD / FAI / preplan / anchor tokens of a response"),
+    "train": ("trainers.cli", "run a GRPO / NSR training job from a YAML config"),
+    "eval": ("attnrl.evaluation", "pass@k of one or more checkpoints on a task"),
+    "merge": ("attnrl.merge", "reasoning-vector task arithmetic over safetensors checkpoints"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="attnrl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"attnrl {name}", description=help_text)
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"attnrl {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Verifiable reward functions: reward(prompts, completions, **columns) -> list[float]."""

@@ -1,0 +1,1 @@
+"""DeepSpeed-backed GRPO and NSR trainers (the only package that imports trl)."""
