@@ -78,8 +78,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             src, name = str(gguf_path.parent), gguf_path.name
             tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name,
-                                                         dtype=torch.float32)
+            quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name,
+                                                             dtype=torch.float32)
+            # The GGUF loader dequantizes but marks the model as quantized (unsaveable):
+            # rebuild a plain model from the config and move the float32 weights over.
+            config = quantized.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(quantized.state_dict())
+            model.generation_config = quantized.generation_config
+            del quantized
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "attnrl_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))

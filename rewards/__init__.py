@@ -1,1 +1,111 @@
-"""Verifiable reward functions: reward(prompts, completions, **columns) -> list[float]."""
+"""Verifiable reward functions: reward(prompts, completions, **columns) -> list[float].
+
+Columns carry per-sample data, one entry per completion (as TRL passes dataset columns):
+`answer` (gold final answer), `entry` / `task` / `metadata` (reasoning-gym),
+`completion_lengths` or `completion_ids` (token lengths). Unused columns are ignored.
+
+    REWARDS                      name -> reward function (callable as is)
+    get_reward(name, **options)  that function with options bound (e.g. the overlong cap)
+    combine_rewards({...})       weighted sum of several rewards
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+from attnrl.errors import UserError, nearest
+from rewards.base import RewardFn, completion_text
+from rewards.format import DEFAULT_FORMAT_PATTERN, format_reward
+from rewards.gym import extract_gym_answer, gym_reward
+from rewards.length import overlong_penalty, overlong_reward
+from rewards.math_reward import extract_math_answer, math_reward
+
+
+def answer_reward(prompts, completions, answer=None, entry=None, task=None, metadata=None,
+                  **columns) -> list[float]:
+    """Correctness per completion: the reasoning-gym scorer where the sample carries a
+    reasoning-gym entry (column `entry`, or `metadata` with one), else the math reward
+    against `answer`."""
+    scores = []
+    for i, completion in enumerate(completions):
+        meta = metadata[i] if metadata is not None else {}
+        has_entry = (entry is not None and entry[i] is not None) or "entry" in (meta or {})
+        if has_entry:
+            scores += gym_reward(
+                [prompts[i] if prompts else ""], [completion],
+                entry=[entry[i]] if entry is not None else None,
+                task=[task[i]] if task is not None and not isinstance(task, str) else task,
+                metadata=[meta] if metadata is not None else None)
+        else:
+            scores += math_reward([""], [completion],
+                                  answer=[answer[i]] if answer is not None else None)
+    return scores
+
+
+REWARDS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "gym": gym_reward,
+    "answer": answer_reward,
+    "format": format_reward,
+    "overlong": overlong_reward,
+}
+
+_DATA_PARAMS = {"prompts", "completions", "answer", "entry", "task", "metadata",
+                "completion_lengths", "completion_ids"}
+
+
+def get_reward(name: str, **options) -> RewardFn:
+    """The reward function `name`, with `options` (its keyword settings, e.g.
+    max_completion_length for 'overlong', pattern for 'format') bound."""
+    if name not in REWARDS:
+        raise UserError(f"unknown reward {name!r}{nearest(name, REWARDS)}; choose from "
+                        f"{', '.join(REWARDS)}")
+    fn = REWARDS[name]
+    if not options:
+        return fn
+    allowed = [p for p in inspect.signature(fn).parameters
+               if p not in _DATA_PARAMS and p != "columns"]
+    for key in options:
+        if key not in allowed:
+            raise UserError(f"reward {name!r} has no option {key!r}{nearest(key, allowed)}; "
+                            f"options: {', '.join(allowed) or 'none'}")
+
+    def bound(prompts, completions, **columns):
+        return fn(prompts, completions, **{**columns, **options})
+
+    bound.__name__ = name
+    bound.__doc__ = fn.__doc__
+    return bound
+
+
+def combine_rewards(weights, options: dict | None = None) -> RewardFn:
+    """Weighted sum of rewards. `weights`: {name or function: weight} or a list of
+    (name or function, weight) pairs; `options`: {name: {option: value}} for named ones."""
+    pairs = list(weights.items()) if isinstance(weights, dict) else list(weights)
+    if not pairs:
+        raise UserError("combine_rewards needs at least one (reward, weight) pair")
+    options = options or {}
+    parts = []
+    for reward, weight in pairs:
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UserError(f"weight of reward {reward!r} must be a finite number, got "
+                            f"{weight!r}")
+        fn = get_reward(reward, **options.get(reward, {})) if isinstance(reward, str) else reward
+        parts.append((getattr(fn, "__name__", str(reward)), fn, float(weight)))
+
+    def combined(prompts, completions, **columns):
+        total = [0.0] * len(completions)
+        for _, fn, weight in parts:
+            for i, value in enumerate(fn(prompts, completions, **columns)):
+                total[i] += weight * value
+        return total
+
+    combined.__name__ = "+".join(f"{w:g}*{name}" for name, _, w in parts)
+    combined.components = [(name, w) for name, _, w in parts]
+    return combined
+
+
+__all__ = ["REWARDS", "DEFAULT_FORMAT_PATTERN", "RewardFn", "answer_reward", "combine_rewards",
+           "completion_text", "extract_gym_answer", "extract_math_answer", "format_reward",
+           "get_reward", "gym_reward", "math_reward", "overlong_penalty", "overlong_reward"]

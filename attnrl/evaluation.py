@@ -1,0 +1,244 @@
+"""pass@k of one or more checkpoints on a task (`attnrl eval`).
+
+pass@k is the unbiased estimator of Chen et al. (2021) used in methods.md section 3: with
+n samples of a problem of which c are correct,
+    pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i),
+averaged over problems; the product form never forms a binomial coefficient. A sample
+is correct when its reward (rewards.answer_reward: the reasoning-gym scorer for gym
+tasks, the math reward for JSONL/GSM8K files) reaches `correct_threshold` (1.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+from attnrl.errors import UserError
+
+CORRECT_THRESHOLD = 1.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with `c` correct out of `n` samples (1 <= k <= n)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise UserError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_at_k_curve(correct: list[list[bool]], ks) -> dict[int, float]:
+    """Mean pass@k over problems; `correct[p]` is the per-sample correctness of problem p."""
+    if not correct:
+        raise UserError("pass@k needs at least one problem")
+    result = {}
+    for k in ks:
+        values = [pass_at_k(len(row), int(sum(map(bool, row))), k) for row in correct]
+        result[int(k)] = sum(values) / len(values)
+    return result
+
+
+def table_ks(n: int) -> list[int]:
+    """k values shown in tables: powers of two below n, then n."""
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1) if 2 ** i < n]
+    return ks + [n]
+
+
+def model_labels(models: list[str]) -> list[str]:
+    """Short distinct labels: the last path component, more components where they clash."""
+    for depth in range(1, 8):
+        labels = ["/".join(Path(str(m)).parts[-depth:]) or str(m) for m in models]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(m) for m in models]
+
+
+def _check_settings(num_problems, n, temperature, top_p, max_tokens) -> None:
+    if num_problems < 1 or n < 1 or max_tokens < 1:
+        raise UserError(f"--num-problems, -n and --max-tokens must be >= 1; got "
+                        f"{num_problems}, {n}, {max_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+
+
+def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
+    from rewards import answer_reward
+
+    start = time.perf_counter()
+    groups = engine.generate(prompt_ids, sampling)
+    seconds = time.perf_counter() - start
+    rows = []
+    for record, group in zip(records, groups):
+        texts = [c.text for c in group]
+        scores = answer_reward([record.prompt] * len(texts), texts,
+                               answer=[record.answer] * len(texts),
+                               metadata=[record.metadata] * len(texts))
+        rows.append({"texts": texts, "rewards": scores,
+                     "correct": [int(s >= threshold) for s in scores],
+                     "tokens": [len(c.token_ids) for c in group]})
+    return rows, seconds
+
+
+def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
+             temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 512,
+             engine: str = "vllm", seed: int = 0, greedy: bool = False,
+             correct_threshold: float = CORRECT_THRESHOLD, engine_kwargs: dict | None = None,
+             keep_texts: bool = False) -> dict:
+    """Sample `n` completions per problem from each model, score them, and return
+    {settings..., 'ks', 'models': [{'model', 'label', 'pass_at_k' {str(k): value},
+    'correct' [problem][sample] 0/1, 'rewards', 'tokens', 'greedy_accuracy', ...}]}.
+    Engines run one at a time; each is closed before the next model loads."""
+    from attnrl.data import apply_chat_template, load_prompts
+    from attnrl.models import load_tokenizer, resolve_model
+    from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
+
+    _check_settings(num_problems, n, temperature, top_p, max_tokens)
+    if not models:
+        raise UserError("give at least one --model")
+    for model in models:  # fail on a bad path before any engine starts
+        resolve_model(model)
+    base_records = load_prompts(task, size=num_problems, seed=seed)
+    ks = list(range(1, n + 1))
+    result = {"task": task, "num_problems": len(base_records), "n": n,
+              "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+              "engine": engine, "seed": seed, "correct_threshold": correct_threshold,
+              "reward": "gym" if "entry" in base_records[0].metadata else "math",
+              "ks": ks, "table_ks": table_ks(n), "models": []}
+    for model, label in zip(models, model_labels(models)):
+        tokenizer = load_tokenizer(model)
+        records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
+                                       for r in base_records], tokenizer)
+        prompt_ids = encode_prompts(tokenizer, [r.prompt for r in records])
+        kwargs = dict(engine_kwargs or {})
+        if engine == "vllm":
+            kwargs.setdefault("max_model_len", max(map(len, prompt_ids)) + max_tokens)
+            kwargs.setdefault("seed", seed)
+        rollout = make_engine(engine, model, **kwargs)
+        try:
+            sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
+                                      max_tokens=max_tokens, seed=seed)
+            rows, seconds = _generate_and_score(rollout, records, prompt_ids, sampling,
+                                                correct_threshold)
+            greedy_rows = None
+            if greedy:
+                greedy_rows, _ = _generate_and_score(
+                    rollout, records, prompt_ids,
+                    SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed),
+                    correct_threshold)
+        finally:
+            rollout.close()
+            del rollout
+            gc.collect()
+        correct = [row["correct"] for row in rows]
+        entry = {"model": str(model), "label": label,
+                 "pass_at_k": {str(k): v for k, v in pass_at_k_curve(correct, ks).items()},
+                 "correct": correct, "rewards": [row["rewards"] for row in rows],
+                 "tokens": [row["tokens"] for row in rows],
+                 "mean_reward": sum(map(sum, (r["rewards"] for r in rows))) / (len(rows) * n),
+                 "generate_seconds": seconds,
+                 "greedy_accuracy": None if greedy_rows is None else
+                 sum(r["correct"][0] for r in greedy_rows) / len(greedy_rows)}
+        if keep_texts:
+            entry["samples"] = [{"index": rec.index, "question": rec.question,
+                                 "gold": rec.answer, "texts": row["texts"],
+                                 "greedy": None if greedy_rows is None else greedy_rows[i]["texts"][0]}
+                                for i, (rec, row) in enumerate(zip(records, rows))]
+        result["models"].append(entry)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """pass@k rows (and greedy accuracy), one column per model, values in percent."""
+    labels = [m["label"] for m in result["models"]]
+    rows = [(f"pass@{k}", [100 * m["pass_at_k"][str(k)] for m in result["models"]])
+            for k in result["table_ks"]]
+    if any(m["greedy_accuracy"] is not None for m in result["models"]):
+        rows.append(("greedy", [float("nan") if m["greedy_accuracy"] is None
+                                else 100 * m["greedy_accuracy"] for m in result["models"]]))
+    width = max(10, *(len(label) for label in labels))
+    head = f"{'metric':<10}" + "".join(f"  {label:>{width}}" for label in labels)
+    lines = [f"# {result['task']}: {result['num_problems']} problems x {result['n']} samples, "
+             f"T={result['temperature']}, top-p={result['top_p']}, "
+             f"max {result['max_tokens']} tokens, reward {result['reward']} (%)", head,
+             "-" * len(head)]
+    for name, values in rows:
+        lines.append(f"{name:<10}" + "".join(f"  {v:>{width}.1f}" for v in values))
+    return "\n".join(lines)
+
+
+def plot_pass_at_k(result: dict, path) -> Path:
+    """pass@k curves (percent) against k on a log2 axis, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ks = result["ks"]
+    for m in result["models"]:
+        values = [100 * m["pass_at_k"][str(k)] for k in ks]
+        marks = [ks.index(k) for k in result["table_ks"]]
+        ax.plot(ks, values, "-o", markevery=marks, markersize=4, linewidth=1.8,
+                label=m["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["table_ks"], [str(k) for k in result["table_ks"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(0.9, max(ks) * 1.1)
+    top = max([100 * v for m in result["models"] for v in m["pass_at_k"].values()] + [1.0])
+    ax.set_ylim(0, min(102, top * 1.1 + 2))
+    ax.set_xlabel("k (samples)")
+    ax.set_ylabel("pass@k (%)")
+    ax.set_title(f"{Path(result['task']).name}: {result['num_problems']} problems, n={result['n']}, "
+                 f"T={result['temperature']}", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", action="append", required=True,
+                        help="checkpoint: local HF directory or 'smollm2'; repeat to compare")
+    parser.add_argument("--task", default="chain_sum",
+                        help="reasoning-gym task name or a GSM8K-style .jsonl file")
+    parser.add_argument("--num-problems", type=int, default=32)
+    parser.add_argument("-n", type=int, default=8, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true",
+                        help="also report greedy (temperature 0) accuracy")
+    parser.add_argument("--correct-threshold", type=float, default=CORRECT_THRESHOLD,
+                        help="reward at or above which a sample counts as correct")
+    parser.add_argument("--out", default="eval_out",
+                        help="output directory for passk.json, passk.png, samples.jsonl")
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a directory")
+    result = evaluate(args.model, args.task, num_problems=args.num_problems, n=args.n,
+                      temperature=args.temperature, top_p=args.top_p,
+                      max_tokens=args.max_tokens, engine=args.engine, seed=args.seed,
+                      greedy=args.greedy, correct_threshold=args.correct_threshold,
+                      keep_texts=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as handle:
+        for m in result["models"]:
+            for sample in m.pop("samples"):
+                handle.write(json.dumps({"model": m["model"], **sample}) + "\n")
+    (out / "passk.json").write_text(json.dumps(result, indent=1))
+    plot_pass_at_k(result, out / "passk.png")
+    print(format_table(result))
+    print(f"# wrote {out / 'passk.json'}, {out / 'passk.png'}, {out / 'samples.jsonl'}")
+    return 0
