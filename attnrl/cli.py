@@ -36,7 +36,10 @@ def main(argv=None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"attnrl {name}", description=help_text)
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    if hasattr(module, "parse_known"):  # subcommands taking free-form --key value overrides
+        args = module.parse_known(sub_parser, argv[1:])
+    else:
+        args = sub_parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except UserError as err:

@@ -1,0 +1,100 @@
+"""Trainer callbacks: a local JSONL of every logged metric, a one-line print per step,
+and the reward-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends each `logs` dict (with the step) to OUTPUT_DIR/metrics.jsonl on rank 0. A
+    resumed run first drops lines past the checkpoint's step, so the file stays one line
+    per logged step."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"step": state.global_step, **{k: _clean(v) for k, v in logs.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+class StepPrinterCallback(TrainerCallback):
+    """One line per logged step: reward, accuracy, mean gamma, step time split."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}",
+                 f"reward {logs['reward']:.3f}"]
+        for key, label in (("accuracy", "acc"), ("credit/gamma_mean", "gamma"),
+                           ("completions/mean_length", "len"), ("step_time", "step s"),
+                           ("time/generation", "gen s"), ("time/signals", "signals s")):
+            if key in logs and logs[key] is not None:
+                parts.append(f"{label} {logs[key]:.3g}")
+        _write(" | ".join(parts))
+
+
+class RewardProgressCallback(ProgressCallback):
+    """The progress bar, with reward and step time as its postfix instead of printing
+    every logs dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = getattr(self, "training_bar", None)
+        if state.is_world_process_zero and bar is not None and logs and "reward" in logs:
+            bar.set_postfix(reward=f"{logs['reward']:.3f}",
+                            step_s=f"{logs.get('step_time') or 0:.2f}")
+
+
+def _write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def plot_reward_curve(metrics_path, png_path, title: str = "reward") -> Path:
+    """Reward (and accuracy) per step from metrics.jsonl -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    rows = [r for r in rows if r.get("reward") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward"] for r in rows], marker="o", label="reward (mean)")
+    if rows and "accuracy" in rows[0]:
+        ax.plot(steps, [r.get("accuracy") for r in rows], marker=".", linestyle="--",
+                label="accuracy")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)

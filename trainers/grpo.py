@@ -1,0 +1,292 @@
+"""Attention-guided GRPO on TRL's GRPOTrainer.
+
+What this adds to TRL (everything else — loss types, DeepSpeed via accelerate, PEFT,
+W&B, checkpoints — is TRL's and keeps TRL's field names):
+
+1. Generation through an attnrl rollout engine (in-process vLLM, or transformers), with the
+   policy's weights pushed to it whenever the optimizer has stepped (ZeRO-3: gathered).
+2. Advantages from attnrl's estimator registry (`advantage_estimator`).
+3. Per-token credit: inside the loss forward TRL already runs, attention statistics are
+   captured for the sampled layers (no second model, no extra forward), turned into
+   gamma_t by the credit strategy, and the advantages reaching TRL's loss become
+   A_{i,t} = gamma_t * A_i.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from attnrl.advantages import compute_advantages, estimator_options
+from attnrl.credit import CreditConfig, compute_gamma, credit_metrics, make_generator, \
+    required_inputs, shape_advantages
+from attnrl.rollout import SamplingConfig, make_engine
+from attnrl.signals.types import SignalConfig
+
+
+@dataclass
+class AttnGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig plus attention credit, estimator and rollout-engine settings."""
+
+    # ---- credit (methods.md 1.5)
+    credit: str = field(default="uniform", metadata={"help": (
+        "Credit strategy: uniform | local_chunk | global_anchor | coupled | random | entropy "
+        "| bottom_q (join with '+' to compose).")})
+    gamma_amp: float = field(default=1.5, metadata={"help": "Amplification of marked tokens."})
+    credit_apply_to: str = field(default="both", metadata={
+        "help": "Shape advantages of this sign: both | positive | negative."})
+    credit_seed: int = field(default=0, metadata={"help": "Seed of the `random` strategy."})
+    # ---- signals (methods.md 1.1-1.4)
+    signal_layers: list[int] | None = field(default=None, metadata={
+        "help": "Sampled layers; None = five evenly spaced in the middle third."})
+    signal_head_quantile: float = field(default=0.3, metadata={
+        "help": "Fraction of heads (by span) taken as local / global."})
+    signal_window: int = field(default=10, metadata={"help": "WAAD distance clip W (tokens)."})
+    signal_h_lo: int = field(default=10, metadata={"help": "FAI nearest future query (tokens)."})
+    signal_h_hi: int | None = field(default=100, metadata={
+        "help": "FAI farthest future query (tokens); None = to the end."})
+    signal_q: float = field(default=0.4, metadata={
+        "help": "Top fraction of response tokens marked preplan / anchor (and for controls)."})
+    preplan_by: str = field(default="delta", metadata={"help": "Rank preplan tokens by delta | waad."})
+    coupled_k: int = field(default=3, metadata={"help": "Coupled: look-back for intro tokens."})
+    coupled_alpha: float = field(default=0.5, metadata={
+        "help": "Coupled: share of a dominated anchor's bonus moved to its intro token."})
+    tau_waad: float | None = field(default=None, metadata={
+        "help": "Coupled: WAAD threshold; None = per-response median."})
+    tau_delta: float | None = field(default=None, metadata={
+        "help": "Coupled: Delta threshold; None = per-response median."})
+    freeze_head_split: bool = field(default=False, metadata={
+        "help": "Calibrate the local/global head split on the first batch and keep it."})
+    # ---- outcome advantages
+    advantage_estimator: str = field(default="grpo", metadata={
+        "help": "grpo | dr_grpo | rloo | psr | nsr | w_reinforce (attnrl.advantages)."})
+    advantage_eps: float = field(default=1e-4, metadata={
+        "help": "grpo: std epsilon (1e-4 as TRL's GRPOTrainer; methods.md writes 1e-6)."})
+    w_reinforce_lambda: float = field(default=0.1, metadata={
+        "help": "w_reinforce: weight of positive samples."})
+    correctness_threshold: float | None = field(default=None, metadata={
+        "help": "psr/nsr/w_reinforce: reward >= threshold counts as correct (else rewards "
+                "must be exactly 0/1)."})
+    # ---- rollout engine
+    rollout_engine: str = field(default="vllm", metadata={"help": "vllm | hf."})
+    rollout_kv_cache_gib: float = field(default=0.5, metadata={
+        "help": "vLLM KV cache size (CPU, or GPU when gpu_memory_utilization is None)."})
+    rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
+        "help": "vLLM GPU memory fraction on CUDA nodes (colocated with training)."})
+    rollout_max_model_len: int | None = field(default=None, metadata={
+        "help": "vLLM max sequence length; None = max(2048, max_completion_length + 1024)."})
+    metrics_jsonl: str | None = field(default="metrics.jsonl", metadata={
+        "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
+
+    def credit_config(self) -> CreditConfig:
+        signals = SignalConfig(
+            layers=self.signal_layers, head_quantile=self.signal_head_quantile,
+            freeze_head_split=self.freeze_head_split, window=self.signal_window,
+            h_lo=self.signal_h_lo, h_hi=self.signal_h_hi, q=self.signal_q,
+            preplan_by=self.preplan_by, k=self.coupled_k, alpha=self.coupled_alpha,
+            tau_waad=self.tau_waad, tau_delta=self.tau_delta)
+        return CreditConfig(strategy=self.credit, gamma_amp=self.gamma_amp,
+                            apply_to=self.credit_apply_to, signals=signals, seed=self.credit_seed)
+
+    def estimator_kwargs(self) -> dict:
+        wanted = {"eps": self.advantage_eps, "scale_std": self.scale_rewards,
+                  "lambda_": self.w_reinforce_lambda,
+                  "correctness_threshold": self.correctness_threshold}
+        accepted = estimator_options(self.advantage_estimator)
+        return {k: v for k, v in wanted.items() if k in accepted}
+
+
+class AttnGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with attnrl rollouts, estimators and attention-guided credit.
+
+    Extra argument: `rollout_engine`, an attnrl RolloutEngine to use instead of creating
+    one from the config (e.g. shared between runs in tests).
+    """
+
+    def __init__(self, *args, rollout_engine=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        config: AttnGRPOConfig = self.args
+        self.credit_config = config.credit_config()
+        self.credit_inputs = required_inputs(self.credit_config)
+        self.credit_generator = make_generator(self.credit_config)
+        self.engine = rollout_engine
+        self._engine_step = None          # global_step whose weights the engine holds
+        self._loss_inputs = None          # inputs dict of the loss call in progress
+        self._frozen_split = None
+        self.last_token_advantages = None  # (B, T) what reached the loss, for inspection
+
+    # ------------------------------------------------------------------ generation
+    def _make_engine(self):
+        config: AttnGRPOConfig = self.args
+        path = self.model.config._name_or_path
+        if config.rollout_engine == "vllm":
+            max_len = config.rollout_max_model_len or max(2048, config.max_completion_length + 1024)
+            dtype = torch.bfloat16 if config.bf16 else torch.float32
+            return make_engine("vllm", path, dtype=dtype, max_model_len=max_len,
+                               kv_cache_gib=config.rollout_kv_cache_gib,
+                               gpu_memory_utilization=config.rollout_gpu_memory_utilization,
+                               seed=config.seed)
+        return make_engine("hf", path, batch_size=config.per_device_train_batch_size)
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full policy weights with HF names (ZeRO-3 gathered; LoRA merged)."""
+        model = self.accelerator.unwrap_model(self.model)
+        gather = contextlib.nullcontext()
+        if getattr(self, "is_deepspeed_enabled", False) and \
+                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        with gather, torch.no_grad():
+            if hasattr(model, "peft_config"):
+                model.merge_adapter()
+                state = {}
+                for name, tensor in model.state_dict().items():
+                    if "lora_" in name or "modules_to_save" in name:
+                        continue
+                    name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+                    state[name] = tensor.detach().clone()
+                model.unmerge_adapter()
+                return state
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def sync_engine_weights(self) -> None:
+        if self.engine is None:
+            self.engine = self._make_engine()
+        self.engine.update_weights(self.policy_state_dict())
+        self._engine_step = self.state.global_step
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                              has_tool_images=False):
+        start = time.perf_counter()
+        if self.engine is None or self._engine_step != self.state.global_step:
+            self.sync_engine_weights()
+        config: AttnGRPOConfig = self.args
+        n = num_generations if _is_grouped(prompt_ids, num_generations) else 1
+        seed = None if config.seed is None else \
+            (config.seed * 1_000_003 + self.state.global_step * 9_973
+             + self.accelerator.process_index) % 2**31
+        sampling = SamplingConfig(n=n, temperature=config.temperature,
+                                  top_p=config.top_p, max_tokens=config.max_completion_length,
+                                  seed=seed)
+        groups = self.engine.generate(prompt_ids[::n], sampling)
+        completion_ids = [c.token_ids for g in groups for c in g]
+        logprobs = [c.logprobs for g in groups for c in g]
+        self._metrics["train" if self.model.training else "eval"]["time/generation"].append(
+            time.perf_counter() - start)
+        return completion_ids, logprobs
+
+    # ------------------------------------------------------------------ advantages
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        config: AttnGRPOConfig = self.args
+        rewards_per_func = self._last_rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        group_ids = torch.arange(len(rewards), device=rewards.device) // num_generations
+        advantages = compute_advantages(config.advantage_estimator, rewards, group_ids,
+                                        **config.estimator_kwargs())
+        local = len(output["prompt_ids"])
+        rank = self.accelerator.process_index
+        output["advantages"] = advantages[rank * local:(rank + 1) * local].to(
+            output["completion_ids"].device)
+        correct = rewards >= (config.correctness_threshold
+                              if config.correctness_threshold is not None else 1.0)
+        self._metrics[mode]["accuracy"].append(correct.float().mean().item())
+        self._metrics[mode]["advantages/mean"].append(advantages.mean().item())
+        self._metrics[mode]["advantages/std"].append(advantages.std().item()
+                                                     if advantages.numel() > 1 else 0.0)
+        self._metrics[mode]["advantages/abs_mean"].append(advantages.abs().mean().item())
+        return output
+
+    # ------------------------------------------------------------------ credit in the loss
+    def _compute_loss(self, model, inputs):
+        start = time.perf_counter()
+        self._loss_inputs = inputs
+        self._signal_seconds = 0.0
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._loss_inputs = None
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["time/signals"].append(self._signal_seconds)
+        self._metrics[mode]["time/update_forward_backward"].append(
+            time.perf_counter() - start - self._signal_seconds)
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask,
+                                           logits_to_keep, batch_size=None,
+                                           compute_entropy=False, **kwargs):
+        inputs = self._loss_inputs
+        if inputs is None or inputs["advantages"].dim() != 1:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, **kwargs)
+        # The loss forward: capture attention statistics while TRL computes log-probs,
+        # then replace the (B,) advantages of `inputs` by per-token ones before TRL reads them.
+        response_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+        response_mask[:, -logits_to_keep:] = inputs["completion_mask"].bool()
+        capture = None
+        if "signals" in self.credit_inputs:
+            from attnrl.signals.capture import SignalCapture
+
+            capture = SignalCapture(self.accelerator.unwrap_model(model),
+                                    self.credit_config.signals, attention_mask=attention_mask,
+                                    response_mask=response_mask,
+                                    head_split=self._frozen_split)
+        with capture if capture is not None else contextlib.nullcontext():
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy or "entropy" in self.credit_inputs, **kwargs)
+        start = time.perf_counter()
+        signals = None
+        if capture is not None:
+            signals = capture.token_signals()
+            if self.args.freeze_head_split and self._frozen_split is None:
+                self._frozen_split = (signals.local_heads, signals.global_heads)
+        entropy_full = None
+        if entropies is not None:
+            entropy_full = torch.zeros(response_mask.shape, dtype=torch.float32,
+                                       device=entropies.device)
+            entropy_full[:, -logits_to_keep:] = entropies.detach().float()
+        gamma = compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
+                              generator=self.credit_generator)
+        token_adv = shape_advantages(self.credit_config, inputs["advantages"], gamma,
+                                     response_mask)[:, -logits_to_keep:]
+        inputs["advantages"] = token_adv.to(inputs["completion_ids"].device)
+        self.last_token_advantages = inputs["advantages"]
+        self._log_credit(gamma, response_mask, signals)
+        self._signal_seconds += time.perf_counter() - start
+        return logps, entropies, aux
+
+    def _log_credit(self, gamma, response_mask, signals) -> None:
+        mode = "train" if self.model.training else "eval"
+        for key, value in credit_metrics(gamma, response_mask).items():
+            self._metrics[mode][f"credit/{key}"].append(value)
+        if signals is not None:
+            mask = response_mask
+            for name in ("waad", "fai"):
+                values = getattr(signals, name)[mask].float()
+                if values.numel():
+                    self._metrics[mode][f"signals/{name}_mean"].append(values.mean().item())
+                    self._metrics[mode][f"signals/{name}_max"].append(values.max().item())
+
+
+def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
+    """True when rows come in consecutive blocks of n identical prompts (TRL's sampler)."""
+    if n <= 1 or len(prompt_ids) % n:
+        return False
+    return all(prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
