@@ -20,8 +20,8 @@ left out of every group and batch statistic and get advantage 0.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ class Groups:
     sizes: torch.Tensor  # (K,) long, responses per group
 
     @classmethod
-    def from_ids(cls, group_ids: torch.Tensor) -> "Groups":
+    def from_ids(cls, group_ids: torch.Tensor) -> Groups:
         """Build from arbitrary integer ids (one per response)."""
         _, index = torch.unique(group_ids, return_inverse=True)
         sizes = torch.bincount(index, minlength=int(index.max()) + 1 if index.numel() else 0)

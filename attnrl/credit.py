@@ -27,8 +27,9 @@ never clipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -169,14 +170,17 @@ def compute_gamma(config: CreditConfig, signals: TokenSignals | None,
     parts = strategy_parts(config.strategy)
     response_mask = _check_mask(response_mask)
     provided = {"signals": signals, "entropy": entropy, **extras}
-    for name in sorted(required_inputs(config.strategy)):
+    needed = required_inputs(config.strategy)
+    for name in sorted(needed):
         if provided.get(name) is None:
             what = INPUT_DESCRIPTIONS.get(name, f"the input {name!r}")
             no_capture = sorted(n for n, s in CREDIT_STRATEGIES.items() if not s.requires)
             raise UserError(f"credit strategy {config.strategy!r} needs {what}, which was not "
                             f"given; pass it, or choose a strategy that needs no inputs: "
                             f"{', '.join(no_capture)}")
-    _check_shapes(response_mask, signals, entropy, extras)
+    _check_shapes(response_mask, signals if "signals" in needed else None,
+                  entropy if "entropy" in needed else None,
+                  {k: v for k, v in extras.items() if k in needed})
     inputs = CreditInputs(config, response_mask, signals, entropy, generator, dict(extras))
     with torch.no_grad():
         gamma = torch.ones(response_mask.shape, dtype=torch.float32,

@@ -7,9 +7,15 @@ import random
 import pytest
 import torch
 
-from attnrl.advantages import (ESTIMATORS, TRL_GRPO_EPS, compute_advantages,
-                               estimator_options, group_ids_from_sizes, make_group_ids,
-                               register_estimator)
+from attnrl.advantages import (
+    ESTIMATORS,
+    TRL_GRPO_EPS,
+    compute_advantages,
+    estimator_options,
+    group_ids_from_sizes,
+    make_group_ids,
+    register_estimator,
+)
 from attnrl.errors import UserError
 
 ATOL, RTOL = 1e-6, 1e-5
@@ -75,8 +81,8 @@ def random_batch(seed, num_groups, binary=False):
 
 def check(actual, expected, dtype=torch.float32):
     expected = torch.tensor(expected, dtype=torch.float64)
-    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(actual.to(torch.float64), expected, **tol)
+    tol = (1e-12, 1e-10) if dtype == torch.float64 else (ATOL, RTOL)
+    torch.testing.assert_close(actual.to(torch.float64), expected, atol=tol[0], rtol=tol[1])
 
 
 # ---- hand-made groups ---------------------------------------------------------------------
