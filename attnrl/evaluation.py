@@ -65,6 +65,16 @@ def _check_settings(num_problems, n, temperature, top_p, max_tokens) -> None:
         raise UserError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
 
 
+def _request_seed(engine: str, seed: int) -> int | None:
+    """Per-request seed for the sampler. vLLM on CPU cannot rewind a seeded request's
+    generator when a prefill is split across steps (large batches) and fails with 'CPU
+    Generator does not use offset'; there the engine-wide seed (set when the engine is
+    built) makes runs reproducible instead."""
+    import torch
+
+    return None if engine == "vllm" and not torch.cuda.is_available() else seed
+
+
 def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
     from rewards import answer_reward
 
@@ -94,9 +104,11 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     Engines run one at a time; each is closed before the next model loads."""
     from attnrl.data import apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer, resolve_model
-    from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
+    from attnrl.rollout import ENGINES, SamplingConfig, encode_prompts, make_engine
 
     _check_settings(num_problems, n, temperature, top_p, max_tokens)
+    if engine not in ENGINES:
+        raise UserError(f"unknown rollout engine {engine!r}; choose from {', '.join(ENGINES)}")
     if not models:
         raise UserError("give at least one --model")
     for model in models:  # fail on a bad path before any engine starts
@@ -120,14 +132,15 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         rollout = make_engine(engine, model, **kwargs)
         try:
             sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
-                                      max_tokens=max_tokens, seed=seed)
+                                      max_tokens=max_tokens, seed=_request_seed(engine, seed))
             rows, seconds = _generate_and_score(rollout, records, prompt_ids, sampling,
                                                 correct_threshold)
             greedy_rows = None
             if greedy:
                 greedy_rows, _ = _generate_and_score(
                     rollout, records, prompt_ids,
-                    SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed),
+                    SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens,
+                                   seed=_request_seed(engine, seed)),
                     correct_threshold)
         finally:
             rollout.close()
@@ -143,10 +156,11 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
                  "greedy_accuracy": None if greedy_rows is None else
                  sum(r["correct"][0] for r in greedy_rows) / len(greedy_rows)}
         if keep_texts:
-            entry["samples"] = [{"index": rec.index, "question": rec.question,
-                                 "gold": rec.answer, "texts": row["texts"],
-                                 "greedy": None if greedy_rows is None else greedy_rows[i]["texts"][0]}
-                                for i, (rec, row) in enumerate(zip(records, rows))]
+            entry["samples"] = [
+                {"index": rec.index, "question": rec.question, "gold": rec.answer,
+                 "texts": row["texts"],
+                 "greedy": None if greedy_rows is None else greedy_rows[i]["texts"][0]}
+                for i, (rec, row) in enumerate(zip(records, rows))]
         result["models"].append(entry)
     return result
 
@@ -161,10 +175,10 @@ def format_table(result: dict) -> str:
                                 else 100 * m["greedy_accuracy"] for m in result["models"]]))
     width = max(10, *(len(label) for label in labels))
     head = f"{'metric':<10}" + "".join(f"  {label:>{width}}" for label in labels)
-    lines = [f"# {result['task']}: {result['num_problems']} problems x {result['n']} samples, "
+    title = (f"# {result['task']}: {result['num_problems']} problems x {result['n']} samples, "
              f"T={result['temperature']}, top-p={result['top_p']}, "
-             f"max {result['max_tokens']} tokens, reward {result['reward']} (%)", head,
-             "-" * len(head)]
+             f"max {result['max_tokens']} tokens, reward {result['reward']} (%)")
+    lines = [title, head, "-" * len(head)]
     for name, values in rows:
         lines.append(f"{name:<10}" + "".join(f"  {v:>{width}.1f}" for v in values))
     return "\n".join(lines)
@@ -176,6 +190,7 @@ def plot_pass_at_k(result: dict, path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ks = result["ks"]
@@ -189,11 +204,11 @@ def plot_pass_at_k(result: dict, path) -> Path:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlim(0.9, max(ks) * 1.1)
     top = max([100 * v for m in result["models"] for v in m["pass_at_k"].values()] + [1.0])
-    ax.set_ylim(0, min(102, top * 1.1 + 2))
+    ax.set_ylim(-1.5, min(102, max(10.0, top * 1.1 + 2)))  # lines at 0 stay visible
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("pass@k (%)")
-    ax.set_title(f"{Path(result['task']).name}: {result['num_problems']} problems, n={result['n']}, "
-                 f"T={result['temperature']}", fontsize=10)
+    ax.set_title(f"{Path(result['task']).name}: {result['num_problems']} problems, "
+                 f"n={result['n']}, T={result['temperature']}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -214,6 +229,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="model dtype in the engine (default: the engine's, float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--greedy", action="store_true",
                         help="also report greedy (temperature 0) accuracy")
@@ -221,6 +238,12 @@ def add_arguments(parser) -> None:
                         help="reward at or above which a sample counts as correct")
     parser.add_argument("--out", default="eval_out",
                         help="output directory for passk.json, passk.png, samples.jsonl")
+
+
+def _dtype_kwargs(name: str | None) -> dict:
+    import torch
+
+    return {} if name is None else {"dtype": getattr(torch, name)}
 
 
 def run(args) -> int:
@@ -231,12 +254,12 @@ def run(args) -> int:
                       temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, engine=args.engine, seed=args.seed,
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
-                      keep_texts=True)
+                      keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as handle:
         for m in result["models"]:
-            for sample in m.pop("samples"):
-                handle.write(json.dumps({"model": m["model"], **sample}) + "\n")
+            handle.writelines(json.dumps({"model": m["model"], **sample}) + "\n"
+                              for sample in m.pop("samples"))
     (out / "passk.json").write_text(json.dumps(result, indent=1))
     plot_pass_at_k(result, out / "passk.png")
     print(format_table(result))

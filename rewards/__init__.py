@@ -91,8 +91,11 @@ def combine_rewards(weights, options: dict | None = None) -> RewardFn:
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise UserError(f"weight of reward {reward!r} must be a finite number, got "
                             f"{weight!r}")
-        fn = get_reward(reward, **options.get(reward, {})) if isinstance(reward, str) else reward
-        parts.append((getattr(fn, "__name__", str(reward)), fn, float(weight)))
+        if isinstance(reward, str):
+            name, fn = reward, get_reward(reward, **options.get(reward, {}))
+        else:
+            name, fn = getattr(reward, "__name__", repr(reward)), reward
+        parts.append((name, fn, float(weight)))
 
     def combined(prompts, completions, **columns):
         total = [0.0] * len(completions)
@@ -106,6 +109,19 @@ def combine_rewards(weights, options: dict | None = None) -> RewardFn:
     return combined
 
 
-__all__ = ["REWARDS", "DEFAULT_FORMAT_PATTERN", "RewardFn", "answer_reward", "combine_rewards",
-           "completion_text", "extract_gym_answer", "extract_math_answer", "format_reward",
-           "get_reward", "gym_reward", "math_reward", "overlong_penalty", "overlong_reward"]
+__all__ = [
+    "DEFAULT_FORMAT_PATTERN",
+    "REWARDS",
+    "RewardFn",
+    "answer_reward",
+    "combine_rewards",
+    "completion_text",
+    "extract_gym_answer",
+    "extract_math_answer",
+    "format_reward",
+    "get_reward",
+    "gym_reward",
+    "math_reward",
+    "overlong_penalty",
+    "overlong_reward",
+]

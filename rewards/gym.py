@@ -4,7 +4,9 @@ Answer extraction, first rule that applies wins:
   1. the first non-empty line after the last '####' (attnrl.data's default instruction);
   2. the content of the last <answer>...</answer> (reasoning-gym's own prompt format);
   3. the rest of the line after the last 'Answer:' (case-insensitive);
-  4. the last non-empty line.
+  4. the last non-empty line; as models often end with a sentence ('The answer is 12.'),
+     this rule tries three readings of that line and keeps the best score: the whole
+     line, the text after its last 'is' / 'equals' / '=' / ':', and its last number.
 The extracted text is stripped of surrounding whitespace, '**', '`' and a trailing '.'.
 Columns: `entry` (the reasoning-gym entry) and `task` (its dataset name) per completion;
 `metadata` (attnrl.data.PromptRecord.metadata: {'entry', 'task'}) works instead of both.
@@ -15,13 +17,15 @@ float (1.0 correct, partial credit for some tasks, 0.0 wrong); scorer errors cou
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 from attnrl.errors import UserError, nearest
 from rewards.base import completion_text
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"answer\s*:", re.IGNORECASE)
+_LAST_LINK = re.compile(r"\b(?:is|equals)\b|=|:", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
 
 
 def _clean(text: str) -> str:
@@ -29,7 +33,32 @@ def _clean(text: str) -> str:
 
 
 def extract_gym_answer(text: str) -> str | None:
-    """The answer a completion gives (rules in the module docstring), or None."""
+    """The answer a completion gives (rules 1-4 in the module docstring; for rule 4 the
+    whole last line), or None."""
+    candidates = gym_answer_candidates(text)
+    return candidates[0] if candidates else None
+
+
+def gym_answer_candidates(text: str) -> list[str]:
+    """Readings of the completion's answer: one for rules 1-3, up to three for rule 4."""
+    marked = _marked_answer(text)
+    if marked is not None:
+        return [marked]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return []
+    line = _clean(lines[-1])
+    readings = [line]
+    cuts = list(_LAST_LINK.finditer(line))
+    if cuts:
+        readings.append(_clean(line[cuts[-1].end():]))
+    numbers = _NUMBER.findall(line)
+    if numbers:
+        readings.append(numbers[-1])
+    return list(dict.fromkeys(r for r in readings if r))
+
+
+def _marked_answer(text: str) -> str | None:
     idx = text.rfind("####")
     if idx >= 0:
         lines = [ln for ln in text[idx + 4:].lstrip("#").splitlines() if ln.strip()]
@@ -43,15 +72,15 @@ def extract_gym_answer(text: str) -> str | None:
         rest = text[marks[-1].end():].splitlines()
         if rest and rest[0].strip():
             return _clean(rest[0])
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return _clean(lines[-1]) if lines else None
+    return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def scorer(task: str):
     """reasoning-gym's score_answer(answer, entry) -> float for a dataset name (cached)."""
-    from attnrl.data import gym_task_names
     import reasoning_gym
+
+    from attnrl.data import gym_task_names
 
     names = gym_task_names()
     if task not in names:
@@ -86,10 +115,13 @@ def gym_reward(prompts, completions, entry=None, task=None, metadata=None,
     for i, completion in enumerate(completions):
         name, e = _task_and_entry(i, entry, task, metadata)
         score_fn = scorer(name)
-        answer = extract_gym_answer(completion_text(completion))
-        try:
-            score = float(score_fn(answer, e)) if answer is not None else 0.0
-        except Exception:  # a scorer may choke on malformed answers: that is a wrong answer
-            score = 0.0
-        scores.append(score)
+        scores.append(max([_score(score_fn, answer, e) for answer in
+                           gym_answer_candidates(completion_text(completion))], default=0.0))
     return scores
+
+
+def _score(score_fn, answer: str, entry: dict) -> float:
+    try:
+        return float(score_fn(answer, entry))
+    except Exception:  # noqa: BLE001 - a scorer choking on an answer means it is wrong
+        return 0.0

@@ -95,7 +95,7 @@ def _parse(text: str, wrap: bool) -> list:
 
     try:
         return parse(f"${text}$" if wrap else text, parsing_timeout=_timeout())
-    except Exception:  # math-verify raises on some malformed LaTeX despite raise_on_error
+    except Exception:  # noqa: BLE001 - math-verify can raise on malformed LaTeX
         return []
 
 
@@ -124,7 +124,7 @@ def answers_match(answer: str, gold: str, rule: str | None = None) -> bool:
         return _clean(answer) == _clean(gold)
     try:
         return bool(verify(gold_parsed, answer_parsed, timeout_seconds=_timeout()))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a verifier failure is a wrong answer
         return False
 
 
