@@ -26,7 +26,7 @@ JOB_FIELDS = {
     "task_size": "number of training prompts",
     "task_seed": "seed of the task generator",
     "task_kwargs": "extra arguments of the reasoning-gym task (e.g. min_terms)",
-    "instruction": "text appended to each question (None: the default '####' instruction)",
+    "instruction": "text appended to each question ('' = none; absent: the default '####' one)",
     "system_prompt": "optional system message",
     "rewards": "{reward name: weight}, names from rewards.REWARDS",
     "reward_options": "{reward name: {option: value}}",
@@ -142,11 +142,12 @@ def build_dataset(config: dict, tokenizer):
 
     records = load_prompts(config.get("task", "chain_sum"), size=config.get("task_size", 64),
                            seed=config.get("task_seed", 0), **(config.get("task_kwargs") or {}))
-    instruction = config.get("instruction") or DEFAULT_INSTRUCTION
+    instruction = config.get("instruction")
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     system = config.get("system_prompt")
     rows = []
     for r in records:
-        content = f"{r.question}\n{instruction}"
+        content = f"{r.question}\n{instruction}" if instruction else r.question
         if getattr(tokenizer, "chat_template", None):
             prompt = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": content}]

@@ -52,7 +52,12 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = load_tokenizer(path)
         kwargs = dict(model=path, tokenizer=path, dtype=_DTYPES.get(dtype, dtype),
                       max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-                      tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
+                      tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
+                      # Seeded requests must never be prefilled in chunks: vLLM rewinds
+                      # the request's generator after a partial prefill, which CPU
+                      # generators cannot do ("CPU Generator does not use offset").
+                      enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(max_model_len, 8192))
         if gpu_memory_utilization is not None and torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
