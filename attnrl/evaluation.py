@@ -65,16 +65,6 @@ def _check_settings(num_problems, n, temperature, top_p, max_tokens) -> None:
         raise UserError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
 
 
-def _request_seed(engine: str, seed: int) -> int | None:
-    """Per-request seed for the sampler. vLLM on CPU cannot rewind a seeded request's
-    generator when a prefill is split across steps (large batches) and fails with 'CPU
-    Generator does not use offset'; there the engine-wide seed (set when the engine is
-    built) makes runs reproducible instead."""
-    import torch
-
-    return None if engine == "vllm" and not torch.cuda.is_available() else seed
-
-
 def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
     from rewards import answer_reward
 
@@ -132,7 +122,7 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         rollout = make_engine(engine, model, **kwargs)
         try:
             sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
-                                      max_tokens=max_tokens, seed=_request_seed(engine, seed))
+                                      max_tokens=max_tokens, seed=seed)
             rows, seconds = _generate_and_score(rollout, records, prompt_ids, sampling,
                                                 correct_threshold)
             greedy_rows = None
@@ -140,7 +130,7 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
                 greedy_rows, _ = _generate_and_score(
                     rollout, records, prompt_ids,
                     SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens,
-                                   seed=_request_seed(engine, seed)),
+                                   seed=seed),
                     correct_threshold)
         finally:
             rollout.close()
