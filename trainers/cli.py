@@ -31,8 +31,9 @@ def parse_known(parser, argv):
     return args
 
 
-def run_job(config: dict):
-    """Build everything from a validated flat config and train. Returns the trainer."""
+def run_job(config: dict, callbacks=None):
+    """Build everything from a validated flat config and train (extra TrainerCallbacks may
+    be given). Returns the trainer."""
     import dataclasses
 
     import numpy as np
@@ -81,7 +82,7 @@ def run_job(config: dict):
         from trainers.nsr import NSRTrainer as Trainer
     else:
         from trainers.grpo import AttnGRPOTrainer as Trainer
-    callbacks = [StepPrinterCallback()]
+    callbacks = [StepPrinterCallback(), *(callbacks or [])]
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))
     trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,

@@ -82,6 +82,11 @@ class AttnGRPOConfig(GRPOConfig):
     metrics_jsonl: str | None = field(default="metrics.jsonl", metadata={
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
+    def __post_init__(self):
+        if self.deepspeed:
+            skip_cpu_shm_comm_op()
+        super().__post_init__()
+
     def credit_config(self) -> CreditConfig:
         signals = SignalConfig(
             layers=self.signal_layers, head_quantile=self.signal_head_quantile,
@@ -113,6 +118,7 @@ class AttnGRPOTrainer(GRPOTrainer):
         self.credit_config = config.credit_config()
         self.credit_inputs = required_inputs(self.credit_config)
         self.credit_generator = make_generator(self.credit_config)
+        self._credit_step = None
         self.engine = rollout_engine
         self._engine_step = None          # global_step whose weights the engine holds
         self._loss_inputs = None          # inputs dict of the loss call in progress
@@ -156,7 +162,8 @@ class AttnGRPOTrainer(GRPOTrainer):
 
     def sync_engine_weights(self) -> None:
         if self.engine is None:
-            self.engine = self._make_engine()
+            with _zero3_init_disabled():  # the engine holds full weights, not ZeRO-3 shards
+                self.engine = self._make_engine()
         self.engine.update_weights(self.policy_state_dict())
         self._engine_step = self.state.global_step
 
@@ -262,6 +269,10 @@ class AttnGRPOTrainer(GRPOTrainer):
             entropy_full = torch.zeros(response_mask.shape, dtype=torch.float32,
                                        device=entropies.device)
             entropy_full[:, -logits_to_keep:] = entropies.detach().float()
+        if self._credit_step != self.state.global_step:  # reseed per step: resumable
+            self.credit_generator.manual_seed(self.credit_config.seed * 1_000_003
+                                              + self.state.global_step)
+            self._credit_step = self.state.global_step
         gamma = compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
                               generator=self.credit_generator)
         token_adv = shape_advantages(self.credit_config, inputs["advantages"], gamma,
@@ -290,3 +301,33 @@ def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     if n <= 1 or len(prompt_ids) % n:
         return False
     return all(prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """On DeepSpeed's CPU accelerator, keep its comm backend from JIT-compiling the
+    shared-memory all-reduce op (minutes on first use). Only DeepSpeed inference's
+    all-reduce uses that op; training collectives go through torch.distributed (gloo)
+    either way. No effect on GPU accelerators."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextlib.contextmanager
+def _zero3_init_disabled():
+    """Models loaded inside are plain (transformers otherwise builds them partitioned under
+    deepspeed.zero.Init while a ZeRO-3 config is active)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
