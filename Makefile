@@ -27,7 +27,7 @@ run: install
 	$(TEST_ENV) $(BIN)/attnrl train
 
 test: install
-	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV)
