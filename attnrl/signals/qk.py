@@ -6,9 +6,11 @@ product, so a key after the query is scored too). With GQA, query head h reads k
 h // (H / H_kv), as in the model.
 
 How Q and K are captured: an attention function registered with transformers'
-`AttentionInterface` (plus the sdpa mask function under the same name in
+`AttentionInterface` (plus a mask function under the same name in
 `AttentionMaskInterface`, so the padding mask still reaches every layer) records the
-needed dot products and then runs the ordinary sdpa attention. This sees the very tensors
+needed dot products and then runs the attention the model had (sdpa when it was eager;
+another registered capture, such as the signal capture, keeps running inside it, so
+QK-scores can come from the same forward as WAAD / FAI). This sees the very tensors
 the model attends with, whatever the architecture does before attention (q/k norms,
 partial or scaled rotary, biases), which re-applying rotary to hooked q_proj / k_proj
 outputs would have to re-implement per model. The model's attention implementation is
@@ -26,7 +28,6 @@ from attnrl.errors import UserError
 
 CAPTURE_NAME = "attnrl_qk_capture"
 _SINK_ATTR = "_attnrl_qk_sink"
-_registered = False
 
 HeadRef = tuple[int, int]  # (layer index, query-head index)
 
@@ -35,23 +36,31 @@ class _StopForward(Exception):
     """Raised after the last needed layer when the rest of the forward is not needed."""
 
 
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
+def _capture_name(previous: str | None) -> str:
+    """Register (once) and return the capture's attention-function name for a model whose
+    implementation was `previous`: it records, then runs `previous` with `previous`'s mask
+    function. 'eager' and names without a registered function / mask run as sdpa. So a
+    capture nests inside another registered capture (e.g. the signal capture): both run."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = previous if (previous in ALL_ATTENTION_FUNCTIONS.valid_keys()
+                        and previous in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys()) else "sdpa"
+    name = f"{CAPTURE_NAME}__{base}"
+    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return name
+    delegate = ALL_ATTENTION_FUNCTIONS[base]
 
     def capture_attention(module, query, key, value, attention_mask, **kwargs):
         sink = getattr(module, _SINK_ATTR, None)
         if sink is not None:
             sink.record(module.layer_idx, query, key)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return delegate(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(CAPTURE_NAME, capture_attention)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, capture_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
 
 
 def _text_config(model):
@@ -150,7 +159,8 @@ class QKCapture:
         slots = torch.tensor([s for s, _ in self._by_layer[layer]], device=query.device)
         q_heads = torch.tensor([h for _, h in self._by_layer[layer]], device=query.device)
         kv_heads = q_heads // (n_heads // key.shape[1])
-        with torch.no_grad():
+        # float32 even inside a mixed-precision forward (e.g. a trainer's bf16 autocast)
+        with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
             q = query.detach()[:, q_heads].float()            # (B, h, N, d)
             k = key.detach()[:, kv_heads].float()             # (B, h, N, d)
             q = q.gather(2, qpos.clamp(min=0)[:, None, :, None].expand(-1, len(q_heads), -1, dim))
@@ -162,8 +172,7 @@ class QKCapture:
         if self.stop_after_last and not self._pending:
             raise _StopForward
 
-    def __enter__(self) -> "QKCapture":
-        _register()
+    def __enter__(self):
         self._previous = _text_config(self.model)._attn_implementation
         self._pending = set(self._by_layer)
         self.scores = None
@@ -172,7 +181,7 @@ class QKCapture:
                          and type(m).__name__.endswith("Attention")]
         for module in self._modules:
             setattr(module, _SINK_ATTR, self)
-        self.model.set_attn_implementation(CAPTURE_NAME)
+        self.model.set_attn_implementation(_capture_name(self._previous))
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -52,7 +52,8 @@ def _ends_sentence(texts: list[str], i: int) -> bool:
         if char != ".":
             continue
         before = text[k - 1] if k > 0 else (texts[i - 1][-1:] if i > 0 else "")
-        after = text[k + 1] if k + 1 < len(text) else (texts[i + 1][:1] if i + 1 < len(texts) else "")
+        nxt = texts[i + 1][:1] if i + 1 < len(texts) else ""
+        after = text[k + 1] if k + 1 < len(text) else nxt
         if not (before.isdigit() and after.isdigit()):
             return True
     return False
@@ -112,7 +113,8 @@ def head_kurtosis(attention: torch.Tensor, spans: list[tuple[int, int]],
 
 def _attention_modules(model):
     return {m.layer_idx: m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")}
+            if isinstance(getattr(m, "layer_idx", None), int)
+            and type(m).__name__.endswith("Attention")}
 
 
 @torch.no_grad()

@@ -43,6 +43,28 @@ class SignalConfig:
     tau_delta: float | None = None
     """Delta threshold for 'locally dominated'; None = per-response median [D]."""
 
+    def validate(self) -> SignalConfig:
+        """Raise UserError naming the first out-of-range field; return self."""
+        from attnrl.errors import UserError
+
+        checks = [
+            (self.window >= 1, f"window must be >= 1 (10 in the paper), got {self.window}"),
+            (self.h_lo >= 0, f"h_lo must be >= 0 (10 in the paper), got {self.h_lo}"),
+            (self.h_hi is None or self.h_hi >= self.h_lo,
+             f"h_hi must be >= h_lo ({self.h_lo}) or None (to the end), got {self.h_hi}"),
+            (0.0 < self.head_quantile <= 1.0,
+             f"head_quantile must be in (0, 1] (0.3 in the paper), got {self.head_quantile}"),
+            (0.0 <= self.q <= 1.0, f"q must be in [0, 1] (0.4 in the paper), got {self.q}"),
+            (self.k >= 0, f"k must be >= 0 (3 by default), got {self.k}"),
+            (self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}"),
+            (self.preplan_by in ("delta", "waad"),
+             f"preplan_by must be 'delta' or 'waad', got {self.preplan_by!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The sampled layers for a model with `num_hidden_layers` layers."""
         if self.layers is not None:
@@ -90,8 +112,23 @@ def top_q_mask(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Ten
     valid = valid.bool()
     masked = values.float().masked_fill(~valid, float("-inf"))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    counts = torch.ceil(valid.sum(-1).float() * q).long()                     # (B,)
+    # float64 and a 1e-9 slack: q * n that is an integer in decimal (0.3 * 10) stays one
+    counts = torch.ceil(valid.sum(-1).double() * q - 1e-9).long()             # (B,)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
                   .expand_as(order).contiguous())
     return (rank < counts.unsqueeze(-1)) & valid
+
+
+@dataclass
+class HeadStats:
+    """Per-head, per-token statistics of the sampled layers, before the head split.
+
+    Produced by the capture (or from full maps) and turned into TokenSignals by
+    `attnrl.signals.aggregate.token_signals_from_head_stats`. All (B, L, H, N) float32.
+    """
+
+    waad: torch.Tensor      # per query t: sum_{s<=t} A_ts min(t - s, W), in tokens
+    fai_sum: torch.Tensor   # per key s: sum over t in T(s) of A_ts (T(s) uses the response)
+    span: torch.Tensor      # per query t: sum_{s<=t} A_ts (t - s), in tokens
+    layers: list[int] = field(default_factory=list)

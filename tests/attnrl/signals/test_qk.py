@@ -9,8 +9,15 @@ from hypothesis import strategies as st
 
 from attnrl.errors import UserError
 from attnrl.models import build_tiny_model
-from attnrl.signals.qk import (QKCapture, all_heads, auc_per_head, mask_to_positions,
-                               premise_alignment, qk_scores, select_heads_by_auc)
+from attnrl.signals.qk import (
+    QKCapture,
+    all_heads,
+    auc_per_head,
+    mask_to_positions,
+    premise_alignment,
+    qk_scores,
+    select_heads_by_auc,
+)
 
 ARCHS = [("llama", 4, 4), ("llama", 4, 2), ("qwen2", 4, 1), ("qwen2", 6, 2)]
 RTOL, ATOL = 1e-4, 1e-4
@@ -25,6 +32,13 @@ def _batch(seed: int, batch: int = 3, length: int = 14, vocab: int = 500):
         mask[row, :pad] = 0
         ids[row, :pad] = 3
     return ids, mask
+
+
+def _rotate(x, cos, sin):
+    """Rotary embedding: x * cos + rotate_half(x) * sin; x (B, H, N, d), cos/sin (B, N, d)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + turned * sin[:, None]
 
 
 def _manual_qk(model, ids, mask):
@@ -51,12 +65,7 @@ def _manual_qk(model, ids, mask):
         q = attn.q_proj(hidden).view(b, n, -1, d).transpose(1, 2)
         k = attn.k_proj(hidden).view(b, n, -1, d).transpose(1, 2)
 
-        def rotate(x):
-            half = x.shape[-1] // 2
-            turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-            return x * cos[:, None] + turned * sin[:, None]
-
-        out[layer_idx] = (rotate(q), rotate(k))
+        out[layer_idx] = (_rotate(q, cos, sin), _rotate(k, cos, sin))
     return out
 
 
@@ -205,3 +214,31 @@ def test_select_heads_finds_planted_heads_and_symmetric_option():
         select_heads_by_auc(scores, torch.ones(200, dtype=torch.bool), top_k=1)
     with pytest.raises(UserError, match="top_k"):
         select_heads_by_auc(scores, labels, top_k=11)
+
+
+def test_capture_nests_inside_the_signal_capture():
+    """One forward gives logits, WAAD / FAI signals and QK-scores, each as when alone."""
+    from attnrl.signals.aggregate import compute_token_signals
+    from attnrl.signals.capture import SignalCapture
+    from attnrl.signals.types import SignalConfig
+
+    model = build_tiny_model("qwen2", num_heads=4, num_kv_heads=2, num_layers=3)
+    ids, mask = _batch(13)
+    response = torch.zeros_like(mask, dtype=torch.bool)
+    response[:, 8:] = True
+    config = SignalConfig(layers=[1, 2], h_lo=2, h_hi=4, window=3)
+    heads = [(0, 2), (2, 1)]
+    qpos, kpos = torch.arange(8, 14), torch.arange(5, 8)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with SignalCapture(model, config, response_mask=response, attention_mask=mask) as sig:
+            with QKCapture(model, heads, qpos, kpos) as cap:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            assert model.config._attn_implementation == "attnrl_capture"
+            together = sig.token_signals()
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits[mask.bool()], plain[mask.bool()], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cap.scores, qk_scores(model, ids, mask, qpos, kpos, heads=heads))
+    alone = compute_token_signals(model, ids, mask, response, config=config)
+    torch.testing.assert_close(together.waad, alone.waad)
+    torch.testing.assert_close(together.fai, alone.fai)

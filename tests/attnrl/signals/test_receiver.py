@@ -1,5 +1,7 @@
 """Receiver heads: sentence split, block means, vertical scores, kurtosis, head choice."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,16 @@ from hypothesis import strategies as st
 
 from attnrl.errors import UserError
 from attnrl.models import build_tiny_model
-from attnrl.signals.receiver import (find_receiver_heads, head_kurtosis, kurtosis,
-                                     receiver_kurtosis, select_receiver_heads, sentence_matrix,
-                                     sentence_spans, vertical_scores)
+from attnrl.signals.receiver import (
+    find_receiver_heads,
+    head_kurtosis,
+    kurtosis,
+    receiver_kurtosis,
+    select_receiver_heads,
+    sentence_matrix,
+    sentence_spans,
+    vertical_scores,
+)
 
 
 def _random_causal_attention(gen, heads, n):
@@ -22,7 +31,7 @@ def _random_causal_attention(gen, heads, n):
 def _random_spans(gen, n_sentences, max_len=5):
     lengths = torch.randint(1, max_len + 1, (n_sentences,), generator=gen).tolist()
     edges = np.cumsum([0] + lengths).tolist()
-    return list(zip(edges[:-1], edges[1:])), edges[-1]
+    return list(itertools.pairwise(edges)), edges[-1]
 
 
 def _numpy_kurtosis(x):
