@@ -23,6 +23,11 @@ token by token (a per-response gamma scales every token of its response), then c
 product to [0, gamma_max] (gamma_max defaults to max(gamma_amp, 1)): combining can
 redistribute or shrink credit but never exceed one strategy's bonus. A single strategy is
 never clipped.
+
+QK strategies (methods.md section 2; formulas in attnrl.signals.qk_select): `qk_tokens`
+reads extras['qk_token_scores'] (B, N); `qk_consistency` reads extras['qk_validity'] (B,)
+and extras['advantages'] (B,), and is a per-response factor, so it composes with any
+token strategy ('coupled+qk_consistency').
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ APPLY_TO_CHOICES = ("both", "positive", "negative")
 INPUT_DESCRIPTIONS = {
     "signals": "the per-token attention signals (TokenSignals from the signal capture)",
     "entropy": "the per-token entropy of the policy (B, N)",
+    "qk_token_scores": "the answer query's QK alignment with each response token (B, N), "
+                       "NaN where not eligible (attnrl.signals.qk_select.token_scores)",
+    "qk_validity": "the per-response QK validity score (B,) "
+                   "(attnrl.signals.qk_select.validity)",
+    "advantages": "the outcome advantages (B,), one per response",
 }
 
 
@@ -66,6 +76,8 @@ class CreditConfig:
     """Seed of the `random` strategy when the caller passes no generator [D]."""
     gamma_max: float | None = None
     """Upper clip of a '+'-combined gamma; None = max(gamma_amp, 1) [D]."""
+    qk_damp: float = 0.5
+    """qk_consistency: the largest damping of an advantage, factor in [1 - qk_damp, 1] [D]."""
 
     def __post_init__(self):
         if isinstance(self.signals, dict):
@@ -86,6 +98,8 @@ class CreditConfig:
             raise UserError(f"alpha must be in [0, 1], got {self.signals.alpha}")
         if self.gamma_max is not None and not self.gamma_max > 0:
             raise UserError(f"gamma_max must be > 0 or None, got {self.gamma_max}")
+        if not 0.0 <= self.qk_damp <= 1.0:
+            raise UserError(f"qk_damp must be in [0, 1] (0.5 by default), got {self.qk_damp}")
         strategy_parts(self.strategy)
 
     @property
@@ -335,3 +349,29 @@ def bottom_q(inputs: CreditInputs) -> torch.Tensor:
     sig = inputs.signals
     valid = sig.fai_valid & inputs.response_mask
     return bonus(inputs.config, top_q_mask(-sig.fai, valid, inputs.config.q))
+
+
+@register_credit("qk_tokens", requires=("qk_token_scores",))
+def qk_tokens(inputs: CreditInputs) -> torch.Tensor:
+    """1 + (gamma_amp - 1) on the ceil(q * n) response tokens with the highest QK alignment
+    to the answer query on the selected heads (attnrl.signals.qk_select); tokens with a NaN
+    score are not eligible, so no selection yet = no bonus."""
+    scores = inputs.extras["qk_token_scores"].to(inputs.response_mask.device)
+    eligible = inputs.response_mask & ~torch.isnan(scores)
+    return bonus(inputs.config, top_q_mask(scores.nan_to_num(0.0), eligible, inputs.config.q))
+
+
+@register_credit("qk_consistency", requires=("qk_validity", "advantages"))
+def qk_consistency(inputs: CreditInputs) -> torch.Tensor:
+    """Per-response factor in [1 - qk_damp, 1]: damps the positive advantage of a response
+    whose QK validity is below the batch average and the negative advantage of one above it
+    (attnrl.signals.qk_select.consistency_factor)."""
+    from attnrl.signals.qk_select import consistency_factor
+
+    batch = inputs.response_mask.shape[0]
+    valid, adv = inputs.extras["qk_validity"], inputs.extras["advantages"]
+    for name, tensor in (("qk_validity", valid), ("advantages", adv)):
+        if tuple(tensor.shape) != (batch,):
+            raise UserError(f"{name} must be (B,) = ({batch},), one per response, got "
+                            f"{tuple(tensor.shape)}")
+    return consistency_factor(valid, adv, inputs.config.qk_damp).to(inputs.response_mask.device)

@@ -87,12 +87,15 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
              temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 512,
              engine: str = "vllm", seed: int = 0, greedy: bool = False,
              correct_threshold: float = CORRECT_THRESHOLD, engine_kwargs: dict | None = None,
-             keep_texts: bool = False) -> dict:
+             keep_texts: bool = False, task_kwargs: dict | None = None,
+             instruction: str | None = None, system_prompt: str | None = None) -> dict:
     """Sample `n` completions per problem from each model, score them, and return
     {settings..., 'ks', 'models': [{'model', 'label', 'pass_at_k' {str(k): value},
     'correct' [problem][sample] 0/1, 'rewards', 'tokens', 'greedy_accuracy', ...}]}.
-    Engines run one at a time; each is closed before the next model loads."""
-    from attnrl.data import apply_chat_template, load_prompts
+    Engines run one at a time; each is closed before the next model loads.
+    `task_kwargs` go to the task generator; `instruction` (None: the default one) and
+    `system_prompt` format the prompts as a training job does."""
+    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer, resolve_model
     from attnrl.rollout import ENGINES, SamplingConfig, encode_prompts, make_engine
 
@@ -103,7 +106,7 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         raise UserError("give at least one --model")
     for model in models:  # fail on a bad path before any engine starts
         resolve_model(model)
-    base_records = load_prompts(task, size=num_problems, seed=seed)
+    base_records = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
     ks = list(range(1, n + 1))
     result = {"task": task, "num_problems": len(base_records), "n": n,
               "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
@@ -113,7 +116,9 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     for model, label in zip(models, model_labels(models)):
         tokenizer = load_tokenizer(model)
         records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
-                                       for r in base_records], tokenizer)
+                                       for r in base_records], tokenizer,
+                                      instruction=DEFAULT_INSTRUCTION if instruction is None
+                                      else instruction, system_prompt=system_prompt)
         prompt_ids = encode_prompts(tokenizer, [r.prompt for r in records])
         kwargs = dict(engine_kwargs or {})
         if engine == "vllm":

@@ -38,12 +38,15 @@ def run_job(config: dict, callbacks=None):
 
     import numpy as np
     import torch
-
-    from attnrl.models import load_model, load_tokenizer, resolve_model
     from transformers.trainer_callback import ProgressCallback
 
-    from trainers.callbacks import (JsonlMetricsCallback, RewardProgressCallback,
-                                    StepPrinterCallback, plot_reward_curve)
+    from attnrl.models import load_model, load_tokenizer, resolve_model
+    from trainers.callbacks import (
+        JsonlMetricsCallback,
+        RewardProgressCallback,
+        StepPrinterCallback,
+        plot_reward_curve,
+    )
     from trainers.job import JOB_FIELDS, trainer_config_class
 
     os.environ.setdefault("WANDB_MODE", "offline")

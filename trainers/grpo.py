@@ -10,11 +10,14 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
    captured for the sampled layers (no second model, no extra forward), turned into
    gamma_t by the credit strategy, and the advantages reaching TRL's loss become
    A_{i,t} = gamma_t * A_i.
+4. QK-score credit (`qk_tokens`, `qk_consistency`): the answer query's QK-scores come from
+   the same forward (trainers/qk_heads.py: head selection from rollouts, checkpointed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,10 +25,17 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from attnrl.advantages import compute_advantages, estimator_options
-from attnrl.credit import CreditConfig, compute_gamma, credit_metrics, make_generator, \
-    required_inputs, shape_advantages
+from attnrl.credit import (
+    CreditConfig,
+    compute_gamma,
+    credit_metrics,
+    make_generator,
+    required_inputs,
+    shape_advantages,
+)
 from attnrl.rollout import SamplingConfig, make_engine
 from attnrl.signals.types import SignalConfig
+from trainers.qk_heads import QKCredit, needs_qk
 
 
 @dataclass
@@ -35,7 +45,7 @@ class AttnGRPOConfig(GRPOConfig):
     # ---- credit (methods.md 1.5)
     credit: str = field(default="uniform", metadata={"help": (
         "Credit strategy: uniform | local_chunk | global_anchor | coupled | random | entropy "
-        "| bottom_q (join with '+' to compose).")})
+        "| bottom_q | qk_tokens | qk_consistency (join with '+' to compose).")})
     gamma_amp: float = field(default=1.5, metadata={"help": "Amplification of marked tokens."})
     credit_apply_to: str = field(default="both", metadata={
         "help": "Shape advantages of this sign: both | positive | negative."})
@@ -61,6 +71,17 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "Coupled: Delta threshold; None = per-response median."})
     freeze_head_split: bool = field(default=False, metadata={
         "help": "Calibrate the local/global head split on the first batch and keep it."})
+    # ---- QK-score credit (methods.md 2; trainers/qk_heads.py)
+    qk_top_k: int = field(default=4, metadata={"help": "QK: heads kept by AUC."})
+    qk_reselect_every: int = field(default=10, metadata={
+        "help": "QK: re-select the heads every N optimizer steps."})
+    qk_ema: float = field(default=0.9, metadata={"help": "QK: EMA decay of the per-head AUC."})
+    qk_damp: float = field(default=0.5, metadata={
+        "help": "qk_consistency: largest damping, factor in [1 - qk_damp, 1]."})
+    qk_layers: list[int] | None = field(default=None, metadata={
+        "help": "QK: candidate layers (all their heads); None = the signal layers."})
+    qk_reduce: str = field(default="mean", metadata={
+        "help": "QK: reduce the answer query's scores over its keys: mean | max."})
     # ---- outcome advantages
     advantage_estimator: str = field(default="grpo", metadata={
         "help": "grpo | dr_grpo | rloo | psr | nsr | w_reinforce (attnrl.advantages)."})
@@ -72,7 +93,15 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "psr/nsr/w_reinforce: reward >= threshold counts as correct (else rewards "
                 "must be exactly 0/1)."})
     # ---- rollout engine
-    rollout_engine: str = field(default="vllm", metadata={"help": "vllm | hf."})
+    rollout_engine: str = field(default="vllm", metadata={
+        "help": "vllm (in-process) | vllm_server (launch/vllm_server.sh) | hf."})
+    rollout_server_url: str | None = field(default=None, metadata={
+        "help": "vllm_server: base URL of the server, e.g. http://127.0.0.1:8000."})
+    rollout_server_timeout: float = field(default=600.0, metadata={
+        "help": "vllm_server: seconds to wait for the server to answer /health."})
+    rollout_server_weights_dir: str | None = field(default=None, metadata={
+        "help": "vllm_server: directory the server can read, for weight pushes; None = "
+                "<output_dir>/rollout_weights."})
     rollout_kv_cache_gib: float = field(default=0.5, metadata={
         "help": "vLLM KV cache size (CPU, or GPU when gpu_memory_utilization is None)."})
     rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
@@ -84,8 +113,13 @@ class AttnGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         if self.deepspeed:
+            set_single_process_env()
             skip_cpu_shm_comm_op()
         super().__post_init__()
+        if self.deepspeed:  # ZeRO-3 shards models as they load: DeepSpeed's comm must be up
+            import deepspeed  # (accelerate started it on GPUs; use_cpu: only torch.distributed)
+
+            deepspeed.init_distributed()
 
     def credit_config(self) -> CreditConfig:
         signals = SignalConfig(
@@ -95,7 +129,8 @@ class AttnGRPOConfig(GRPOConfig):
             preplan_by=self.preplan_by, k=self.coupled_k, alpha=self.coupled_alpha,
             tau_waad=self.tau_waad, tau_delta=self.tau_delta)
         return CreditConfig(strategy=self.credit, gamma_amp=self.gamma_amp,
-                            apply_to=self.credit_apply_to, signals=signals, seed=self.credit_seed)
+                            apply_to=self.credit_apply_to, signals=signals, seed=self.credit_seed,
+                            qk_damp=self.qk_damp)
 
     def estimator_kwargs(self) -> dict:
         wanted = {"eps": self.advantage_eps, "scale_std": self.scale_rewards,
@@ -124,11 +159,19 @@ class AttnGRPOTrainer(GRPOTrainer):
         self._loss_inputs = None          # inputs dict of the loss call in progress
         self._frozen_split = None
         self.last_token_advantages = None  # (B, T) what reached the loss, for inspection
+        self.qk_credit = QKCredit(self.model, config, self.credit_config, self.eos_token_ids) \
+            if needs_qk(self.credit_inputs) else None
 
     # ------------------------------------------------------------------ generation
     def _make_engine(self):
         config: AttnGRPOConfig = self.args
         path = self.model.config._name_or_path
+        if config.rollout_engine == "vllm_server":
+            weights_dir = config.rollout_server_weights_dir or \
+                os.path.join(config.output_dir, "rollout_weights")
+            return make_engine("vllm_server", path, url=config.rollout_server_url,
+                               timeout=config.rollout_server_timeout, weights_dir=weights_dir,
+                               push_weights=self.accelerator.is_main_process)
         if config.rollout_engine == "vllm":
             max_len = config.rollout_max_model_len or max(2048, config.max_completion_length + 1024)
             dtype = torch.bfloat16 if config.bf16 else torch.float32
@@ -149,15 +192,7 @@ class AttnGRPOTrainer(GRPOTrainer):
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
         with gather, torch.no_grad():
             if hasattr(model, "peft_config"):
-                model.merge_adapter()
-                state = {}
-                for name, tensor in model.state_dict().items():
-                    if "lora_" in name or "modules_to_save" in name:
-                        continue
-                    name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
-                    state[name] = tensor.detach().clone()
-                model.unmerge_adapter()
-                return state
+                return merged_lora_state_dict(model)
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def sync_engine_weights(self) -> None:
@@ -212,6 +247,9 @@ class AttnGRPOTrainer(GRPOTrainer):
             output["completion_ids"].device)
         correct = rewards >= (config.correctness_threshold
                               if config.correctness_threshold is not None else 1.0)
+        if self.qk_credit is not None:  # the label of the QK head selection
+            output["qk_correct"] = correct[rank * local:(rank + 1) * local].to(
+                output["completion_ids"].device)
         self._metrics[mode]["accuracy"].append(correct.float().mean().item())
         self._metrics[mode]["advantages/mean"].append(advantages.mean().item())
         self._metrics[mode]["advantages/std"].append(advantages.std().item()
@@ -254,7 +292,10 @@ class AttnGRPOTrainer(GRPOTrainer):
                                     self.credit_config.signals, attention_mask=attention_mask,
                                     response_mask=response_mask,
                                     head_split=self._frozen_split)
-        with capture if capture is not None else contextlib.nullcontext():
+        qk_capture = None if self.qk_credit is None else self.qk_credit.capture(
+            self.accelerator.unwrap_model(model), input_ids, attention_mask, response_mask)
+        with capture if capture is not None else contextlib.nullcontext(), \
+                qk_capture if qk_capture is not None else contextlib.nullcontext():
             logps, entropies, aux = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy or "entropy" in self.credit_inputs, **kwargs)
@@ -273,8 +314,10 @@ class AttnGRPOTrainer(GRPOTrainer):
             self.credit_generator.manual_seed(self.credit_config.seed * 1_000_003
                                               + self.state.global_step)
             self._credit_step = self.state.global_step
+        qk_extras = {} if qk_capture is None else self._qk_extras(qk_capture, response_mask,
+                                                                  inputs)
         gamma = compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
-                              generator=self.credit_generator)
+                              generator=self.credit_generator, **qk_extras)
         token_adv = shape_advantages(self.credit_config, inputs["advantages"], gamma,
                                      response_mask)[:, -logits_to_keep:]
         inputs["advantages"] = token_adv.to(inputs["completion_ids"].device)
@@ -282,6 +325,31 @@ class AttnGRPOTrainer(GRPOTrainer):
         self._log_credit(gamma, response_mask, signals)
         self._signal_seconds += time.perf_counter() - start
         return logps, entropies, aux
+
+    def _qk_extras(self, qk_capture, response_mask, inputs) -> dict:
+        """QK credit inputs of this loss forward; labels: rollout correctness (else A > 0)."""
+        labels = inputs.get("qk_correct")
+        labels = inputs["advantages"] > 0 if labels is None else labels
+        extras, metrics = self.qk_credit.credit_inputs(
+            qk_capture, response_mask, labels, inputs["advantages"], self.state.global_step,
+            training=self.model.training, gather=self.accelerator.gather)
+        mode = "train" if self.model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        return extras
+
+    def _save_checkpoint(self, model, trial):
+        if self.qk_credit is not None and self.args.should_save:  # before: a crash keeps it
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            self.qk_credit.save(os.path.join(self._get_output_dir(trial=trial),
+                                             f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.qk_credit is not None and checkpoint is not None:
+            self.qk_credit.load(checkpoint)
 
     def _log_credit(self, gamma, response_mask, signals) -> None:
         mode = "train" if self.model.training else "eval"
@@ -301,6 +369,56 @@ def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     if n <= 1 or len(prompt_ids) % n:
         return False
     return all(prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
+
+
+def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """HF-named full weights of a PEFT LoRA model: W + (alpha / r) * B @ A for each adapted
+    layer, computed out of place (merging into the frozen base and back would leave
+    rounding error in it at every sync)."""
+    import re
+
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if any(module.use_dora.get(a) for a in active):
+            from attnrl.errors import UserError
+
+            raise UserError("DoRA adapters cannot be synced to the rollout engine as merged "
+                            "weights; use plain LoRA (lora: {use_dora: false})")
+        if active:
+            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a)
+                                                      for a in active)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        value = tensor.detach()
+        value = value + deltas[name].to(value.dtype) if name in deltas else value.clone()
+        name = re.sub(r"\.modules_to_save\.[^.]+", "", name)
+        state[name.replace("base_model.model.", "", 1).replace(".base_layer", "")] = value
+    return state
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def set_single_process_env() -> None:
+    """Without a launcher (torchrun, deepspeed, mpirun), set the env:// variables of a
+    one-process group, which DeepSpeed needs even then. MASTER_PORT: a free local port."""
+    if any(name in os.environ for name in _LAUNCHER_VARS):
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def skip_cpu_shm_comm_op() -> None:

@@ -71,8 +71,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _scalar(raw: str):
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):  # YAML 1.1 reads '1e-5' as a string
+    """A command-line value read as YAML ('1e-5' -> 1e-05, '[1, 2]' -> [1, 2])."""
+    return _number_or_text(yaml.safe_load(raw))
+
+
+def _number_or_text(value):
+    """YAML 1.1 reads '1e-5' (no dot) as a string: make such strings floats."""
+    if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
@@ -90,10 +95,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         config = yaml.safe_load(handle) or {}
     if not isinstance(config, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values")
-    config = {k: (_scalar(v) if isinstance(v, str) else v) for k, v in config.items()}
+    config = {k: _number_or_text(v) for k, v in config.items()}
     config.update(overrides or {})
     validate_config(config, source=str(path))
+    if config.get("deepspeed"):
+        config["deepspeed"] = resolve_deepspeed(config["deepspeed"])
     return config
+
+
+def resolve_deepspeed(value):
+    """A DeepSpeed config: a dict, a JSON file (relative to the working directory or to the
+    repository), or the name of one in configs/deepspeed ('zero2', 'zero3',
+    'zero3_offload'). Returns the dict or the file's path."""
+    if isinstance(value, dict):
+        return value
+    for path in (Path(str(value)), CONFIG_DIR.parent / str(value),
+                 CONFIG_DIR / "deepspeed" / f"{value}.json"):
+        if path.is_file():
+            return str(path)
+    choices = sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
+    raise UserError(f"deepspeed config {str(value)!r} not found{nearest(value, choices)}; give "
+                    f"a JSON file or one of {', '.join(choices)} (in {CONFIG_DIR / 'deepspeed'})")
 
 
 def validate_config(config: dict, source: str = "config") -> None:
@@ -120,8 +142,10 @@ def validate_config(config: dict, source: str = "config") -> None:
         if name not in REWARDS:
             raise UserError(f"{source}: unknown reward {name!r}{nearest(name, REWARDS)}; "
                             f"registered: {', '.join(REWARDS)}")
-    layers = config.get("signal_layers")
-    if layers is not None:
+    for key in ("signal_layers", "qk_layers"):
+        layers = config.get(key)
+        if layers is None:
+            continue
         from attnrl.models import resolve_model
 
         model_config = json.loads((resolve_model(config.get("model", "smollm2"))
@@ -129,7 +153,7 @@ def validate_config(config: dict, source: str = "config") -> None:
         count = model_config.get("num_hidden_layers")
         bad = [i for i in layers if not isinstance(i, int) or not -count <= i < count]
         if bad:
-            raise UserError(f"{source}: signal_layers {bad} out of range: the model has {count} "
+            raise UserError(f"{source}: {key} {bad} out of range: the model has {count} "
                             f"layers (valid 0..{count - 1})")
 
 
@@ -171,12 +195,8 @@ def build_rewards(config: dict) -> list:
         fn = get_reward(name, **options.get(name, {}))
 
         def reward(prompts, completions, _fn=fn, entry_json=None, **columns):
-            if entry_json is not None and any(entry_json):
+            if entry_json is not None:  # reasoning-gym entries travel as JSON text
                 columns["entry"] = [json.loads(e) if e else None for e in entry_json]
-                if name not in ("gym", "answer"):
-                    columns.pop("entry")
-            if "task" in columns and "entry" not in columns:
-                columns.pop("task")
             return _fn(prompts, completions, **columns)
 
         reward.__name__ = name
