@@ -98,8 +98,14 @@ def test_uniform_credit_reproduces_trl_loss_and_gradients(tmp_path, dataset, los
 
 @pytest.mark.parametrize("credit", ["coupled", "local_chunk", "global_anchor"])
 def test_token_advantages_equal_reference_signals(tmp_path, dataset, credit):
-    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit=credit,
-                           signal_h_lo=2, signal_h_hi=6, signal_window=4)
+    model = build_tiny_model("llama", num_heads=4, num_kv_heads=2, num_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peaked attention: token rankings far from float-noise ties
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.12)
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model,
+                           credit=credit, signal_h_lo=2, signal_h_hi=6, signal_window=4)
     inputs = fixed_batch(trainer, completion_len=12)
     loss_and_grads(trainer, inputs)
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
