@@ -297,4 +297,4 @@ def test_killed_run_resumes_with_identical_qk_metrics(tmp_path, tiny_model_dir):
             assert key in a[step], (step, key)
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
     state = json.loads((tmp_path / "whole" / "checkpoint-4" / "qk_heads.json").read_text())
-    assert state["selected_at"] == 2 and state["updates"] >= 3
+    assert state["selected_at"] == 2 and state["updates"] >= 2  # the EMA was updated, not only initialised
