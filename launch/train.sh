@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One node, N processes (one per GPU), started by the DeepSpeed launcher.
 #
-#   launch/train.sh --config configs/experiments/qwen3-4b-base_1k_coupled.yaml --gpus 8
+#   launch/train.sh --config configs/experiments/qwen3-4b-base_math-1k_coupled.yaml --gpus 8
 #   launch/train.sh --config configs/tiny.yaml --gpus 2 \
 #       --ds-config configs/deepspeed/zero2.json --model outputs/tiny_model --max_steps 2
 #
