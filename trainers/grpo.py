@@ -182,18 +182,23 @@ class AttnGRPOTrainer(GRPOTrainer):
         return make_engine("hf", path, batch_size=config.per_device_train_batch_size)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full policy weights with HF names (ZeRO-3 gathered; LoRA merged)."""
+        """Full policy weights with HF names (ZeRO-3 gathered; LoRA merged). Without ZeRO-3
+        the tensors are the live parameters (detached, not copied): consume them before the
+        next optimizer step."""
         model = self.accelerator.unwrap_model(self.model)
         gather = contextlib.nullcontext()
-        if getattr(self, "is_deepspeed_enabled", False) and \
-                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        zero3 = getattr(self, "is_deepspeed_enabled", False) and \
+            self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
         with gather, torch.no_grad():
             if hasattr(model, "peft_config"):
                 return merged_lora_state_dict(model)
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # gathered ZeRO-3 tensors are released when the context exits: copy those only
+            return {k: v.detach().clone() if zero3 else v.detach()
+                    for k, v in model.state_dict().items()}
 
     def sync_engine_weights(self) -> None:
         if self.engine is None:
