@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import proc_status_mb, write_result
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,7 +44,7 @@ def worker(mode: str, rl: str, sft: str, target: str, out: str, chunk: int) -> N
 
     from attnrl.merge import merge_checkpoints
 
-    rss_before = current_rss_mb()
+    rss_before = proc_status_mb()
     started = time.perf_counter()
     if mode == "streaming":
         merge_checkpoints(rl, sft, target, out, chunk_elements=chunk, progress=False)
@@ -65,14 +67,7 @@ def worker(mode: str, rl: str, sft: str, target: str, out: str, chunk: int) -> N
     elif mode != "baseline":
         raise SystemExit(f"unknown worker mode {mode}")
     print(json.dumps({"seconds": time.perf_counter() - started, "rss_before_mb": rss_before,
-                      "peak_rss_mb": current_rss_mb("VmHWM")}))
-
-
-def current_rss_mb(field: str = "VmRSS") -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, in MiB."""
-    with open("/proc/self/status") as handle:
-        line = next(x for x in handle if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
+                      "peak_rss_mb": proc_status_mb("VmHWM")}))
 
 
 def run_worker(mode: str, paths: dict, out: Path, chunk: int) -> dict:
@@ -209,10 +204,7 @@ def main() -> int:
     print(f"budget (overhead + 1.5 x largest tensor): {budget:.0f} MB -> streaming "
           f"{'within' if report['streaming_within_budget'] else 'OVER'}; outputs identical: "
           f"{same}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(args.json, report)
     return 0
 
 

@@ -9,11 +9,12 @@ sample at temperature 1 with a fixed seed; tokens/s counts generated tokens only
 """
 
 import argparse
-import json
 import os
 import platform
 import time
 from pathlib import Path
+
+from _common import write_result
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,9 +71,7 @@ def main():
               "max_tokens": args.max_tokens, "threads": os.environ["OMP_NUM_THREADS"],
               "machine": platform.processor() or platform.machine(), "rows": rows,
               "vllm_over_hf": round(speedup, 3)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

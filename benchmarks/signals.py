@@ -34,6 +34,8 @@ import platform
 import time
 from pathlib import Path
 
+from _common import write_result
+
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -241,9 +243,7 @@ def main():
                                "bytes of the call; capture own = peak live bytes of tensors "
                                "created inside the capture's profiler regions",
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

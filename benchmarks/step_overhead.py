@@ -22,15 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from _common import proc_status_mb, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(args) -> dict:
@@ -81,7 +75,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         if i:  # the first run is a warm-up
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb())
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmHWM"))
     return {"strategy": args.strategy, "length": args.length, "step_s": statistics.median(times),
             "times_s": times, "peak_mb": peak, "device": device,
             "signals_s": trainer._metrics["train"].get("time/signals", [0])[-1]}
@@ -143,9 +137,7 @@ def main():
               "gradient_checkpointing": args.checkpointing, "bf16": args.bf16,
               "threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.machine(),
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
