@@ -36,10 +36,12 @@ from pathlib import Path
 
 from _common import write_result
 
+from attnrl.data import gsm8k_path
+
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
+GSM8K = gsm8k_path("test")
 MODES = ["plain", "capture", "portable", "signals"]
 
 

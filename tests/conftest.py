@@ -13,8 +13,15 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Property tests are derandomized: the same examples on every run and every machine, so a
+# CI result is reproducible (a failure found once is found again). No example database.
+settings.register_profile("attnrl", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("attnrl")
 
 
 @pytest.fixture(scope="session")

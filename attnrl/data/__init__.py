@@ -15,6 +15,18 @@ from attnrl.errors import UserError, nearest
 
 DEFAULT_INSTRUCTION = "Think briefly, then give the final answer after '####'."
 
+# GSM8K ships with the package (MIT, LICENSE beside the files): "gsm8k" / "gsm8k:train" and
+# "gsm8k:test" name its splits wherever a task or a JSONL path is accepted.
+GSM8K_DIR = Path(__file__).parent / "gsm8k"
+GSM8K_SPLITS = ("train", "test")
+
+
+def gsm8k_path(split: str = "test") -> Path:
+    """Path of the bundled GSM8K split ('train': 7473 problems, 'test': 1319)."""
+    if split not in GSM8K_SPLITS:
+        raise UserError(f"GSM8K has no split {split!r}; use 'gsm8k:train' or 'gsm8k:test'")
+    return GSM8K_DIR / f"{split}.jsonl"
+
 
 @dataclass
 class PromptRecord:
@@ -94,7 +106,9 @@ def _jsonable(entry: dict) -> dict:
 
 
 def load_prompts(task: str, size: int = 64, seed: int = 0, **task_kwargs) -> list[PromptRecord]:
-    """A task name (reasoning-gym) or a path to a .jsonl file."""
+    """A task name (reasoning-gym), 'gsm8k[:train|:test]' (bundled), or a .jsonl path."""
+    if task == "gsm8k" or task.startswith("gsm8k:"):
+        return load_jsonl(gsm8k_path(task.partition(":")[2] or "train"), limit=size)
     if task.endswith(".jsonl") or Path(task).suffix == ".jsonl" or "/" in task:
         return load_jsonl(task, limit=size)
     return load_gym_task(task, size=size, seed=seed, **task_kwargs)

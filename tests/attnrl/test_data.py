@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from attnrl.data import apply_chat_template, load_gym_task, load_jsonl, load_prompts
+from attnrl.data import (apply_chat_template, gsm8k_path, load_gym_task, load_jsonl,
+                         load_prompts)
 from attnrl.errors import UserError
 
-GSM8K_TEST = Path(__file__).parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = gsm8k_path("test")
 
 
 def test_gsm8k_jsonl_records_carry_gold_answers():

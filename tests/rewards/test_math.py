@@ -8,11 +8,11 @@ from fractions import Fraction
 
 import pytest
 
-from attnrl.data import DEFAULT_INSTRUCTION, gsm8k_final_answer
+from attnrl.data import DEFAULT_INSTRUCTION, gsm8k_final_answer, gsm8k_path
 from attnrl.errors import UserError
 from rewards.math_reward import extract_math_answer, math_reward
 
-GSM8K_TEST = "/work/shared/data/gsm8k/test.jsonl"
+GSM8K_TEST = gsm8k_path("test")
 
 
 @pytest.fixture(scope="module")
