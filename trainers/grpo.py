@@ -100,8 +100,9 @@ class AttnGRPOConfig(GRPOConfig):
     rollout_server_timeout: float = field(default=600.0, metadata={
         "help": "vllm_server: seconds to wait for the server to answer /health."})
     rollout_server_weights_dir: str | None = field(default=None, metadata={
-        "help": "vllm_server: directory the server can read, for weight pushes; None = "
-                "<output_dir>/rollout_weights."})
+        "help": "vllm_server: the directory the server accepts weights from (its "
+                "--weights-dir), as the trainer sees it; None = the server's. The secret: "
+                "env ATTNRL_ROLLOUT_API_KEY."})
     rollout_kv_cache_gib: float = field(default=0.5, metadata={
         "help": "vLLM KV cache size (CPU, or GPU when gpu_memory_utilization is None)."})
     rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
@@ -112,6 +113,7 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
     def __post_init__(self):
+        check_reward_aggregation(self.multi_objective_aggregation)
         if self.deepspeed:
             set_single_process_env()
             skip_cpu_shm_comm_op()
@@ -167,10 +169,9 @@ class AttnGRPOTrainer(GRPOTrainer):
         config: AttnGRPOConfig = self.args
         path = self.model.config._name_or_path
         if config.rollout_engine == "vllm_server":
-            weights_dir = config.rollout_server_weights_dir or \
-                os.path.join(config.output_dir, "rollout_weights")
             return make_engine("vllm_server", path, url=config.rollout_server_url,
-                               timeout=config.rollout_server_timeout, weights_dir=weights_dir,
+                               timeout=config.rollout_server_timeout,
+                               weights_dir=config.rollout_server_weights_dir,
                                push_weights=self.accelerator.is_main_process)
         if config.rollout_engine == "vllm":
             max_len = config.rollout_max_model_len or max(2048, config.max_completion_length + 1024)
@@ -369,6 +370,22 @@ class AttnGRPOTrainer(GRPOTrainer):
                     self._metrics[mode][f"signals/{name}_max"].append(values.max().item())
 
 
+REWARD_AGGREGATION = "sum_then_normalize"
+"""The one value of TRL's `multi_objective_aggregation` attnrl implements: the estimators of
+attnrl.advantages see the weighted sum of the reward functions."""
+
+
+def check_reward_aggregation(value) -> None:
+    """UserError for a `multi_objective_aggregation` other than the weighted sum."""
+    if value != REWARD_AGGREGATION:
+        from attnrl.errors import UserError
+
+        raise UserError(
+            f"multi_objective_aggregation {value!r} is not supported: attnrl's advantage "
+            f"estimators take the weighted sum of the rewards ({REWARD_AGGREGATION!r}); "
+            f"remove the key or set it to {REWARD_AGGREGATION!r}")
+
+
 def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     """True when rows come in consecutive blocks of n identical prompts (TRL's sampler)."""
     if n <= 1 or len(prompt_ids) % n:
@@ -377,12 +394,16 @@ def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
 
 
 def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """HF-named full weights of a PEFT LoRA model: W + (alpha / r) * B @ A for each adapted
-    layer, computed out of place (merging into the frozen base and back would leave
-    rounding error in it at every sync)."""
+    """HF-named full weights of a PEFT LoRA model, equal to what PEFT's merge gives:
+    W + (alpha / r) * B @ A for each adapted layer, and with `lora_bias` also
+    b + (alpha / r) * b_B. Computed out of place (merging into the frozen base and back
+    would leave rounding error in it at every sync); the sum is taken in the promoted
+    dtype and rounded once to the base dtype, as PEFT's in-place add does."""
     import re
 
     from peft.tuners.lora import LoraLayer
+
+    from attnrl.errors import UserError
 
     deltas = {}
     for name, module in model.named_modules():
@@ -390,19 +411,29 @@ def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
             continue
         active = [a for a in module.active_adapters if a in module.lora_A]
         if any(module.use_dora.get(a) for a in active):
-            from attnrl.errors import UserError
-
             raise UserError("DoRA adapters cannot be synced to the rollout engine as merged "
                             "weights; use plain LoRA (lora: {use_dora: false})")
-        if active:
-            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a)
-                                                      for a in active)
+        if not active:
+            continue
+        deltas[f"{name}.base_layer.weight"] = [module.get_delta_weight(a) for a in active]
+        biased = [a for a in active if module.lora_bias.get(a)]
+        if biased:
+            if getattr(module.get_base_layer(), "bias", None) is None:
+                raise UserError(f"LoRA with lora_bias on {name}, whose layer has no bias: "
+                                "PEFT cannot merge it either; set lora: {lora_bias: false}")
+            deltas[f"{name}.base_layer.bias"] = [
+                module.lora_B[a].bias * module.scaling[a] for a in biased]
     state = {}
     for name, tensor in model.state_dict().items():
         if "lora_" in name or ".original_module." in name:
             continue
         value = tensor.detach()
-        value = value + deltas[name].to(value.dtype) if name in deltas else value.clone()
+        if name in deltas:
+            for delta in deltas[name]:  # adapter by adapter, as PEFT merges them
+                value = (value.to(torch.promote_types(value.dtype, delta.dtype))
+                         + delta.detach()).to(tensor.dtype)
+        else:
+            value = value.clone()
         name = re.sub(r"\.modules_to_save\.[^.]+", "", name)
         state[name.replace("base_model.model.", "", 1).replace(".base_layer", "")] = value
     return state
