@@ -35,6 +35,7 @@ from attnrl.credit import (
 )
 from attnrl.rollout import SamplingConfig, make_engine
 from attnrl.signals.types import SignalConfig
+from trainers.head_split import FrozenHeadSplit
 from trainers.qk_heads import QKCredit, needs_qk
 
 
@@ -70,7 +71,9 @@ class AttnGRPOConfig(GRPOConfig):
     tau_delta: float | None = field(default=None, metadata={
         "help": "Coupled: Delta threshold; None = per-response median."})
     freeze_head_split: bool = field(default=False, metadata={
-        "help": "Calibrate the local/global head split on the first batch and keep it."})
+        "help": "Calibrate the local/global head split on the first training batch (the "
+                "union over processes) and keep it; saved in checkpoints "
+                "(trainers/head_split.py)."})
     # ---- QK-score credit (methods.md 2; trainers/qk_heads.py)
     qk_top_k: int = field(default=4, metadata={"help": "QK: heads kept by AUC."})
     qk_reselect_every: int = field(default=10, metadata={
@@ -159,7 +162,8 @@ class AttnGRPOTrainer(GRPOTrainer):
         self.engine = rollout_engine
         self._engine_step = None          # global_step whose weights the engine holds
         self._loss_inputs = None          # inputs dict of the loss call in progress
-        self._frozen_split = None
+        self.head_split = FrozenHeadSplit(config.signal_head_quantile) \
+            if config.freeze_head_split and "signals" in self.credit_inputs else None
         self.last_token_advantages = None  # (B, T) what reached the loss, for inspection
         self.qk_credit = QKCredit(self.model, config, self.credit_config, self.eos_token_ids) \
             if needs_qk(self.credit_inputs) else None
@@ -297,7 +301,7 @@ class AttnGRPOTrainer(GRPOTrainer):
             capture = SignalCapture(self.accelerator.unwrap_model(model),
                                     self.credit_config.signals, attention_mask=attention_mask,
                                     response_mask=response_mask,
-                                    head_split=self._frozen_split)
+                                    head_split=self._head_split_now())
         qk_capture = None if self.qk_credit is None else self.qk_credit.capture(
             self.accelerator.unwrap_model(model), input_ids, attention_mask, response_mask)
         with capture if capture is not None else contextlib.nullcontext(), \
@@ -308,9 +312,12 @@ class AttnGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         signals = None
         if capture is not None:
+            if self.head_split is not None and self.head_split.split is None \
+                    and self.model.training:  # every rank calls: a collective
+                self.head_split.calibrate(capture.head_stats(), response_mask,
+                                          lambda x: self.accelerator.reduce(x, "sum"))
+                capture.head_split = self.head_split.split
             signals = capture.token_signals()
-            if self.args.freeze_head_split and self._frozen_split is None:
-                self._frozen_split = (signals.local_heads, signals.global_heads)
         entropy_full = None
         if entropies is not None:
             entropy_full = torch.zeros(response_mask.shape, dtype=torch.float32,
@@ -344,18 +351,31 @@ class AttnGRPOTrainer(GRPOTrainer):
             self._metrics[mode][key].append(value)
         return extras
 
+    def _head_split_now(self):
+        """The frozen split for the capture: None until calibrated (or when not frozen)."""
+        return None if self.head_split is None else self.head_split.split
+
     def _save_checkpoint(self, model, trial):
-        if self.qk_credit is not None and self.args.should_save:  # before: a crash keeps it
+        if self.args.should_save:  # before the checkpoint: a crash keeps the state files
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            self.qk_credit.save(os.path.join(self._get_output_dir(trial=trial),
-                                             f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+            directory = os.path.join(self._get_output_dir(trial=trial),
+                                     f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.qk_credit is not None:
+                self.qk_credit.save(directory)
+            if self.head_split is not None:
+                self.head_split.save(directory)
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.qk_credit is not None and checkpoint is not None:
             self.qk_credit.load(checkpoint)
+        if self.head_split is not None and checkpoint is not None:
+            config = self.accelerator.unwrap_model(self.model).config
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            self.head_split.load(checkpoint, self.credit_config.signals.resolve_layers(
+                config.num_hidden_layers))
 
     def _log_credit(self, gamma, response_mask, signals) -> None:
         mode = "train" if self.model.training else "eval"

@@ -6,6 +6,7 @@ References are plain in-memory arithmetic on tensors loaded with safetensors.tor
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,11 +184,11 @@ def test_quantized_checkpoints_are_refused(tmp_path, capsys):
                    rf"target tensor '{fp8}' in .* is stored as float8_e4m3fn"),
         "rl": ({fp8: torch.randn(300, 24).to(torch.float8_e4m3fn),
                 "layers.0.proj.weight_scale_inv": torch.ones(3, 1)},
-               rf"rl tensor '{fp8}' in .* is stored as float8_e4m3fn"),
+               rf"RL tensor '{fp8}' in .* is stored as float8_e4m3fn"),
         "sft": ({"layers.1.proj.weight": torch.randint(-8, 8, (16, 300), dtype=torch.int8)},
-                r"sft tensor 'layers.1.proj.weight' in .* is an integer weight \(int8\)"),
+                r"SFT tensor 'layers.1.proj.weight' in .* is an integer weight \(int8\)"),
         "rl_scaled": ({"layers.1.proj.weight_scale": torch.ones(16, 1)},
-                      r"rl tensor 'layers.1.proj.weight' in .* \(float32\) has the "
+                      r"RL tensor 'layers.1.proj.weight' in .* \(float32\) has the "
                       r"quantization tensor 'weight_scale' beside it"),
     }
     for case, (tensors, message) in cases.items():
@@ -202,7 +203,7 @@ def test_quantized_checkpoints_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, (case, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert __import__("re").search(message, err), (case, err)
+        assert re.search(message, err), (case, err)
         assert not out.exists() and not work_dirs(out)
     # excluded, the float8 tensor of the target is copied bitwise, the rest combined
     parts = {r: random_tensors(seed) for seed, r in enumerate(("rl", "sft", "target"))}
