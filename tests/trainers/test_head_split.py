@@ -74,12 +74,12 @@ def test_two_ranks_hold_the_split_of_the_union_of_their_data(tiny_model_dir, tmp
     splits = [as_tensors(json.loads((report / f"split_rank{r}.json").read_text()))
               for r in range(2)]
     assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
-    saved = json.loads((out / "checkpoint-1" / STATE_FILE).read_text())
-    assert saved["layers"] == LAYERS
     model = load_model(tiny_model_dir)  # the calibration forward ran on the initial weights
     union = reference_split(model, batches)
     for rank, (local, global_) in enumerate(splits):
         assert torch.equal(local, union[0]) and torch.equal(global_, union[1]), rank
+    saved = json.loads((out / "checkpoint-1" / STATE_FILE).read_text())
+    assert saved["layers"] == LAYERS
     assert all(torch.equal(a, b) for a, b in zip(as_tensors(saved), union))
     # not vacuous: split on its own micro-batch, each rank would have chosen other heads
     own = [reference_split(model, [b]) for b in batches]
