@@ -181,8 +181,8 @@ def _entries(source):
     if not source.is_adapter:
         return source.entries
     found = dict(source.fulls)
-    for name, delta in source.deltas.items():
-        for role, entry in (("lora_A", delta.a), ("lora_B", delta.b)):
+    for delta in source.deltas.values():
+        for entry in (delta.a, delta.b):
             if entry is not None:
                 found[entry.name] = entry
     return found

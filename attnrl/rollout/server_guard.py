@@ -38,7 +38,6 @@ _MAX_RPC_BODY = 1 << 16
 def development_paths() -> frozenset[str]:
     """Paths of the routes vLLM adds with VLLM_SERVER_DEV_MODE=1 (dev and RL routers)."""
     from fastapi import FastAPI
-
     from vllm.entrypoints.rl.factories import register_rl_api_routers
     from vllm.entrypoints.serve import register_vllm_dev_api_routers
 

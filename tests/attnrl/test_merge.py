@@ -188,8 +188,8 @@ def test_quantized_checkpoints_are_refused(tmp_path, capsys):
         "sft": ({"layers.1.proj.weight": torch.randint(-8, 8, (16, 300), dtype=torch.int8)},
                 r"SFT tensor 'layers.1.proj.weight' in .* is an integer weight \(int8\)"),
         "rl_scaled": ({"layers.1.proj.weight_scale": torch.ones(16, 1)},
-                      r"RL tensor 'layers.1.proj.weight' in .* \(float32\) has the "
-                      r"quantization tensor 'weight_scale' beside it"),
+                      (r"RL tensor 'layers.1.proj.weight' in .* \(float32\) has the "
+                       r"quantization tensor 'weight_scale' beside it")),
     }
     for case, (tensors, message) in cases.items():
         role = case.split("_")[0]

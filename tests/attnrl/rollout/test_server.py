@@ -3,7 +3,6 @@ fixed weights directory) generates for the VLLMServerEngine, takes pushed weight
 requests without the secret and reloads from anywhere else, and a training job keeps it
 in sync."""
 
-import json
 import os
 import signal
 import socket
