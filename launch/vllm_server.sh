@@ -61,7 +61,7 @@ port_free "$HOST" "$PORT" || die "port $PORT on $HOST is in use (another server?
 ENV=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"
      "VLLM_SERVER_DEV_MODE=1" "VLLM_ENABLE_V1_MULTIPROCESSING=1")
 ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN"
-      --generation-config vllm --seed 0)
+      --generation-config vllm --seed 0 --logprobs-mode processed_logprobs)
 AVAILABLE="$(gpu_count)"
 if [[ "$AVAILABLE" -eq 0 ]]; then
     [[ -z "$GPU_IDS" ]] || die "--gpus $GPU_IDS: no GPU on this machine (nvidia-smi finds none); \

@@ -2,10 +2,12 @@
 
 The server runs on its own GPUs (or CPU cores) and is reached over HTTP:
 
-- generation: vLLM's OpenAI-compatible `POST /v1/completions`, prompts given as token ids,
-  `n` samples each, `logprobs: 0` (the sampled token's log-prob, raw model distribution by
-  vLLM's default `--logprobs-mode raw_logprobs`) and vLLM's `return_token_ids` extension
-  (the sampled token ids, so no re-tokenization of text ever happens);
+- generation: vLLM's OpenAI-compatible `POST /v1/completions`, one request per sample
+  (n = 1, its own seed: attnrl.rollout.seeds; sent concurrently), prompt given as token
+  ids, `logprobs: 0` (the sampled token's log-prob under the sampling distribution: the
+  server runs with `--logprobs-mode processed_logprobs`, launch/vllm_server.sh) and vLLM's
+  `return_token_ids` extension (the sampled token ids, so no re-tokenization of text ever
+  happens);
 - weight sync: the new weights are written as one safetensors file into a directory that
   both processes can read (`weights_dir`), then the server reloads them in place with
   `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}`
@@ -30,7 +32,14 @@ from pathlib import Path
 import torch
 
 from attnrl.errors import UserError
-from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+from attnrl.rollout.base import (
+    Completion,
+    RolloutEngine,
+    SamplingConfig,
+    encode_prompts,
+    sample_seeds,
+)
+from attnrl.rollout.seeds import SampleSeeds
 
 
 class ServerError(RuntimeError):
@@ -123,18 +132,21 @@ class VLLMServerEngine(RolloutEngine):
             raise
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts, sampling: SamplingConfig,
-                 progress: bool = False) -> list[list[Completion]]:
+    def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
+                 seeds: SampleSeeds | None = None) -> list[list[Completion]]:
+        from concurrent.futures import ThreadPoolExecutor
+
         ids = encode_prompts(self.tokenizer, prompts)
         if not ids:
             return []
+        seeds = sample_seeds(sampling, len(ids), seeds)
         longest = max(map(len, ids)) + sampling.max_tokens
         if self.max_model_len and longest > self.max_model_len:
             raise UserError(f"prompt + completion need {longest} tokens but the server at "
                             f"{self.url} allows {self.max_model_len}: restart it with a larger "
                             "--max-model-len or lower max_completion_length")
         greedy = sampling.temperature == 0
-        payload = {"model": self.served_model, "prompt": ids, "n": sampling.n,
+        payload = {"model": self.served_model, "n": 1,
                    "max_tokens": sampling.max_tokens,
                    "temperature": 0.0 if greedy else sampling.temperature,
                    "top_p": 1.0 if greedy else sampling.top_p,
@@ -143,14 +155,21 @@ class VLLMServerEngine(RolloutEngine):
                    "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0,
                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
-        if sampling.seed is not None:
-            payload["seed"] = int(sampling.seed)
-        response = _request(f"{self.url}/v1/completions", payload,
-                            timeout=self.request_timeout)
-        choices = sorted(response["choices"], key=lambda c: c["index"])
-        if len(choices) != len(ids) * sampling.n:
-            raise ServerError(f"asked {self.url} for {len(ids)} x {sampling.n} completions, "
-                              f"got {len(choices)}")
+
+        def one(key):  # one sample: its own request, its own seed
+            p, j = key
+            request = {**payload, "prompt": ids[p]}
+            if seeds is not None and not greedy:
+                request["seed"] = seeds[p][j]
+            choices = _request(f"{self.url}/v1/completions", request,
+                               timeout=self.request_timeout)["choices"]
+            if len(choices) != 1:
+                raise ServerError(f"asked {self.url} for 1 completion, got {len(choices)}")
+            return choices[0]
+
+        keys = [(p, j) for p in range(len(ids)) for j in range(sampling.n)]
+        with ThreadPoolExecutor(max_workers=min(64, len(keys))) as pool:
+            choices = list(pool.map(one, keys))
         results = []
         for p, prompt_ids in enumerate(ids):
             group = []
