@@ -164,9 +164,10 @@ def test_importance_sampling_correction_runs_and_is_one_on_the_first_step(tmp_pa
                                                                          mode):
     """TRL's truncated IS correction (on by default, as in TRL) runs on the engine's
     log-probs: at temperature 0.7 the engine's log-probs are TRL's temperature-scaled
-    ones, so on the first step (same weights on both sides) every per-token ratio is 1."""
+    ones, so on the first step (same weights on both sides) every per-token ratio is 1.
+    float32 on both sides (TRL's default bf16 autocast would itself be a mismatch)."""
     trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, max_steps=1,
-                           temperature=0.7, vllm_importance_sampling_mode=mode)
+                           temperature=0.7, vllm_importance_sampling_mode=mode, bf16=False)
     assert trainer.args.vllm_importance_sampling_correction  # TRL's default
     trainer.train()
     (row,) = [r for r in trainer.state.log_history if "sampling/importance_sampling_ratio/mean"

@@ -7,6 +7,7 @@ import torch
 
 from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
+from rollout_reference import nucleus_logprobs
 
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
            "<|im_start|>user\nSum 7 and 9.<|im_end|>\n<|im_start|>assistant\n"]
@@ -18,22 +19,6 @@ def engines(tiny_model_dir):
     hf_engine = make_engine("hf", tiny_model_dir)
     yield vllm_engine, hf_engine
     vllm_engine.close()
-
-
-def nucleus_logprobs(logits, temperature, top_p):
-    """Plain reference: log-probs of softmax(logits / T) restricted to the smallest set of
-    most likely tokens whose probability reaches top_p, renormalized (-inf outside)."""
-    out = torch.full_like(logits, float("-inf"))
-    for row in range(logits.shape[0]):
-        probs = torch.softmax(logits[row].double() / temperature, -1)
-        kept, mass = [], 0.0
-        for token in probs.argsort(descending=True).tolist():
-            kept.append(token)
-            mass += probs[token].item()
-            if mass >= top_p:
-                break
-        out[row, kept] = torch.log(probs[kept] / probs[kept].sum()).float()
-    return out
 
 
 def forward_logprobs(model, prompt_ids, token_ids, temperature=1.0, top_p=1.0):
