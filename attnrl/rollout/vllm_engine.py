@@ -47,7 +47,8 @@ class VLLMEngine(RolloutEngine):
         colocate: this process is one rank of a multi-process trainer (torchrun, deepspeed,
             accelerate): the engine runs on the rank's own device, in vLLM's
             `external_launcher` executor (see `colocate_kwargs`); `tensor_parallel_size`
-            consecutive ranks then share one tensor-parallel engine.
+            consecutive ranks then share one tensor-parallel engine. Without `colocate`,
+            `tensor_parallel_size` > 1 is vLLM's own (worker processes it starts).
 
     Every completion is its own vLLM request (n = 1) with its own seed, and log-probs are
     vLLM's `processed_logprobs` (see attnrl.rollout.base.Completion).
@@ -69,12 +70,6 @@ class VLLMEngine(RolloutEngine):
             extra, self.tp_group = colocate_kwargs(tensor_parallel_size, seed)
             seed = extra.pop("seed")
             llm_kwargs = {**extra, **llm_kwargs}
-        elif tensor_parallel_size > 1:
-            from attnrl.errors import UserError
-
-            raise UserError("tensor_parallel_size > 1 for the in-process vLLM engine needs a "
-                            "multi-process launch (torchrun / deepspeed / accelerate) with "
-                            "one rank per device")
         from vllm import LLM
 
         kwargs = dict(model=path, tokenizer=path, dtype=_DTYPES.get(dtype, dtype),

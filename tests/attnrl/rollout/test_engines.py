@@ -7,7 +7,7 @@ import torch
 
 from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
-from rollout_reference import nucleus_logprobs
+from tests.rollout_reference import nucleus_logprobs
 
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
            "<|im_start|>user\nSum 7 and 9.<|im_end|>\n<|im_start|>assistant\n"]

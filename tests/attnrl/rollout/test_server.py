@@ -15,7 +15,7 @@ from attnrl.errors import UserError
 from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, make_engine
 from attnrl.rollout.server import VLLMServerEngine
-from rollout_reference import nucleus_logprobs
+from tests.rollout_reference import nucleus_logprobs
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
