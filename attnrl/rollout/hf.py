@@ -52,10 +52,9 @@ class _RowSampler(LogitsProcessor):
         if self.generators is None:  # greedy
             tokens = logprobs.argmax(dim=-1)
         else:
-            probs = logprobs.exp().cpu()
+            probs = logprobs.exp()  # generators live on the model's device
             tokens = torch.stack([torch.multinomial(probs[row], 1, generator=gen)[0]
                                   for row, gen in enumerate(self.generators)])
-            tokens = tokens.to(scores.device)
         self.logprobs.append(logprobs.gather(-1, tokens[:, None])[:, 0].cpu())
         chosen = torch.full_like(scores, float("-inf"))
         chosen.scatter_(-1, tokens[:, None], 0.0)
@@ -104,7 +103,7 @@ class HFEngine(RolloutEngine):
                 generators = []
                 for p in range(start, start + len(chunk)):
                     for j in range(n):
-                        gen = torch.Generator()
+                        gen = torch.Generator(device=device)
                         if seeds is None:
                             gen.seed()  # fresh, from the OS
                         else:

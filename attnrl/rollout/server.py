@@ -123,13 +123,21 @@ class VLLMServerEngine(RolloutEngine):
 
     def _check_dev_mode(self) -> None:
         try:
-            _request(f"{self.url}/server_info", timeout=30)
+            info = _request(f"{self.url}/server_info?config_format=json", timeout=60)
         except ServerError as err:
             if "HTTP 404" in str(err):
                 raise UserError(
                     f"the vLLM server at {self.url} has no weight-sync endpoints: start it "
                     "with VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)") from None
             raise
+        config = (info or {}).get("vllm_config")
+        mode = config.get("model_config", {}).get("logprobs_mode") \
+            if isinstance(config, dict) else None
+        if mode is not None and mode != "processed_logprobs":
+            raise UserError(
+                f"the vLLM server at {self.url} runs with --logprobs-mode {mode}: its log-probs "
+                "are not those of the sampling distribution the trainer corrects for; restart "
+                "it with --logprobs-mode processed_logprobs (launch/vllm_server.sh sets it)")
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
