@@ -53,7 +53,7 @@ def colocate_kwargs(tensor_parallel_size: int, seed: int) -> tuple[dict, object]
     rank, local_rank, world = distributed_layout()
     groups = tp_groups(world, tensor_parallel_size)
     if world == 1:  # nothing to place: vLLM's own one-process executor
-        return dict(seed=seed), None
+        return {"seed": seed}, None
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(local_rank)
     os.environ["WORLD_SIZE"] = str(world)
@@ -64,6 +64,6 @@ def colocate_kwargs(tensor_parallel_size: int, seed: int) -> tuple[dict, object]
     tp_group = None
     if tensor_parallel_size > 1:
         tp_group, _ = dist.new_subgroups_by_enumeration(groups)
-    kwargs = dict(distributed_executor_backend="external_launcher",
-                  seed=seed + rank // tensor_parallel_size)
+    kwargs = {"distributed_executor_backend": "external_launcher",
+              "seed": seed + rank // tensor_parallel_size}
     return kwargs, tp_group

@@ -72,7 +72,7 @@ class HFEngine(RolloutEngine):
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, **kwargs) -> "HFEngine":
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, **kwargs) -> HFEngine:
         from attnrl.models import load_model, load_tokenizer
 
         return cls(load_model(name_or_path, dtype=dtype), load_tokenizer(name_or_path), **kwargs)

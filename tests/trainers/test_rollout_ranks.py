@@ -10,12 +10,11 @@ Each run takes 40-120 s on 2 shared cores (imports, vLLM start-up in both proces
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.trainers.test_deepspeed import REPO, TINY, TORCHRUN, launch
+from tests.trainers.test_deepspeed import TINY, TORCHRUN, launch
 
 WORKER = Path(__file__).with_name("_rollout_worker.py")
 NUM_GENERATIONS = 4

@@ -27,7 +27,8 @@ def test_no_collision_across_rows_steps_ranks_calls_phases():
 
 def test_seeds_do_not_depend_on_the_rank_split():
     """8 ranks x 4 rows, 2 x 16 and 1 x 32 see the same 32 seeds in the same order."""
-    layouts = [sum(split_over_ranks(5, 7, 0, world, 32 // world), []) for world in (1, 2, 8)]
+    layouts = [[s for part in split_over_ranks(5, 7, 0, world, 32 // world) for s in part]
+               for world in (1, 2, 8)]
     assert layouts[0] == layouts[1] == layouts[2]
 
 
