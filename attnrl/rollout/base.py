@@ -29,8 +29,9 @@ class Completion:
     then restricted to the top-p nucleus and renormalized (vLLM's `processed_logprobs`).
     With top_p = 1 this is exactly what TRL's trainer computes as its per-token log-probs
     (log_softmax(logits / temperature)), so TRL's importance-sampling correction and
-    off-policy mask compare like with like. Greedy (temperature 0): the raw model
-    log-probs (temperature 1)."""
+    off-policy mask compare like with like; with top_p < 1 they differ from TRL's by the
+    log of the nucleus mass, as with TRL's own vLLM (which also reports
+    `processed_logprobs`). Greedy (temperature 0): the raw model log-probs (temperature 1)."""
 
     prompt_index: int
     sample_index: int
