@@ -226,7 +226,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="model dtype in the engine (default: the engine's, float32)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="call seed: the task's prompts and, per sample, its own sampling "
+                             "seed (a hash of seed, prompt index, sample index)")
     parser.add_argument("--greedy", action="store_true",
                         help="also report greedy (temperature 0) accuracy")
     parser.add_argument("--correct-threshold", type=float, default=CORRECT_THRESHOLD,

@@ -91,7 +91,8 @@ ENV=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1
      "VLLM_SERVER_DEV_MODE=1" "VLLM_ENABLE_V1_MULTIPROCESSING=1"
      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" "ATTNRL_ROLLOUT_WEIGHTS_DIR=$WEIGHTS_DIR")
 ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN"
-      --generation-config vllm --seed 0 --middleware attnrl.rollout.server_guard.ServerGuard)
+      --generation-config vllm --seed 0 --logprobs-mode processed_logprobs
+      --middleware attnrl.rollout.server_guard.ServerGuard)
 AVAILABLE="$(gpu_count)"
 if [[ "$AVAILABLE" -eq 0 ]]; then
     [[ -z "$GPU_IDS" ]] || die "--gpus $GPU_IDS: no GPU on this machine (nvidia-smi finds none); \

@@ -5,6 +5,9 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
 
 1. Generation through an attnrl rollout engine (in-process vLLM, or transformers), with the
    policy's weights pushed to it whenever the optimizer has stepped (ZeRO-3: gathered).
+   Every completion row has its own seed (attnrl.rollout.seeds); the engines' log-probs
+   are TRL's (temperature-scaled), so TRL's truncated importance-sampling correction
+   (`vllm_importance_sampling_correction`, on by default) runs on them as on TRL's vLLM.
 2. Advantages from attnrl's estimator registry (`advantage_estimator`).
 3. Per-token credit: inside the loss forward TRL already runs, attention statistics are
    captured for the sampled layers (no second model, no extra forward), turned into
@@ -34,6 +37,7 @@ from attnrl.credit import (
     shape_advantages,
 )
 from attnrl.rollout import SamplingConfig, make_engine
+from attnrl.rollout.seeds import training_seeds
 from attnrl.signals.types import SignalConfig
 from trainers.head_split import FrozenHeadSplit
 from trainers.qk_heads import QKCredit, needs_qk
@@ -167,6 +171,33 @@ class AttnGRPOTrainer(GRPOTrainer):
         self.last_token_advantages = None  # (B, T) what reached the loss, for inspection
         self.qk_credit = QKCredit(self.model, config, self.credit_config, self.eos_token_ids) \
             if needs_qk(self.credit_inputs) else None
+        self._generation_calls = {}  # phase -> (global_step, generation calls in that step)
+        self._check_is_correction()
+
+    # ------------------------------------------------------------------ TRL's IS correction
+    def _check_is_correction(self) -> None:
+        config: AttnGRPOConfig = self.args
+        if self.loss_type == "vespo" and config.vllm_importance_sampling_correction and \
+                config.vllm_importance_sampling_mode not in ("token_truncate", "token_mask"):
+            raise ValueError("VESPO loss requires `vllm_importance_sampling_mode` to be either "
+                             "'token_truncate' or 'token_mask'. Got: "
+                             f"{config.vllm_importance_sampling_mode}.")
+
+    @contextlib.contextmanager
+    def _trl_vllm_path(self, on: bool):
+        """TRL runs its importance-sampling correction (ratio, metrics, loss weight) only when
+        `use_vllm`; attnrl's engines return the same log-probs TRL's vLLM does, so inside
+        this context TRL takes that path (its own vLLM objects are never touched: generation
+        is `_generate_single_turn` below; `vllm_mode` is set to one TRL does not
+        special-case)."""
+        saved = self.use_vllm, self.vllm_mode
+        self.use_vllm = bool(on and self.args.vllm_importance_sampling_correction
+                             and self.rollout_func is None)
+        self.vllm_mode = "attnrl"
+        try:
+            yield
+        finally:
+            self.use_vllm, self.vllm_mode = saved
 
     # ------------------------------------------------------------------ generation
     def _make_engine(self):
@@ -183,7 +214,8 @@ class AttnGRPOTrainer(GRPOTrainer):
             return make_engine("vllm", path, dtype=dtype, max_model_len=max_len,
                                kv_cache_gib=config.rollout_kv_cache_gib,
                                gpu_memory_utilization=config.rollout_gpu_memory_utilization,
-                               seed=config.seed)
+                               seed=config.seed, colocate=self.accelerator.num_processes > 1,
+                               tensor_parallel_size=config.vllm_tensor_parallel_size)
         return make_engine("hf", path, batch_size=config.per_device_train_batch_size)
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
@@ -219,13 +251,18 @@ class AttnGRPOTrainer(GRPOTrainer):
             self.sync_engine_weights()
         config: AttnGRPOConfig = self.args
         n = num_generations if _is_grouped(prompt_ids, num_generations) else 1
-        seed = None if config.seed is None else \
-            (config.seed * 1_000_003 + self.state.global_step * 9_973
-             + self.accelerator.process_index) % 2**31
+        # one seed per completion row: (run seed, phase, step, call in step, global row)
+        step, phase = self.state.global_step, "train" if self.model.training else "eval"
+        last_step, last_call = self._generation_calls.get(phase, (None, -1))
+        call = last_call + 1 if last_step == step else 0
+        self._generation_calls[phase] = (step, call)
+        rows = training_seeds(config.seed, phase, step, call,
+                              self.accelerator.process_index * len(prompt_ids), len(prompt_ids))
         sampling = SamplingConfig(n=n, temperature=config.temperature,
                                   top_p=config.top_p, max_tokens=config.max_completion_length,
-                                  seed=seed)
-        groups = self.engine.generate(prompt_ids[::n], sampling)
+                                  seed=None)
+        seeds = None if rows is None else [rows[i:i + n] for i in range(0, len(rows), n)]
+        groups = self.engine.generate(prompt_ids[::n], sampling, seeds=seeds)
         completion_ids = [c.token_ids for g in groups for c in g]
         logprobs = [c.logprobs for g in groups for c in g]
         self._metrics["train" if self.model.training else "eval"]["time/generation"].append(
@@ -240,7 +277,8 @@ class AttnGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._trl_vllm_path(True):
+            output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         config: AttnGRPOConfig = self.args
         rewards_per_func = self._last_rewards_per_func
@@ -272,8 +310,9 @@ class AttnGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         self._loss_inputs = inputs
         self._signal_seconds = 0.0
-        try:
-            loss = super()._compute_loss(model, inputs)
+        try:  # TRL's IS weight applies to batches that carry it (every generated batch)
+            with self._trl_vllm_path("importance_sampling_ratio" in inputs):
+                loss = super()._compute_loss(model, inputs)
         finally:
             self._loss_inputs = None
         mode = "train" if self.model.training else "eval"

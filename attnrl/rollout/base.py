@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnrl.rollout.seeds import SampleSeeds, call_seeds, check_seeds
+
 
 @dataclass
 class SamplingConfig:
@@ -16,13 +18,20 @@ class SamplingConfig:
     temperature: float = 1.0    # 0 means greedy
     top_p: float = 1.0
     max_tokens: int = 128       # completion length cap, in tokens
-    seed: int | None = 0        # per-call seed; None draws a fresh one
+    seed: int | None = 0        # call seed: sample j of prompt p is seeded with
+                                # sample_seed(seed, p, j) (attnrl.rollout.seeds); None: unseeded
 
 
 @dataclass
 class Completion:
-    """One sampled response. `logprobs[t]` is log pi(token_ids[t] | prefix) under the raw
-    model distribution (temperature 1, no top-p): what the trainer needs as pi_old."""
+    """One sampled response. `logprobs[t]` is log q(token_ids[t] | prefix) under the
+    distribution the token was drawn from: the model's logits divided by the temperature,
+    then restricted to the top-p nucleus and renormalized (vLLM's `processed_logprobs`).
+    With top_p = 1 this is exactly what TRL's trainer computes as its per-token log-probs
+    (log_softmax(logits / temperature)), so TRL's importance-sampling correction and
+    off-policy mask compare like with like; with top_p < 1 they differ from TRL's by the
+    log of the nucleus mass, as with TRL's own vLLM (which also reports
+    `processed_logprobs`). Greedy (temperature 0): the raw model log-probs (temperature 1)."""
 
     prompt_index: int
     sample_index: int
@@ -54,9 +63,11 @@ class RolloutEngine(abc.ABC):
     tokenizer = None
 
     @abc.abstractmethod
-    def generate(self, prompts, sampling: SamplingConfig,
-                 progress: bool = False) -> list[list[Completion]]:
-        """For each prompt (text or token ids), `sampling.n` completions."""
+    def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
+                 seeds: SampleSeeds | None = None) -> list[list[Completion]]:
+        """For each prompt (text or token ids), `sampling.n` completions. `seeds[p][j]`
+        seeds sample j of prompt p (its own random stream); None: derived from
+        `sampling.seed` (see `sample_seeds`)."""
 
     @abc.abstractmethod
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -64,3 +75,13 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Free the engine's resources."""
+
+
+def sample_seeds(sampling: SamplingConfig, num_prompts: int,
+                 seeds: SampleSeeds | None = None) -> SampleSeeds | None:
+    """The per-sample seeds of a generate call: `seeds` if given (checked: one list of
+    `sampling.n` per prompt), else derived from the call seed (None when it is None)."""
+    if seeds is None:
+        return call_seeds(sampling.seed, num_prompts, sampling.n)
+    check_seeds(seeds, num_prompts, sampling.n)
+    return [[int(s) for s in row] for row in seeds]

@@ -17,7 +17,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="call seed: the task's prompts and, per sample, its own sampling "
+                             "seed (a hash of seed, prompt index, sample index)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
 
 

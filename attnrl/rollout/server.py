@@ -2,10 +2,12 @@
 
 The server runs on its own GPUs (or CPU cores) and is reached over HTTP:
 
-- generation: vLLM's OpenAI-compatible `POST /v1/completions`, prompts given as token ids,
-  `n` samples each, `logprobs: 0` (the sampled token's log-prob, raw model distribution by
-  vLLM's default `--logprobs-mode raw_logprobs`) and vLLM's `return_token_ids` extension
-  (the sampled token ids, so no re-tokenization of text ever happens);
+- generation: vLLM's OpenAI-compatible `POST /v1/completions`, one request per sample
+  (n = 1, its own seed: attnrl.rollout.seeds; sent concurrently), prompt given as token
+  ids, `logprobs: 0` (the sampled token's log-prob under the sampling distribution: the
+  server runs with `--logprobs-mode processed_logprobs`, launch/vllm_server.sh) and vLLM's
+  `return_token_ids` extension (the sampled token ids, so no re-tokenization of text ever
+  happens);
 - weight sync: the new weights are written as one safetensors file into a fresh
   sub-directory of the one directory the server accepts weights from (fixed when the
   server starts: launch/vllm_server.sh --weights-dir), then the server reloads them in
@@ -33,7 +35,14 @@ from pathlib import Path
 import torch
 
 from attnrl.errors import UserError
-from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+from attnrl.rollout.base import (
+    Completion,
+    RolloutEngine,
+    SamplingConfig,
+    encode_prompts,
+    sample_seeds,
+)
+from attnrl.rollout.seeds import SampleSeeds
 from attnrl.rollout.server_guard import INFO_PATH, KEY_ENV
 
 
@@ -134,8 +143,7 @@ class VLLMServerEngine(RolloutEngine):
         models = self._call("/v1/models", timeout=30)["data"]
         self.served_model = models[0]["id"]
         self.max_model_len = models[0].get("max_model_len")
-        if push_weights:
-            self._check_weight_sync()
+        self._check_server(push_weights)
 
     def _call(self, path: str, payload: dict | None = None, timeout: float | None = None):
         try:
@@ -146,17 +154,26 @@ class VLLMServerEngine(RolloutEngine):
                 raise _refused_key(self.url) from None
             raise
 
-    def _check_weight_sync(self) -> None:
-        """The server runs behind attnrl's guard with the development endpoints on, and
-        accepts weights from `weights_dir` (taken from the server when None)."""
+    def _check_server(self, push_weights: bool) -> None:
+        """The server runs behind attnrl's guard, returns log-probs of the sampling
+        distribution, and (when this rank pushes weights) has the development endpoints on
+        and accepts weights from `weights_dir` (taken from the server when None)."""
         try:
             info = self._call(INFO_PATH, timeout=30)
         except ServerError as err:
             if err.status == 404:
                 raise UserError(
-                    f"the vLLM server at {self.url} has no guarded weight-sync endpoints: "
+                    f"the vLLM server at {self.url} does not run behind attnrl's guard: "
                     "start it with launch/vllm_server.sh") from None
             raise
+        mode = info.get("logprobs_mode")
+        if mode != "processed_logprobs":
+            raise UserError(
+                f"the vLLM server at {self.url} runs with --logprobs-mode {mode}: its log-probs "
+                "are not those of the sampling distribution the trainer corrects for; restart "
+                "it with --logprobs-mode processed_logprobs (launch/vllm_server.sh sets it)")
+        if not push_weights:
+            return
         if not info.get("dev_mode"):
             raise UserError(f"the vLLM server at {self.url} has no weight-sync endpoints: "
                             "start it with VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)")
@@ -170,18 +187,21 @@ class VLLMServerEngine(RolloutEngine):
                 "--weights-dir): set rollout_server_weights_dir to it, or leave it unset")
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts, sampling: SamplingConfig,
-                 progress: bool = False) -> list[list[Completion]]:
+    def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
+                 seeds: SampleSeeds | None = None) -> list[list[Completion]]:
+        from concurrent.futures import ThreadPoolExecutor
+
         ids = encode_prompts(self.tokenizer, prompts)
         if not ids:
             return []
+        seeds = sample_seeds(sampling, len(ids), seeds)
         longest = max(map(len, ids)) + sampling.max_tokens
         if self.max_model_len and longest > self.max_model_len:
             raise UserError(f"prompt + completion need {longest} tokens but the server at "
                             f"{self.url} allows {self.max_model_len}: restart it with a larger "
                             "--max-model-len or lower max_completion_length")
         greedy = sampling.temperature == 0
-        payload = {"model": self.served_model, "prompt": ids, "n": sampling.n,
+        payload = {"model": self.served_model, "n": 1,
                    "max_tokens": sampling.max_tokens,
                    "temperature": 0.0 if greedy else sampling.temperature,
                    "top_p": 1.0 if greedy else sampling.top_p,
@@ -190,13 +210,21 @@ class VLLMServerEngine(RolloutEngine):
                    "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0,
                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
-        if sampling.seed is not None:
-            payload["seed"] = int(sampling.seed)
-        response = self._call("/v1/completions", payload, timeout=self.request_timeout)
-        choices = sorted(response["choices"], key=lambda c: c["index"])
-        if len(choices) != len(ids) * sampling.n:
-            raise ServerError(f"asked {self.url} for {len(ids)} x {sampling.n} completions, "
-                              f"got {len(choices)}")
+
+        def one(key):  # one sample: its own request, its own seed
+            p, j = key
+            request = {**payload, "prompt": ids[p]}
+            if seeds is not None and not greedy:
+                request["seed"] = seeds[p][j]
+            choices = self._call("/v1/completions", request,
+                                 timeout=self.request_timeout)["choices"]
+            if len(choices) != 1:
+                raise ServerError(f"asked {self.url} for 1 completion, got {len(choices)}")
+            return choices[0]
+
+        keys = [(p, j) for p in range(len(ids)) for j in range(sampling.n)]
+        with ThreadPoolExecutor(max_workers=min(64, len(keys))) as pool:
+            choices = list(pool.map(one, keys))
         results = []
         for p, prompt_ids in enumerate(ids):
             group = []

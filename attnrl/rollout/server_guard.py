@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import os
+import sys
 
 KEY_ENV = "ATTNRL_ROLLOUT_API_KEY"
 WEIGHTS_DIR_ENV = "ATTNRL_ROLLOUT_WEIGHTS_DIR"
@@ -47,6 +48,16 @@ def development_paths() -> frozenset[str]:
     return frozenset(getattr(route, "path", "") for route in probe.routes)
 
 
+def server_logprobs_mode(argv: list[str]) -> str:
+    """The `--logprobs-mode` the server process was started with (vLLM's default: raw)."""
+    for i, arg in enumerate(argv):
+        if arg == "--logprobs-mode" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--logprobs-mode="):
+            return arg.split("=", 1)[1]
+    return "raw_logprobs"
+
+
 def inside(path: str, directory: str) -> bool:
     """Whether `path` (symlinks resolved) is `directory` or lies under it."""
     real = os.path.realpath(path)
@@ -67,6 +78,7 @@ class ServerGuard:
                                f"weights may be loaded from), got {weights_dir!r}")
         self.weights_dir = os.path.realpath(weights_dir)
         self.refused = (development_paths() - OPEN_DEV_PATHS - {RPC_PATH}) | ALWAYS_REFUSED
+        self.logprobs_mode = server_logprobs_mode(sys.argv)
 
     def authorized(self, scope) -> bool:
         if self.key_digest is None:
@@ -91,7 +103,8 @@ class ServerGuard:
         if path == INFO_PATH:
             return await _answer(scope, send, 200, None, {
                 "weights_dir": self.weights_dir,
-                "dev_mode": os.environ.get("VLLM_SERVER_DEV_MODE", "0") == "1"})
+                "dev_mode": os.environ.get("VLLM_SERVER_DEV_MODE", "0") == "1",
+                "logprobs_mode": self.logprobs_mode})
         if path == RPC_PATH and scope["type"] == "http":
             body = await _read_body(receive)
             if body is None:

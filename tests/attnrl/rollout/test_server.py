@@ -18,6 +18,7 @@ from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, make_engine
 from attnrl.rollout.server import ServerError, VLLMServerEngine, _request
 from attnrl.rollout.server_guard import KEY_ENV
+from tests.rollout_reference import nucleus_logprobs
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
@@ -100,18 +101,20 @@ def engine(server, tiny_model_dir):
     eng.close()
 
 
-def forward_logprobs(model, prompt_ids, token_ids):
-    """log pi(token_t | prefix) from one plain forward over prompt + completion."""
+def forward_logprobs(model, prompt_ids, token_ids, temperature=1.0, top_p=1.0):
+    """log q(token_t | prefix) of the sampling distribution (temperature, top-p nucleus)
+    from one plain forward over prompt + completion."""
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+    logprobs = nucleus_logprobs(logits, temperature, top_p)
+    return logprobs.gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
 
 
-def assert_matches_model(groups, model):
+def assert_matches_model(groups, model, temperature=1.0, top_p=1.0):
     for group in groups:
         for c in group:
-            ref = forward_logprobs(model, c.prompt_ids, c.token_ids)
+            ref = forward_logprobs(model, c.prompt_ids, c.token_ids, temperature, top_p)
             torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=TOL, rtol=0)
 
 
@@ -126,11 +129,26 @@ def test_sampled_tokens_and_logprobs_match_the_model(engine, tiny_model_dir):
     assert [g[0].prompt_ids for g in groups[:2]] == expected_prompts
     samples = [c for g in groups for c in g]
     assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in samples)
-    assert len({tuple(c.token_ids) for c in samples}) > 1, "sampling gave identical outputs"
-    assert_matches_model(groups, model)
+    assert len({tuple(c.token_ids) for c in samples}) == 9, "samples of one call repeat"
+    assert_matches_model(groups, model, temperature=1.0, top_p=0.9)
     again = engine.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=0.9,
                                                     max_tokens=20, seed=3))
     assert [c.token_ids for g in again for c in g] == [c.token_ids for c in samples]
+
+
+@pytest.mark.slow
+def test_copies_of_a_prompt_get_their_own_seeds_at_temperature(engine, tiny_model_dir):
+    """One request per sample with its own seed: rows holding the same prompt differ, the
+    same seeds reproduce them; log-probs are temperature-scaled (TRL's)."""
+    model = load_model(tiny_model_dir)
+    engine.update_weights(model.state_dict())
+    cfg = SamplingConfig(n=1, temperature=0.7, max_tokens=12, seed=None)
+    seeds = [[11], [12], [13], [14]]
+    groups = engine.generate([PROMPTS[0]] * 4, cfg, seeds=seeds)
+    assert len({tuple(g[0].token_ids) for g in groups}) == 4
+    assert [g[0].token_ids for g in engine.generate([PROMPTS[0]] * 4, cfg, seeds=seeds)] == \
+        [g[0].token_ids for g in groups]
+    assert_matches_model(groups, model, temperature=0.7)
 
 
 @pytest.mark.slow
