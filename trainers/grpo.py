@@ -343,6 +343,18 @@ class AttnGRPOTrainer(GRPOTrainer):
             self._metrics[mode][key].append(value)
         return extras
 
+    run_card: str | None = None
+    """README.md written where TRL writes its model card (set by `attnrl train`)."""
+
+    def create_model_card(self, *args, **kwargs):
+        if self.run_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "README.md"), "w") as handle:
+                handle.write(self.run_card)
+        return None
+
     def _save_checkpoint(self, model, trial):
         if self.qk_credit is not None and self.args.should_save:  # before: a crash keeps it
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
