@@ -457,7 +457,7 @@ def check_value(name: str, value, where: str, bare: bool = False):
     try:
         return coerce(key, value)
     except _Bad as bad:
-        if bad.problem.startswith("unknown"):  # a registry name: the text says it all
+        if bad.problem.startswith(("unknown", f"{name}.")):  # the text says it all
             raise UserError(f"{where}: {name}: {bad.problem}") from None
         if key.choices and "not a choice" in bad.problem:
             raise UserError(f"{where}: unknown {name} {value!r}{nearest(value, key.choices)}; "
