@@ -57,6 +57,9 @@ LORA_KEYS = {  # LoraConfig fields a config may set: kinds, range / choices
     "exclude_modules": ("str|list|null", {}),
 }
 
+_LORA_ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                 "modules": "target_modules", "target": "target_modules"}
+
 
 @dataclass(frozen=True)
 class Key:
@@ -134,7 +137,9 @@ def _check_lora(value) -> str | None:
         return "is not a mapping"
     for name, item in value.items():
         if name not in LORA_KEYS:
-            return (f"unknown lora key {name!r}{nearest(name, LORA_KEYS)}; lora keys: "
+            hint = f" (did you mean {_LORA_ALIASES[name]!r}?)" if name in _LORA_ALIASES \
+                else nearest(name, LORA_KEYS)
+            return (f"unknown lora key {name!r}{hint}; lora keys: "
                     f"{', '.join(LORA_KEYS)}")
         kinds, extra = LORA_KEYS[name]
         sub = Key(f"lora.{name}", kinds, None, "", **extra)
