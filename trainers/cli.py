@@ -68,7 +68,7 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
 
     import numpy as np
     import torch
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from attnrl.models import load_model, load_tokenizer, resolve_model
     from trainers.callbacks import (
@@ -132,9 +132,18 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     trainer.run_card = model_card(resolved, command)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgressCallback())
-    if resume:
-        print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.pop_callback(PrinterCallback)  # logs dicts: StepPrinterCallback prints a line
+    done = run_dir.checkpoint_step(resume) if resume else None
+    if done is not None and 0 < args.max_steps <= done:
+        # transformers would train one more step past max_steps when resuming at it
+        print(f"the run is complete ({resume} is step {done} of {args.max_steps}); saving "
+              f"final/ from it. To train further: --max_steps N --allow_config_change "
+              "max_steps", flush=True)
+        trainer._load_from_checkpoint(resume)
+    else:
+        if resume:
+            print(f"resuming from {resume}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
     final = Path(args.output_dir) / "final"
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():

@@ -154,6 +154,16 @@ def prepare(config: dict, overwrite: bool = False, allow: set[str] | None = None
     return str(last) if last else None
 
 
+def checkpoint_step(checkpoint) -> int | None:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json)."""
+    import json
+
+    state = Path(checkpoint) / "trainer_state.json"
+    if not state.is_file():
+        return None
+    return int(json.loads(state.read_text()).get("global_step", 0))
+
+
 def write_config(config: dict, output_dir, command: str | None = None) -> Path:
     """OUTPUT_DIR/config.yaml: the resolved config (loadable with --config) and, under
     `recorded`, the package versions, the command and the time."""

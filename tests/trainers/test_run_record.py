@@ -110,8 +110,10 @@ def test_overwritten_run_leaves_nothing_to_resume(first_run):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert yaml.safe_load((out / "checkpoint-1" / "config.yaml").read_text())["seed"] == 1
     assert sorted(metrics(out)) == [1]
-    # the same (new) run resumes from its own checkpoint, and metrics stay one run
+    # the same (new) run resumes from its own checkpoint; it is complete, so it trains no
+    # step past max_steps, and metrics stay one run
     resumed = train(*new, "--resume", "auto", cwd=root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoint-1'}" in resumed.stdout
+    assert f"the run is complete ({out / 'checkpoint-1'} is step 1 of 1)" in resumed.stdout
     assert sorted(metrics(out)) == [1]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
