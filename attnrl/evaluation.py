@@ -94,13 +94,15 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
              engine: str = "vllm", seed: int = 0, greedy: bool = False,
              correct_threshold: float = CORRECT_THRESHOLD, engine_kwargs: dict | None = None,
              keep_texts: bool = False, task_kwargs: dict | None = None,
-             instruction: str | None = None, system_prompt: str | None = None) -> dict:
+             instruction: str | None = None, system_prompt: str | None = None,
+             notice: str | None = None) -> dict:
     """Sample `n` completions per problem from each model, score them, and return
     {settings..., 'ks', 'models': [{'model', 'label', 'pass_at_k' {str(k): value},
     'correct' [problem][sample] 0/1, 'rewards', 'tokens', 'greedy_accuracy', ...}]}.
     Engines run one at a time; each is closed before the next model loads.
     `task_kwargs` go to the task generator; `instruction` (None: the default one) and
-    `system_prompt` format the prompts as a training job does."""
+    `system_prompt` format the prompts as a training job does. `notice` is printed to
+    stderr once the inputs are checked, before the first engine starts."""
     from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer, resolve_model
     from attnrl.rollout import ENGINES, SamplingConfig, encode_prompts, make_engine
@@ -113,6 +115,10 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     for model in models:  # fail on a bad path before any engine starts
         resolve_model(model)
     base_records = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
+    if notice:
+        import sys
+
+        print(notice, file=sys.stderr, flush=True)
     ks = list(range(1, n + 1))
     result = {"task": task, "num_problems": len(base_records), "n": n,
               "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
@@ -314,8 +320,6 @@ def request_note(models: int, num_problems: int, n: int, max_tokens: int, greedy
 
 
 def run(args) -> int:
-    import sys
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
@@ -323,15 +327,13 @@ def run(args) -> int:
     settings = task_settings(args.config, args.task, args.task_kwargs, args.seed)
     note = request_note(len(args.model), args.num_problems, args.n, args.max_tokens,
                         args.greedy, args.engine)
-    if note:
-        print(note, file=sys.stderr, flush=True)
     result = evaluate(args.model, settings["task"], num_problems=args.num_problems, n=args.n,
                       temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, engine=args.engine, seed=settings["seed"],
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
                       keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype),
                       task_kwargs=settings["task_kwargs"], instruction=settings["instruction"],
-                      system_prompt=settings["system_prompt"])
+                      system_prompt=settings["system_prompt"], notice=note)
     result["task_kwargs"] = settings["task_kwargs"]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as handle:
