@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from attnrl import quiet
 from attnrl.errors import UserError
 
 SUBCOMMANDS = {
@@ -34,13 +35,19 @@ def main(argv=None) -> int:
     if name not in SUBCOMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
     module_name, help_text = SUBCOMMANDS[name]
+    verbose = "--verbose" in argv[1:]
+    quiet.configure(verbose)  # before any library that warns is imported
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"attnrl {name}", description=help_text)
     module.add_arguments(sub_parser)
+    if not any(a.dest == "verbose" for a in sub_parser._actions):
+        sub_parser.add_argument("--verbose", action="store_true",
+                                help="show every library warning and log line")
     if hasattr(module, "parse_known"):  # subcommands taking free-form --key value overrides
         args = module.parse_known(sub_parser, argv[1:])
     else:
         args = sub_parser.parse_args(argv[1:])
+    args.argv = argv
     try:
         return int(module.run(args) or 0)
     except UserError as err:

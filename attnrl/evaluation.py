@@ -20,6 +20,12 @@ from pathlib import Path
 from attnrl.errors import UserError
 
 CORRECT_THRESHOLD = 1.0
+HELDOUT_SEED_OFFSET = 10_000  # --config: problems drawn with task_seed + this (held out)
+LARGE_REQUEST_TOKENS = 100_000
+CPU_TOKENS_PER_S = {"vllm": 350.0, "hf": 60.0}
+"""SmolLM2-135M on 2 CPU cores (benchmarks/results/rollout.json): the rate behind the
+estimate printed for large requests."""
+TASK_KEYS = ("task", "task_kwargs", "instruction", "system_prompt", "task_seed")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -88,13 +94,15 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
              engine: str = "vllm", seed: int = 0, greedy: bool = False,
              correct_threshold: float = CORRECT_THRESHOLD, engine_kwargs: dict | None = None,
              keep_texts: bool = False, task_kwargs: dict | None = None,
-             instruction: str | None = None, system_prompt: str | None = None) -> dict:
+             instruction: str | None = None, system_prompt: str | None = None,
+             notice: str | None = None) -> dict:
     """Sample `n` completions per problem from each model, score them, and return
     {settings..., 'ks', 'models': [{'model', 'label', 'pass_at_k' {str(k): value},
     'correct' [problem][sample] 0/1, 'rewards', 'tokens', 'greedy_accuracy', ...}]}.
     Engines run one at a time; each is closed before the next model loads.
     `task_kwargs` go to the task generator; `instruction` (None: the default one) and
-    `system_prompt` format the prompts as a training job does."""
+    `system_prompt` format the prompts as a training job does. `notice` is printed to
+    stderr once the inputs are checked, before the first engine starts."""
     from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer, resolve_model
     from attnrl.rollout import ENGINES, SamplingConfig, encode_prompts, make_engine
@@ -107,6 +115,10 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     for model in models:  # fail on a bad path before any engine starts
         resolve_model(model)
     base_records = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
+    if notice:
+        import sys
+
+        print(notice, file=sys.stderr, flush=True)
     ks = list(range(1, n + 1))
     result = {"task": task, "num_problems": len(base_records), "n": n,
               "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
@@ -170,7 +182,9 @@ def format_table(result: dict) -> str:
                                 else 100 * m["greedy_accuracy"] for m in result["models"]]))
     width = max(10, *(len(label) for label in labels))
     head = f"{'metric':<10}" + "".join(f"  {label:>{width}}" for label in labels)
-    title = (f"# {result['task']}: {result['num_problems']} problems x {result['n']} samples, "
+    kwargs = result.get("task_kwargs")
+    task = result["task"] + (" " + json.dumps(kwargs) if kwargs else "")
+    title = (f"# {task}: {result['num_problems']} problems x {result['n']} samples, "
              f"T={result['temperature']}, top-p={result['top_p']}, "
              f"max {result['max_tokens']} tokens, reward {result['reward']} (%)")
     lines = [title, head, "-" * len(head)]
@@ -216,8 +230,15 @@ def plot_pass_at_k(result: dict, path) -> Path:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", required=True,
                         help="checkpoint: local HF directory or 'smollm2'; repeat to compare")
-    parser.add_argument("--task", default="chain_sum",
-                        help="reasoning-gym task name or a GSM8K-style .jsonl file")
+    parser.add_argument("--config", default=None,
+                        help="a training config (e.g. OUTPUT_DIR/config.yaml): evaluate its "
+                        "task with its task_kwargs, instruction and system prompt, on held-out "
+                        f"problems (seed task_seed + {HELDOUT_SEED_OFFSET})")
+    parser.add_argument("--task", default=None,
+                        help="reasoning-gym task name or a GSM8K-style .jsonl file (default: "
+                        "the config's, else chain_sum)")
+    parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
+                        help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
     parser.add_argument("--num-problems", type=int, default=32)
     parser.add_argument("-n", type=int, default=8, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -226,9 +247,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="model dtype in the engine (default: the engine's, float32)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="call seed: the task's prompts and, per sample, its own sampling "
-                             "seed (a hash of seed, prompt index, sample index)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"call seed: the task's prompts and, per sample, its own sampling "
+                        f"seed (a hash of seed, prompt index, sample index); default 0, with "
+                        f"--config the run's task_seed + {HELDOUT_SEED_OFFSET}")
     parser.add_argument("--greedy", action="store_true",
                         help="also report greedy (temperature 0) accuracy")
     parser.add_argument("--correct-threshold", type=float, default=CORRECT_THRESHOLD,
@@ -243,15 +265,77 @@ def _dtype_kwargs(name: str | None) -> dict:
     return {} if name is None else {"dtype": getattr(torch, name)}
 
 
+def task_settings(config_path: str | None, task: str | None, task_kwargs: str | None,
+                  seed: int | None) -> dict:
+    """The task to evaluate: a training config's task keys (its problems held out by
+    seed task_seed + HELDOUT_SEED_OFFSET), overridden by --task / --task_kwargs / --seed."""
+    import yaml
+
+    settings = {"task": "chain_sum", "task_kwargs": None, "instruction": None,
+                "system_prompt": None, "seed": 0}
+    if config_path:
+        path = Path(config_path)
+        if path.is_dir():
+            path = path / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"--config {config_path!r} not found; give a training config YAML "
+                            "or an output_dir holding config.yaml")
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") \
+                from None
+        if not isinstance(config, dict):
+            raise UserError(f"--config {path}: a config must be a mapping of keys to values")
+        settings.update({k: config[k] for k in TASK_KEYS if config.get(k) is not None})
+        settings["seed"] = int(settings.pop("task_seed", 0)) + HELDOUT_SEED_OFFSET
+    if task is not None:
+        settings["task"] = task
+    if task_kwargs is not None:
+        try:
+            parsed = yaml.safe_load(task_kwargs)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise UserError(f"--task_kwargs {task_kwargs!r} is not a YAML mapping; write e.g. "
+                            "'{min_terms: 2, max_terms: 2}'")
+        settings["task_kwargs"] = parsed
+    if seed is not None:
+        settings["seed"] = seed
+    settings.pop("task_seed", None)
+    return settings
+
+
+def request_note(models: int, num_problems: int, n: int, max_tokens: int, greedy: bool,
+                 engine: str) -> str | None:
+    """A one-line estimate when the request may generate more than LARGE_REQUEST_TOKENS."""
+    tokens = models * num_problems * (n + int(greedy)) * max_tokens
+    if tokens <= LARGE_REQUEST_TOKENS:
+        return None
+    minutes = tokens / CPU_TOKENS_PER_S.get(engine, CPU_TOKENS_PER_S["vllm"]) / 60
+    return (f"attnrl eval: note: up to {tokens:,} generated tokens ({models} model(s) x "
+            f"{num_problems} problems x {n + int(greedy)} samples x {max_tokens} tokens); at "
+            f"~{CPU_TOKENS_PER_S.get(engine, 350):.0f} tok/s (SmolLM2-135M, {engine}, 2 CPU "
+            f"cores) up to ~{minutes:.0f} min; lower -n, --num-problems or --max-tokens for a "
+            "quick look")
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
-    result = evaluate(args.model, args.task, num_problems=args.num_problems, n=args.n,
+    _check_settings(args.num_problems, args.n, args.temperature, args.top_p, args.max_tokens)
+    settings = task_settings(args.config, args.task, args.task_kwargs, args.seed)
+    note = request_note(len(args.model), args.num_problems, args.n, args.max_tokens,
+                        args.greedy, args.engine)
+    result = evaluate(args.model, settings["task"], num_problems=args.num_problems, n=args.n,
                       temperature=args.temperature, top_p=args.top_p,
-                      max_tokens=args.max_tokens, engine=args.engine, seed=args.seed,
+                      max_tokens=args.max_tokens, engine=args.engine, seed=settings["seed"],
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
-                      keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype))
+                      keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype),
+                      task_kwargs=settings["task_kwargs"], instruction=settings["instruction"],
+                      system_prompt=settings["system_prompt"], notice=note)
+    result["task_kwargs"] = settings["task_kwargs"]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as handle:
         for m in result["models"]:

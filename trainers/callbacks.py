@@ -1,10 +1,12 @@
-"""Trainer callbacks: a local JSONL of every logged metric, a one-line print per step,
-and the reward-curve PNG at the end."""
+"""Trainer callbacks: a local JSONL of every logged metric, a one-line print per step, the
+resolved config in every checkpoint and in W&B, the model card, and the reward-curve PNG
+at the end."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -33,6 +35,62 @@ class JsonlMetricsCallback(TrainerCallback):
         row = {"step": state.global_step, **{k: _clean(v) for k, v in logs.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+
+
+class RecordConfigCallback(TrainerCallback):
+    """The resolved config: sent to W&B as the run's config when training begins (so W&B
+    holds the job keys too, not only the trainer's fields) and copied into every checkpoint
+    (OUTPUT_DIR/checkpoint-N/config.yaml), so a checkpoint always says what made it."""
+
+    def __init__(self, resolved: dict):
+        self.resolved = resolved
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or "wandb" not in (args.report_to or []):
+            return
+        import wandb
+
+        if wandb.run is not None:
+            from trainers.run_dir import versions
+
+            wandb.run.config.update({**{k: v for k, v in self.resolved.items()
+                                        if k != "recorded"}, "versions": versions()},
+                                    allow_val_change=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from trainers.run_dir import CONFIG_NAME
+
+        source = Path(args.output_dir) / CONFIG_NAME
+        target = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if source.is_file() and target.is_dir():
+            shutil.copyfile(source, target / CONFIG_NAME)
+
+
+def model_card(resolved: dict, command: str | None = None) -> str:
+    """README.md of a trained model: base model, task, trainer, credit strategy, the
+    command, and how to rerun it."""
+    task = resolved["task"] + (f" {json.dumps(resolved['task_kwargs'])}"
+                               if resolved.get("task_kwargs") else "")
+    rows = [("base model", resolved["model"]), ("task", task),
+            ("training prompts", f"{resolved['task_size']} (task seed {resolved['task_seed']})"),
+            ("trainer", (f"{resolved['trainer']} ({resolved['advantage_estimator']} "
+                         f"advantages, loss {resolved['loss_type']})")),
+            ("credit strategy", resolved["credit"]),
+            ("rewards", json.dumps(resolved["rewards"])),
+            ("LoRA", json.dumps(resolved["lora"]) if resolved["lora"] else "no (full weights)"),
+            ("steps", (f"{resolved['max_steps']} x {resolved['per_device_train_batch_size']} "
+                       f"completions ({resolved['num_generations']} per prompt), lr "
+                       f"{resolved['learning_rate']:g}, seed {resolved['seed']}")),
+            ("command", f"`{command}`" if command else "(run from Python)")]
+    title = f"# {Path(str(resolved['output_dir'])).name}: {resolved['model']} trained with attnrl"
+    lines = [title, "", "| | |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines += ["", ("The full resolved config (every key, package versions) is `config.yaml` "
+                   "in the run's output directory; rerun with `attnrl train --config "
+                   "config.yaml --output_dir NEW_DIR`."), ""]
+    return "\n".join(lines)
 
 
 class StepPrinterCallback(TrainerCallback):

@@ -2,26 +2,44 @@
 
     attnrl train                                   # the embedded default job
     attnrl train --config configs/x.yaml --max_steps 20 --credit global_anchor
+    attnrl train --config OUT/config.yaml --output_dir NEW   # rerun a recorded run
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shlex
+import sys
 from pathlib import Path
 
 from trainers.job import build_dataset, build_rewards, load_config, parse_overrides
 
 
 def add_arguments(parser) -> None:
+    parser.allow_abbrev = False  # every other --key is a config override, never a prefix
     parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
-    parser.epilog = "Any other --key value pair overrides that key of the config."
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in output_dir (checkpoints, metrics, "
+                        "final/) and start over")
+    parser.add_argument("--allow_config_change", "--allow-config-change", default=None,
+                        metavar="KEY,...", help="keys that may differ from the recorded run "
+                        "when it resumes (e.g. max_steps)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library warning and log line")
+    parser.epilog = "Any other --key value pair overrides that key of the config " \
+        "(keys: trainers/schema.py)."
 
 
 def run(args) -> int:
+    from trainers.schema import parse_allow_list
+
     overrides = parse_overrides(args.overrides)
     config = load_config(args.config, overrides)
-    run_job(config)
+    allow = parse_allow_list(args.allow_config_change)
+    command = "attnrl " + shlex.join(getattr(args, "argv", None) or ["train", *sys.argv[1:]])
+    run_job(config, overwrite=args.overwrite, allow_config_change=allow,
+            verbose=args.verbose, command=command)
     return 0
 
 
@@ -31,52 +49,73 @@ def parse_known(parser, argv):
     return args
 
 
-def run_job(config: dict, callbacks=None):
-    """Build everything from a validated flat config and train (extra TrainerCallbacks may
-    be given). Returns the trainer."""
-    import dataclasses
+def run_job(config: dict, callbacks=None, overwrite: bool = False,
+            allow_config_change=(), verbose: bool = False, command: str | None = None):
+    """Build everything from a checked flat config and train (extra TrainerCallbacks may be
+    given). output_dir is prepared first (trainers/run_dir.py: resume only the same run,
+    --overwrite) and the resolved config recorded there, before anything heavy loads.
+    Returns the trainer."""
+    from attnrl import quiet
+    from trainers import run_dir
+    from trainers.schema import ATTNRL_DEFAULT_TRL, JOB_KEY_NAMES, check_paths, resolve
+
+    resolved = resolve(config)
+    check_paths(resolved)
+    resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
+    quiet.configure(verbose)
+    if run_dir._rank0():
+        print(quiet.versions_line(run_dir.versions()), flush=True)
 
     import numpy as np
     import torch
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from attnrl.models import load_model, load_tokenizer, resolve_model
     from trainers.callbacks import (
         JsonlMetricsCallback,
+        RecordConfigCallback,
         RewardProgressCallback,
         StepPrinterCallback,
+        model_card,
         plot_reward_curve,
     )
-    from trainers.job import JOB_FIELDS, trainer_config_class
+    from trainers.job import trainer_config_class
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    trainer_name = config.get("trainer", "grpo")
+    trainer_name = resolved["trainer"]
     config_cls = trainer_config_class(trainer_name)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    trainer_kwargs = {k: v for k, v in config.items() if k in fields and k not in JOB_FIELDS}
-    trainer_kwargs.setdefault("output_dir", "outputs/default")
-    trainer_kwargs.setdefault("logging_steps", 1)
-    if config.get("wandb_project"):
-        os.environ.setdefault("WANDB_PROJECT", str(config["wandb_project"]))
+    trainer_kwargs = {k: v for k, v in config.items() if k not in JOB_KEY_NAMES}
+    for name in ATTNRL_DEFAULT_TRL:
+        trainer_kwargs.setdefault(name, resolved[name])
+    if not quiet.is_terminal() and not verbose:
+        trainer_kwargs.setdefault("disable_tqdm", True)  # a log file: one line per step
+    if resolved["wandb_project"]:
+        os.environ.setdefault("WANDB_PROJECT", str(resolved["wandb_project"]))
     args = config_cls(**trainer_kwargs)
     seed = args.seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if not quiet.is_terminal() and not verbose:
+        from transformers.utils import logging as hf_logging
 
-    path = resolve_model(config.get("model", "smollm2"))
+        hf_logging.disable_progress_bar()
+    if run_dir._rank0():
+        run_dir.write_config(resolved, args.output_dir, command)
+
+    path = resolve_model(resolved["model"])
     tokenizer = load_tokenizer(path)
-    dataset = build_dataset(config, tokenizer)
-    reward_funcs, weights = build_rewards(config)
+    dataset = build_dataset(resolved, tokenizer)
+    reward_funcs, weights = build_rewards(resolved)
     args.reward_weights = weights
-    dtype = torch.bfloat16 if config.get("dtype") == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if resolved["dtype"] == "bfloat16" else torch.float32
     model = load_model(path, dtype=dtype)
     model.train()
     peft_config = None
-    if config.get("lora"):
+    if resolved["lora"]:
         from peft import LoraConfig
 
-        lora = dict(config["lora"])
+        lora = dict(resolved["lora"])
         lora.setdefault("task_type", "CAUSAL_LM")
         lora.setdefault("target_modules", "all-linear")
         peft_config = LoraConfig(**lora)
@@ -85,39 +124,37 @@ def run_job(config: dict, callbacks=None):
         from trainers.nsr import NSRTrainer as Trainer
     else:
         from trainers.grpo import AttnGRPOTrainer as Trainer
-    callbacks = [StepPrinterCallback(), *(callbacks or [])]
+    callbacks = [StepPrinterCallback(), RecordConfigCallback(resolved), *(callbacks or [])]
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))
     trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                       processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+    trainer.run_card = model_card(resolved, command)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgressCallback())
-    resume = _resume_point(config.get("resume", "auto"), args.output_dir)
-    if resume:
-        print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.pop_callback(PrinterCallback)  # logs dicts: StepPrinterCallback prints a line
+    done = run_dir.checkpoint_step(resume) if resume else None
+    if done is not None and 0 < args.max_steps <= done:
+        # transformers would train one more step past max_steps when resuming at it
+        print(f"the run is complete ({resume} is step {done} of {args.max_steps}); saving "
+              f"final/ from it. To train further: --max_steps N --allow_config_change "
+              "max_steps", flush=True)
+        trainer._load_from_checkpoint(resume)
+    else:
+        if resume:
+            print(f"resuming from {resume}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
     final = Path(args.output_dir) / "final"
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
+        (final / "README.md").write_text(trainer.run_card)
         if args.metrics_jsonl and (Path(args.output_dir) / args.metrics_jsonl).exists():
             png = plot_reward_curve(Path(args.output_dir) / args.metrics_jsonl,
                                     Path(args.output_dir) / "reward_curve.png",
-                                    title=f"{config.get('task')} / {args.credit} credit")
+                                    title=f"{resolved['task']} / {args.credit} credit")
             print(f"saved model to {final}, metrics to "
                   f"{Path(args.output_dir) / args.metrics_jsonl}, curve to {png}", flush=True)
     if getattr(trainer, "engine", None) is not None:
         trainer.engine.close()
     return trainer
-
-
-def _resume_point(resume, output_dir):
-    if resume in (None, False, "never", "no"):
-        return None
-    if resume not in ("auto", True):
-        return str(resume)
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if Path(output_dir).is_dir():
-        return get_last_checkpoint(output_dir)
-    return None

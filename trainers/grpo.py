@@ -394,6 +394,18 @@ class AttnGRPOTrainer(GRPOTrainer):
         """The frozen split for the capture: None until calibrated (or when not frozen)."""
         return None if self.head_split is None else self.head_split.split
 
+    run_card: str | None = None
+    """README.md written where TRL writes its model card (set by `attnrl train`)."""
+
+    def create_model_card(self, *args, **kwargs):
+        if self.run_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "README.md"), "w") as handle:
+                handle.write(self.run_card)
+        return None
+
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # before the checkpoint: a crash keeps the state files
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR

@@ -1,14 +1,15 @@
-"""A training job from a YAML config: validate, build data/rewards/model/trainer, run.
+"""A training job from a YAML config: parse, check against the schema, build
+data/rewards/model/trainer, run.
 
-A config is one flat mapping. Job keys (JOB_FIELDS) say what to train on; every other key
-is a field of the trainer's config class (AttnGRPOConfig / NSRConfig, i.e. TRL's
-GRPOConfig plus attnrl's fields). Unknown keys, strategies, estimators and layer indices
-are errors raised before any model is loaded.
+A config is one flat mapping. Job keys say what to train on; every other key is a field of
+the trainer's config class (AttnGRPOConfig / NSRConfig, i.e. TRL's GRPOConfig plus attnrl's
+fields). Every key, its type, range and default is declared in trainers/schema.py; this
+module parses YAML and command-line overrides and checks them there, importing nothing
+heavy (no torch, TRL or vLLM), so a bad value fails in well under a second.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,29 +17,18 @@ from pathlib import Path
 import yaml
 
 from attnrl.errors import UserError, nearest
+from trainers.schema import JOB_KEYS, check_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+COMMAND_LINE = "command line"
 
-JOB_FIELDS = {
-    "model": "local HF model directory or 'smollm2' (the packaged SmolLM2-135M-Instruct)",
-    "task": "reasoning-gym task name or a GSM8K-style .jsonl file",
-    "task_size": "number of training prompts",
-    "task_seed": "seed of the task generator",
-    "task_kwargs": "extra arguments of the reasoning-gym task (e.g. min_terms)",
-    "instruction": "text appended to each question ('' = none; absent: the default '####' one)",
-    "system_prompt": "optional system message",
-    "rewards": "{reward name: weight}, names from rewards.REWARDS",
-    "reward_options": "{reward name: {option: value}}",
-    "trainer": "grpo | nsr",
-    "lora": "null, or {r, lora_alpha, lora_dropout, target_modules} for PEFT LoRA",
-    "dtype": "float32 | bfloat16 (policy weights)",
-    "resume": "auto (resume from the last checkpoint in output_dir if any) | never | a path",
-    "wandb_project": "W&B project name (offline unless WANDB_MODE says otherwise)",
-}
+JOB_FIELDS = {k.name: k.doc for k in JOB_KEYS}
+"""Job keys and what they mean (the declarations are in trainers/schema.py)."""
 
 
 def trainer_config_class(trainer: str):
+    """AttnGRPOConfig or NSRConfig (imports TRL)."""
     if trainer == "grpo":
         from trainers.grpo import AttnGRPOConfig
 
@@ -51,28 +41,54 @@ def trainer_config_class(trainer: str):
                     "choose grpo or nsr")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """['--key', 'value', '--flag', ...] -> {key: parsed value} (YAML scalars)."""
-    overrides, i = {}, 0
+class Overrides(dict):
+    """Parsed command-line overrides; `bare` holds the keys given without a value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bare: set[str] = set()
+
+
+def parse_overrides(items: list[str]) -> Overrides:
+    """['--key', 'value', '--key=value', '--flag', ...] -> {key: value read as YAML}."""
+    overrides, i = Overrides(), 0
     while i < len(items):
         item = items[i]
-        if not item.startswith("--"):
-            raise UserError(f"unexpected argument {item!r}: overrides are --key value pairs")
-        key = item[2:].replace("-", "_")
+        if not item.startswith("--") or len(item) == 2:
+            raise UserError(f"{COMMAND_LINE}: unexpected argument {item!r}: overrides are "
+                            "--key value pairs")
+        key = item[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
-        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+        elif i + 1 < len(items) and not _is_option(items[i + 1]):
             raw, i = items[i + 1], i + 2
         else:
             raw, i = "true", i + 1
-        overrides[key] = _scalar(raw)
+            overrides.bare.add(key.replace("-", "_"))
+        key = key.replace("-", "_")
+        overrides[key] = _scalar(raw, key)
     return overrides
 
 
-def _scalar(raw: str):
+def _is_option(text: str) -> bool:
+    """'--key' starts an option; '-1' or '-1e-5' is a (negative) value."""
+    if not text.startswith("-"):
+        return False
+    try:
+        float(text)
+        return False
+    except ValueError:
+        return text.startswith("--")
+
+
+def _scalar(raw: str, key: str = "value"):
     """A command-line value read as YAML ('1e-5' -> 1e-05, '[1, 2]' -> [1, 2])."""
-    return _number_or_text(yaml.safe_load(raw))
+    try:
+        return _number_or_text(yaml.safe_load(raw))
+    except yaml.YAMLError as err:
+        raise UserError(f"{COMMAND_LINE}: --{key} {raw!r} is not valid YAML "
+                        f"({_yaml_problem(err)})") from None
 
 
 def _number_or_text(value):
@@ -85,19 +101,39 @@ def _number_or_text(value):
     return value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> dict:
-    """The merged flat config (file, then overrides), validated."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return " ".join(f"{where}{problem}".split())
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file's mapping, or UserError (missing file, YAML syntax, not a mapping)."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found; give --config PATH.yaml "
                         f"(examples in {CONFIG_DIR})")
-    with open(path) as handle:
-        config = yaml.safe_load(handle) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: YAML syntax error at {_yaml_problem(err)}") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values")
-    config = {k: _number_or_text(v) for k, v in config.items()}
-    config.update(overrides or {})
-    validate_config(config, source=str(path))
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None,
+                override_source: str = COMMAND_LINE) -> dict:
+    """The merged flat config (file, then overrides), checked against the schema; only the
+    keys given (trainers.schema.resolve fills in the defaults)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    config = read_yaml(path)
+    overrides = overrides or {}
+    sources = {key: str(path) for key in config}
+    sources.update({key: override_source for key in overrides})
+    config = check_config({**config, **overrides}, sources,
+                          bare=getattr(overrides, "bare", set()))
     if config.get("deepspeed"):
         config["deepspeed"] = resolve_deepspeed(config["deepspeed"])
     return config
@@ -118,43 +154,10 @@ def resolve_deepspeed(value):
                     f"a JSON file or one of {', '.join(choices)} (in {CONFIG_DIR / 'deepspeed'})")
 
 
-def validate_config(config: dict, source: str = "config") -> None:
-    """Unknown keys (with the nearest valid one), unknown strategy / estimator / reward,
-    signal layers out of range: all before any model loads."""
-    cls = trainer_config_class(config.get("trainer", "grpo"))
-    fields = {f.name for f in dataclasses.fields(cls)}
-    valid = fields | set(JOB_FIELDS)
-    for key in config:
-        if key not in valid:
-            raise UserError(f"{source}: unknown config key {key!r}{nearest(key, valid)}; job "
-                            f"keys: {', '.join(JOB_FIELDS)}; the rest are {cls.__name__} fields")
-    from attnrl.advantages import ESTIMATORS
-    from attnrl.credit import strategy_parts
-
-    strategy_parts(config.get("credit", "uniform"))  # raises listing the registered ones
-    estimator = config.get("advantage_estimator", "grpo")
-    if estimator not in ESTIMATORS:
-        raise UserError(f"{source}: unknown advantage_estimator {estimator!r}"
-                        f"{nearest(estimator, ESTIMATORS)}; registered: {', '.join(ESTIMATORS)}")
-    from rewards import REWARDS
-
-    for name in (config.get("rewards") or {"answer": 1.0}):
-        if name not in REWARDS:
-            raise UserError(f"{source}: unknown reward {name!r}{nearest(name, REWARDS)}; "
-                            f"registered: {', '.join(REWARDS)}")
-    for key in ("signal_layers", "qk_layers"):
-        layers = config.get(key)
-        if layers is None:
-            continue
-        from attnrl.models import resolve_model
-
-        model_config = json.loads((resolve_model(config.get("model", "smollm2"))
-                                   / "config.json").read_text())
-        count = model_config.get("num_hidden_layers")
-        bad = [i for i in layers if not isinstance(i, int) or not -count <= i < count]
-        if bad:
-            raise UserError(f"{source}: {key} {bad} out of range: the model has {count} "
-                            f"layers (valid 0..{count - 1})")
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Every key known, every value allowed, the rules between keys (batch divisibility,
+    layer ranges, ...): all before any model loads. Returns the checked config."""
+    return check_config(config, source=source)
 
 
 def build_dataset(config: dict, tokenizer):

@@ -132,14 +132,17 @@ def _fsync_dir(path: Path) -> None:
 def merge_checkpoints(rl, sft, target, out, alpha: float = 1.0, exclude=None,
                       force: bool = False, max_shard_bytes: int | str = DEFAULT_MAX_SHARD,
                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool = True,
-                      on_tensor: Callable[[str, int], None] | None = None) -> MergeSummary:
+                      on_tensor: Callable[[str, int], None] | None = None,
+                      allow_partial: bool = False) -> MergeSummary:
     """Write target + alpha * (rl - sft) to `out` (a new directory); see the module doc.
 
     rl, sft: model dirs, safetensors files / indexes, or PEFT LoRA adapter dirs. target: a
     full checkpoint. exclude: regex or list of regexes (re.search on tensor names) whose
     tensors are copied from the target. max_shard_bytes: output shard limit (int or '2GB').
     chunk_elements: elements per block (memory use). on_tensor(name, i): called after each
-    output tensor is written.
+    output tensor is written. allow_partial: merge even when a tensor that RL, SFT and target
+    all hold differs in shape (it is copied from the target); without it that is an error,
+    since the vector would reach only part of the target.
     """
     started = time.perf_counter()
     alpha = float(alpha)
@@ -184,6 +187,14 @@ def merge_checkpoints(rl, sft, target, out, alpha: float = 1.0, exclude=None,
         raise UserError(f"no tensor has the same shape in RL, SFT and target (e.g. "
                         f"{describe(summary.shape_mismatch[0])}); pass checkpoints of the "
                         "same model size")
+    if summary.shape_mismatch and not allow_partial:
+        first = describe(summary.shape_mismatch[0])
+        total = len(summary.shape_mismatch) + len(summary.combined)
+        raise UserError(f"{len(summary.shape_mismatch)} of {total} tensors held by RL, SFT and "
+                        f"target differ in shape (e.g. {first}): the vector would reach only "
+                        "part of the target; pass checkpoints of the same model, or "
+                        "--allow-partial to merge the matching tensors and copy the others "
+                        "from the target")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=_work_prefix(out, "tmp") + f"{os.getpid()}-",
                                  dir=out.parent))
@@ -266,9 +277,9 @@ def _install(work: Path, out: Path, force: bool) -> None:
 # ------------------------------------------------------------------------ CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--rl", required=True, help="RL checkpoint dir / file or LoRA adapter")
-    parser.add_argument("--sft", required=True, help="SFT checkpoint dir / file or LoRA adapter")
-    parser.add_argument("--target", required=True, help="full checkpoint to add the vector to")
+    parser.add_argument("--rl", required=True, help="RL checkpoint dir / file or LoRA adapter (or smollm2)")
+    parser.add_argument("--sft", required=True, help="SFT checkpoint dir / file or LoRA adapter (or smollm2)")
+    parser.add_argument("--target", required=True, help="full checkpoint to add the vector to (or smollm2)")
     parser.add_argument("--out", required=True, help="new output directory")
     parser.add_argument("--alpha", type=float, default=1.0,
                         help="vector scale (default 1; negative removes the capability)")
@@ -279,11 +290,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
                         help="output shard size limit, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="merge even when some tensors differ in shape between RL, SFT and "
+                        "target (those are copied from the target and listed)")
 
 
 def run(args) -> int:
     summary = merge_checkpoints(args.rl, args.sft, args.target, args.out, alpha=args.alpha,
                                 exclude=args.exclude, force=args.force,
-                                max_shard_bytes=args.max_shard_size, progress=not args.quiet)
+                                max_shard_bytes=args.max_shard_size, progress=not args.quiet,
+                                allow_partial=args.allow_partial)
     print(summary.render())
     return 0

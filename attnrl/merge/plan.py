@@ -16,7 +16,12 @@ SUMMARY_NAME = "merge_summary.json"
 
 
 def open_source(path, role: str) -> Checkpoint | LoraAdapter:
-    """A full checkpoint or a LoRA adapter (dir with adapter_config.json), headers checked."""
+    """A full checkpoint or a LoRA adapter (dir with adapter_config.json), headers checked;
+    'smollm2' names the packaged SmolLM2-135M-Instruct."""
+    from attnrl.models import SMOLLM2_NAMES, resolve_model
+
+    if str(path) in SMOLLM2_NAMES or str(path).lower() in SMOLLM2_NAMES:
+        path = resolve_model(path)  # the packaged SmolLM2-135M-Instruct, converted once
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{role} checkpoint {str(path)!r} does not exist; give a model "

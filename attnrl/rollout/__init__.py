@@ -1,8 +1,27 @@
 """Rollout engines: one interface (`RolloutEngine`); engines: in-process vLLM, a vLLM server,
-transformers."""
+transformers.
+
+The names of attnrl.rollout.base are loaded on first use, so that `attnrl generate` can
+check its arguments without importing torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from attnrl.errors import UserError
-from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+
+if TYPE_CHECKING:
+    from attnrl.rollout.base import RolloutEngine
+
+_BASE_NAMES = ("Completion", "RolloutEngine", "SamplingConfig", "encode_prompts")
+
+
+def __getattr__(name: str):
+    if name in _BASE_NAMES:
+        from attnrl.rollout import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'attnrl.rollout' has no attribute {name!r}")
 
 ENGINES = ("vllm", "vllm_server", "hf")
 

@@ -3,7 +3,9 @@
 import json
 import time
 
-from attnrl.models import DEFAULT_MODEL
+from attnrl.errors import UserError
+
+DEFAULT_MODEL = "smollm2"  # attnrl.models.DEFAULT_MODEL, without importing torch here
 
 
 def add_arguments(parser) -> None:
@@ -23,7 +25,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
 
 
+def check_args(args) -> None:
+    """Counts and sampling settings in range (before anything heavy is imported)."""
+    for flag, value, low in (("--num-prompts", args.num_prompts, 1), ("-n", args.n, 1),
+                             ("--max-tokens", args.max_tokens, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value} is out of range; {flag} takes an integer >= {low}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} is out of range; it takes a number "
+                        ">= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} is out of range; it takes a number in (0, 1]")
+
+
 def run(args) -> int:
+    check_args(args)
     from attnrl.data import apply_chat_template, load_prompts
     from attnrl.models import resolve_model
     from attnrl.rollout import SamplingConfig, make_engine

@@ -9,6 +9,7 @@ by a prefix-cache reset so no stale KV blocks survive the update.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -81,7 +82,9 @@ class VLLMEngine(RolloutEngine):
                       # the request's generator after a partial prefill, which CPU
                       # generators cannot do ("CPU Generator does not use offset").
                       enable_chunked_prefill=False,
-                      max_num_batched_tokens=max(max_model_len, 8192))
+                      max_num_batched_tokens=max(max_model_len, 8192),
+                      # a log file gets no weight-loading progress bar
+                      use_tqdm_on_load=sys.stderr.isatty())
         if gpu_memory_utilization is not None and torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:

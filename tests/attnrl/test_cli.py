@@ -38,3 +38,82 @@ def test_generate_prints_samples_with_hf_engine(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- prompt") == 4
     assert "tok/s" in result.stdout
+
+
+# Every bad input a user may give `attnrl` -> exit 2, one line on stderr naming the key, the
+# value and what is allowed, no traceback, and fast: nothing heavy (torch, TRL, vLLM) is
+# imported before the error.
+BAD_FILES = {
+    "syntax.yaml": "model: smollm2\nlearning_rate: [1e-5, 2\n",
+    "type.yaml": "model: smollm2\nlearning_rate: fast\n",
+    "batch.yaml": "num_generations: 3\nper_device_train_batch_size: 8\n",
+}
+BAD_INPUTS = [
+    # (arguments, text the one line must hold)
+    (["train", "--config", "{syntax.yaml}"], "syntax.yaml: YAML syntax error at line 3"),
+    (["train", "--config", "{type.yaml}"], ("type.yaml: learning_rate = 'fast' is a string, "
+                                           "not a number; learning_rate takes a number >= 0")),
+    (["train", "--config", "{batch.yaml}"], ("num_generations 3 does not divide the "
+                                            "generation batch 8")),
+    (["train", "--num_generations", "3"], "command line: num_generations 3 does not divide"),
+    (["train", "--temperature", "-1"], ("command line: temperature = -1 is out of range; "
+                                       "temperature takes a number > 0")),
+    (["train", "--max_completion_length", "0"], "max_completion_length = 0 is out of range"),
+    (["train", "--task_size", "0"], ("task_size = 0 is out of range; task_size takes an "
+                                    "integer >= 1")),
+    (["train", "--learning_rate", "-1"], "learning_rate = -1 is out of range"),
+    (["train", "--learning_rate", "fast"], "learning_rate = 'fast' is a string, not a number"),
+    (["train", "--gradient_accumulation_steps", "0"], ("gradient_accumulation_steps = 0 is out "
+                                                      "of range")),
+    (["train", "--lora", "{r: -1}"], "lora.r = -1 is out of range; lora.r takes an integer >= 1"),
+    (["train", "--lora", "{rank: 8}"], "unknown lora key 'rank' (did you mean 'r'?)"),
+    (["train", "--lora", "{r: 8"], "command line: --lora '{r: 8' is not valid YAML"),
+    (["train", "--resume", "sometimes"], "resume = 'sometimes' is not an existing directory"),
+    (["train", "--rollout_engine", "vlm"], ("unknown rollout_engine 'vlm' (did you mean 'vllm'?)"
+                                           "; rollout_engine takes one of vllm, vllm_server, hf")),
+    (["train", "--dtype", "bfloat"], "unknown dtype 'bfloat' (did you mean 'bfloat16'?)"),
+    (["train", "--trainer", "nrs"], "unknown trainer 'nrs' (did you mean 'nsr'?)"),
+    (["train", "--loss_type", "dapoo"], "unknown loss_type 'dapoo' (did you mean 'dapo'?)"),
+    (["train", "--lr_scheduler_type", "cosin"], "did you mean 'cosine'?"),
+    (["train", "--max_steps", "-3"], "max_steps = -3 is out of range; max_steps takes -1"),
+    (["train", "--max_steps"], "--max_steps given without a value"),
+    (["train", "--signal_layers", "middle"], ("signal_layers = 'middle' is a string, not a list "
+                                             "of integers")),
+    (["train", "--signal_layers", "[1, 99]"], ("signal_layers [99] out of range: the model has "
+                                              "30 layers")),
+    (["train", "--learning_rat", "1e-5"], ("unknown config key 'learning_rat' (did you mean "
+                                          "'learning_rate'?)")),
+    (["train", "--credit", "coupeld"], ("unknown credit strategy 'coupeld' (did you mean "
+                                       "'coupled'?)")),
+    (["train", "--advantage_estimator", "grpoo"], "unknown advantage_estimator 'grpoo'"),
+    (["train", "--rewards", "{maths: 1}"], "unknown reward 'maths' (did you mean 'math'?)"),
+    (["train", "--config", "no/such.yaml"], "config file 'no/such.yaml' not found"),
+    (["train", "--allow_config_change", "credit"], "credit cannot change when a run resumes"),
+    (["generate", "-n", "0"], "-n 0 is out of range; -n takes an integer >= 1"),
+    (["generate", "--top-p", "0"], "--top-p 0.0 is out of range"),
+    (["eval", "--model", "smollm2", "-n", "0"], "-n and --max-tokens must be >= 1"),
+    (["eval", "--model", "smollm2", "--task_kwargs", "min_terms"],
+     "--task_kwargs 'min_terms' is not a YAML mapping"),
+    (["eval", "--model", "smollm2", "--config", "no/such.yaml"], ("--config 'no/such.yaml' "
+                                                                 "not found")),
+]
+SECONDS_TO_ERROR = 3.0
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_within_3_s(tmp_path, args, message):
+    import time
+
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a[1:-1]) if a[1:-1] in BAD_FILES else a for a in args]
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "attnrl.cli", *args], check=False,
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"attnrl {args[0]}: error: ") and message in lines[0], lines[0]
+    assert seconds < SECONDS_TO_ERROR, f"{seconds:.2f} s to the error"

@@ -4,6 +4,7 @@ import itertools
 import json
 from fractions import Fraction
 from math import comb
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -149,3 +150,47 @@ def test_missing_model_path_exits_2(tmp_path, capsys):
                str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "not found" in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
+    """`attnrl eval --config RUN/config.yaml` evaluates the trained task (its task_kwargs,
+    instruction, system prompt) on problems held out by seed; flags override."""
+    from attnrl.evaluation import HELDOUT_SEED_OFFSET, task_settings
+
+    repo = Path(__file__).resolve().parents[2]
+    default = task_settings(str(repo / "configs" / "default.yaml"), None, None, None)
+    assert default == {"task": "chain_sum", "instruction": "", "system_prompt": None,
+                       "task_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                       "max_digits": 1}, "seed": HELDOUT_SEED_OFFSET}
+    (tmp_path / "config.yaml").write_text("task: gsm8k:test\ntask_seed: 3\n")
+    assert task_settings(str(tmp_path), None, None, None)["seed"] == 3 + HELDOUT_SEED_OFFSET
+    mixed = task_settings(str(tmp_path), "chain_sum", "{min_terms: 3}", 7)
+    assert mixed["task"] == "chain_sum" and mixed["task_kwargs"] == {"min_terms": 3}
+    assert mixed["seed"] == 7
+    plain = task_settings(None, None, None, None)
+    assert plain["task"] == "chain_sum" and plain["seed"] == 0 and plain["task_kwargs"] is None
+
+
+def test_large_eval_request_gets_an_estimate():
+    from attnrl.evaluation import request_note
+
+    # the README's eval before: 2 models x 32 problems x 16 samples x 512 tokens
+    note = request_note(2, 32, 16, 512, greedy=False, engine="vllm")
+    assert "524,288 generated tokens" in note and "min" in note and "\n" not in note
+    assert request_note(2, 32, 4, 96, greedy=False, engine="vllm") is None  # README's now
+
+
+def test_eval_with_a_run_config_generates_the_trained_task(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(
+        "task: chain_sum\ntask_seed: 0\ntask_kwargs: {min_terms: 3, max_terms: 3, "
+        "min_digits: 1, max_digits: 1}\ninstruction: ''\n")
+    rc = main(["eval", "--config", str(tmp_path / "config.yaml"), "--model",
+               str(tiny_model_dir), "--engine", "hf", "--num-problems", "3", "-n", "2",
+               "--max-tokens", "4", "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "o" / "passk.json").read_text())
+    assert result["task_kwargs"]["min_terms"] == 3 and result["seed"] == 10_000
+    samples = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").open()]
+    # three terms: two operators in every question
+    assert all(sum(s["question"].count(op) for op in "+-") >= 2 for s in samples)
+    assert '{"min_terms": 3' in capsys.readouterr().out

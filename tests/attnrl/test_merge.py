@@ -155,7 +155,12 @@ def test_mismatched_missing_excluded_and_non_float_tensors_are_copied_and_listed
     del sft["layers.1.conv"]
     dirs = [write_checkpoint(tmp_path / n, t) for n, t in zip(("rl", "sft", "t"), (rl, sft, target))]
     out = tmp_path / "out"
-    summary = merge_checkpoints(*dirs, out, exclude=[r"norm\.", r"^scale$"], progress=False)
+    with pytest.raises(UserError, match=r"1 of 3 tensors .* differ in shape .*embed\.weight"
+                                         r".*--allow-partial"):
+        merge_checkpoints(*dirs, out, exclude=[r"norm\.", r"^scale$"], progress=False)
+    assert not out.exists()
+    summary = merge_checkpoints(*dirs, out, exclude=[r"norm\.", r"^scale$"], progress=False,
+                                allow_partial=True)
     copied = {"embed.weight", "layers.1.conv", "layers.0.norm.weight", "scale", "ids",
               "only_target"}
     want = reference({k: v for k, v in target.items() if k not in copied}, rl, sft, 1.0)
@@ -445,6 +450,25 @@ def test_existing_out_needs_force_and_cli_exits_2(tmp_path, toy, capsys):
     assert not work_dirs(out)
     assert cli_main(args + ["--force", "--max-shard-size", "lots"]) == 2
     assert "not a positive size" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_partial_merge_unless_allowed(tmp_path, capsys):
+    """A vector that reaches only part of the target (most tensors differ in shape) is an
+    error, exit 2 and one line, unless --allow-partial."""
+    target = random_tensors(3)
+    rl, sft = random_tensors(1), random_tensors(2)
+    for name in ("embed.weight", "layers.0.proj.weight", "layers.1.proj.weight"):
+        rl[name] = torch.randn(*(d + 1 for d in rl[name].shape))
+        sft[name] = torch.randn(*rl[name].shape)
+    dirs = [write_checkpoint(tmp_path / n, t) for n, t in zip(("rl", "sft", "t"), (rl, sft, target))]
+    args = ["merge", "--rl", str(dirs[0]), "--sft", str(dirs[1]), "--target", str(dirs[2]),
+            "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 of 6 tensors" in err[0] and "--allow-partial" in err[0]
+    assert not (tmp_path / "out").exists()
+    assert cli_main(args + ["--allow-partial"]) == 0
+    assert "shape mismatch" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------ crash safety

@@ -1,0 +1,61 @@
+"""Quiet by default: the known harmless warnings of the libraries attnrl runs on are filtered
+where they are raised (by message, so anything new still shows); `--verbose` keeps them.
+
+Filtered, each of which says nothing a user can act on:
+- TRL: "TRL currently supports vLLM versions from 0.22.0 to 0.31.0" (once per TRL module
+  that checks; attnrl drives vLLM itself, not through TRL's vLLM client).
+- vLLM: "`torch.distributed.reduce_op` is deprecated" (FutureWarning at its import).
+- DeepSpeed: "Setting accelerator to CPU" (DeepSpeed's accelerator probe on CPU machines).
+- torch: "Triton not available" (CPU builds have no Triton).
+- W&B: the Weave advertisement (WANDB_DISABLE_WEAVE).
+Call `configure()` before importing those libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+_MESSAGES = (
+    (UserWarning, r"TRL currently supports vLLM versions"),
+    (FutureWarning, r"`torch\.distributed\.reduce_op` is deprecated"),
+)
+_LOG_PREFIXES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),
+    "torch._library.triton": ("Triton not available",),
+}
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def configure(verbose: bool = False) -> None:
+    """Install the filters (idempotent); with verbose=True only raise vLLM's log level."""
+    if verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        return
+    for category, message in _MESSAGES:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, prefixes in _LOG_PREFIXES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
+    os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+
+
+def is_terminal() -> bool:
+    """True when progress bars can redraw in place (stderr is a terminal)."""
+    return sys.stderr.isatty()
+
+
+def versions_line(versions: dict[str, str]) -> str:
+    """One start-up line, e.g. 'attnrl 0.1.0 | torch 2.13.0 | trl 1.16.0 | ...'."""
+    return " | ".join(f"{name} {version}" for name, version in versions.items())

@@ -1,0 +1,130 @@
+"""One output_dir holds one run: resume only when the recorded config is the new one, refuse
+with the names of the keys that differ, never resume the checkpoints of an overwritten run
+(trainers/run_dir.py; no training here, see test_run_record.py for real runs)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attnrl.errors import UserError
+from trainers import run_dir
+from trainers.job import load_config
+from trainers.schema import parse_allow_list, resolve
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def config(out, **overrides):
+    return resolve(load_config(TINY, {"output_dir": str(out), "resume": "auto", **overrides}))
+
+
+def fake_run(out, steps=(1, 2), **overrides) -> dict:
+    """An output_dir as `attnrl train` leaves it: config.yaml, metrics.jsonl, checkpoints
+    (each with the config it was made with)."""
+    resolved = config(out, **overrides)
+    run_dir.write_config(resolved, out, command="attnrl train (test)")
+    (Path(out) / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in steps))
+    for step in steps:
+        (Path(out) / f"checkpoint-{step}").mkdir()
+        shutil.copyfile(Path(out) / "config.yaml", Path(out) / f"checkpoint-{step}" / "config.yaml")
+    return resolved
+
+
+def test_same_config_resumes_from_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert run_dir.prepare(config(out)) is None  # nothing there yet
+    fake_run(out)
+    assert run_dir.prepare(config(out)) == str(out / "checkpoint-2")
+    # bookkeeping keys may change freely
+    assert run_dir.prepare(config(out, logging_steps=5, report_to="none", run_name="x")) == \
+        str(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize("change, names", [
+    ({"credit": "global_anchor"}, ["credit: 'coupled' -> 'global_anchor'"]),
+    ({"learning_rate": 0.5}, ["learning_rate: 0.001 -> 0.5"]),
+    ({"credit": "uniform", "learning_rate": 0.5, "task_kwargs": {"min_terms": 3}},
+     ["credit", "learning_rate", "task_kwargs"]),
+])
+def test_changed_run_is_refused_naming_the_keys(tmp_path, change, names):
+    out = tmp_path / "run"
+    fake_run(out)
+    with pytest.raises(UserError) as err:
+        run_dir.prepare(config(out, **change))
+    text = str(err.value)
+    assert all(name in text for name in names), text
+    assert "another output_dir" in text and "--resume never --overwrite" in text
+    assert "\n" not in text
+
+
+def test_max_steps_may_change_only_when_allowed(tmp_path):
+    out = tmp_path / "run"
+    fake_run(out)
+    with pytest.raises(UserError, match=r"max_steps: 2 -> 50.*--allow_config_change max_steps"):
+        run_dir.prepare(config(out, max_steps=50))
+    assert run_dir.prepare(config(out, max_steps=50), allow=parse_allow_list("max_steps")) == \
+        str(out / "checkpoint-2")
+    # allowing one key does not allow another
+    with pytest.raises(UserError, match="credit"):
+        run_dir.prepare(config(out, max_steps=50, credit="uniform"), allow={"max_steps"})
+
+
+def test_allow_list_names_only_keys_that_may_change():
+    assert parse_allow_list("max_steps, rollout_engine") == {"max_steps", "rollout_engine"}
+    with pytest.raises(UserError, match="learning_rate cannot change when a run resumes"):
+        parse_allow_list("max_steps,learning_rate")
+    with pytest.raises(UserError, match="unknown key 'max_step'.*max_steps"):
+        parse_allow_list("max_step")
+
+
+def test_never_refuses_a_run_dir_and_overwrite_removes_only_the_run(tmp_path):
+    out = tmp_path / "run"
+    fake_run(out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds a run .* resume is never; pass --overwrite"):
+        run_dir.prepare(config(out, resume="never", credit="uniform"))
+    assert run_dir.prepare(config(out, resume="never", credit="uniform"), overwrite=True) is None
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # nothing of the old run is left to resume: a later `resume: auto` starts fresh
+    assert run_dir.prepare(config(out, credit="uniform")) is None
+
+
+def test_stale_checkpoint_of_another_run_is_never_resumed(tmp_path):
+    """A checkpoint carries the config it was made with: a directory whose config.yaml was
+    replaced by a new run's (as a rerun with `resume: never` did before) still refuses."""
+    out = tmp_path / "run"
+    fake_run(out, steps=(3,))
+    run_dir.write_config(config(out, credit="uniform"), out)  # the top-level file: new run
+    with pytest.raises(UserError, match=r"credit: 'coupled' -> 'uniform'"):
+        run_dir.prepare(config(out, credit="uniform"))
+
+
+def test_checkpoints_without_a_recorded_config_are_refused(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(UserError, match="without config.yaml.*cannot be checked"):
+        run_dir.prepare(config(out))
+    with pytest.raises(UserError, match="has no config.yaml"):
+        run_dir.prepare(config(out, resume=str(out / "checkpoint-4")))
+
+
+def test_explicit_checkpoint_path_is_checked_too(tmp_path):
+    fake_run(tmp_path / "a")
+    new = config(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert run_dir.prepare(new) == str(tmp_path / "a" / "checkpoint-1")
+    new = config(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"), seed=3)
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoint-1 was made by a different "
+                                        r"config \(seed: 0 -> 3\)"):
+        run_dir.prepare(new)
+
+
+def test_recorded_config_is_a_loadable_config_with_versions_and_command(tmp_path):
+    resolved = fake_run(tmp_path / "run")
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["recorded"]["command"] == "attnrl train (test)"
+    assert {"python", "torch", "transformers", "trl"} <= set(saved["recorded"]["versions"])
+    assert saved["task_kwargs"] == resolved["task_kwargs"] and saved["lora"] is None
+    assert resolve(load_config(path)) | {"recorded": None} == resolved | {"recorded": None}

@@ -1,0 +1,119 @@
+"""Real `attnrl train` runs of a tiny model: the resolved config is recorded (output_dir,
+every checkpoint, W&B, model card) and reproduces the run; a changed config is refused
+before anything heavy loads; an overwritten run leaves nothing to resume."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+KEYS = ("reward", "loss", "grad_norm", "accuracy", "completions/mean_length",
+        "credit/gamma_mean")
+
+
+def train(*args, cwd):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(cwd))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "attnrl.cli", "train", *map(str, args)],
+                            check=False, capture_output=True, text=True, timeout=600,
+                            cwd=cwd, env=env)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def metrics(out) -> dict:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "reward" in r]
+    assert len(steps) == len(set(steps)), f"two runs in one metrics.jsonl: {steps}"
+    return {r["step"]: r for r in rows if "reward" in r}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir):
+    """Two steps with a checkpoint each, W&B offline."""
+    root = tmp_path_factory.mktemp("record")
+    out = root / "a"
+    result = train("--config", TINY, "--model", tiny_model_dir, "--output_dir", out,
+                   "--max_steps", 2, "--save_steps", 1, "--report_to", "wandb", "--resume",
+                   "auto", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, out, result
+
+
+def test_resolved_config_is_recorded_everywhere(first_run, tiny_model_dir):
+    root, out, result = first_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == str(tiny_model_dir) and saved["task"] == "chain_sum"
+    assert saved["task_kwargs"] == {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                    "max_digits": 1}
+    assert saved["rewards"] == {"format": 1.0} and saved["trainer"] == "grpo"
+    assert saved["lora"] is None and saved["task_seed"] == 0 and saved["max_steps"] == 2
+    assert saved["qk_top_k"] == 4 and saved["loss_type"] == "dapo"  # defaults written out
+    assert saved["recorded"]["versions"]["trl"] and "--max_steps 2" in \
+        saved["recorded"]["command"]
+    for step in (1, 2):
+        assert yaml.safe_load((out / f"checkpoint-{step}" / "config.yaml").read_text()) == saved
+    card = (out / "final" / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "chain_sum" in card and "| credit strategy | " \
+        "coupled |" in card and "attnrl train --config" in card
+    assert "[None]" not in (out / "README.md").read_text()  # TRL's card replaced by ours
+    runs = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"task_kwargs" in data and b"min_digits" in data and b"versions" in data
+    # one start-up line with the versions; none of the known harmless warnings
+    assert "transformers " in result.stdout and "| trl " in result.stdout
+    for noise in ("TRL currently supports vLLM", "Setting accelerator to CPU", "Weave",
+                  "URL not available"):
+        assert noise not in result.stderr + result.stdout, noise
+
+
+@pytest.mark.parametrize("change, field", [(("--credit", "global_anchor"), "credit"),
+                                           (("--learning_rate", 0.5), "learning_rate")])
+def test_changed_config_is_refused_fast(first_run, change, field):
+    root, out, _ = first_run
+    result = train("--config", out / "config.yaml", *change, cwd=root)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{field}: " in lines[0] and "different config" in lines[0]
+    assert result.seconds < 3.0, result.seconds
+
+
+def test_recorded_config_reproduces_the_run(first_run):
+    root, out, _ = first_run
+    again = root / "b"
+    result = train("--config", out / "config.yaml", "--output_dir", again, "--report_to",
+                   "none", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(out), metrics(again)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for key in KEYS:
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-6, abs=1e-9), key
+    assert a[1]["grad_norm"] > 0
+
+
+def test_overwritten_run_leaves_nothing_to_resume(first_run):
+    root, out, _ = first_run
+    new = ("--config", out / "config.yaml", "--seed", 1, "--max_steps", 1, "--report_to",
+           "none")
+    refused = train(*new, "--resume", "never", cwd=root)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    result = train(*new, "--resume", "never", "--overwrite", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert yaml.safe_load((out / "checkpoint-1" / "config.yaml").read_text())["seed"] == 1
+    assert sorted(metrics(out)) == [1]
+    # the same (new) run resumes from its own checkpoint; it is complete, so it trains no
+    # step past max_steps, and metrics stay one run
+    resumed = train(*new, "--resume", "auto", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"the run is complete ({out / 'checkpoint-1'} is step 1 of 1)" in resumed.stdout
+    assert sorted(metrics(out)) == [1]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

@@ -1,0 +1,125 @@
+"""The light config schema (trainers/schema.py) agrees with what it describes: TRL's
+GRPOConfig (trainers/trl_fields.py), AttnGRPOConfig / NSRConfig fields and defaults, and the
+registries of credit strategies, estimators and rewards; values are parsed and checked as
+documented."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from attnrl.errors import UserError
+from trainers import schema
+from trainers.job import load_config, parse_overrides
+from trainers.schema import KEYS, check_config, resolve
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def test_trl_fields_table_matches_installed_trl():
+    from trl import GRPOConfig
+
+    from trainers.schema_sync import describe_fields
+    from trainers.trl_fields import TRL_FIELDS
+
+    assert describe_fields(GRPOConfig) == TRL_FIELDS, \
+        "TRL changed: regenerate with `python -m trainers.schema_sync > trainers/trl_fields.py`"
+
+
+def test_every_trainer_field_is_declared_with_its_default():
+    from trainers.grpo import AttnGRPOConfig
+    from trainers.nsr import NSRConfig
+
+    fields = {f.name: f for f in dataclasses.fields(AttnGRPOConfig)}
+    assert set(fields) <= set(KEYS)
+    attnrl_fields = set(fields) - set(schema.TRL_FIELDS)
+    declared = {k.name for k in schema.ATTNRL_KEYS}
+    assert attnrl_fields == declared, "declare AttnGRPOConfig's fields in ATTNRL_KEYS"
+    for name, f in fields.items():
+        if name in schema.ATTNRL_DEFAULT_TRL:
+            continue
+        assert KEYS[name].default == _default(f), name
+    for f in dataclasses.fields(NSRConfig):
+        assert schema.default(f.name, "nsr") == _default(f) or \
+            f.name in schema.ATTNRL_DEFAULT_TRL, f.name
+    assert not set(schema.JOB_KEY_NAMES) & set(fields)
+
+
+def test_registries_match_the_heavy_modules():
+    from peft import LoraConfig
+
+    from attnrl.advantages import ESTIMATORS
+    from attnrl.credit import CREDIT_STRATEGIES
+    from attnrl.models import SMOLLM2_NAMES, resolve_model
+    from rewards import REWARDS
+
+    assert set(schema.CREDIT_STRATEGIES) == set(CREDIT_STRATEGIES)
+    assert set(schema.ESTIMATORS) == set(ESTIMATORS)
+    assert set(schema.REWARDS) == set(REWARDS)
+    assert schema.SMOLLM2_NAMES == SMOLLM2_NAMES
+    assert set(schema.LORA_KEYS) <= {f.name for f in dataclasses.fields(LoraConfig)}
+    import json
+
+    config = json.loads((resolve_model("smollm2") / "config.json").read_text())
+    assert config["num_hidden_layers"] == schema.SMOLLM2_LAYERS
+
+
+def test_checking_a_config_imports_nothing_heavy():
+    code = ("import sys; from trainers.job import load_config, parse_overrides\n"
+            "load_config(None, parse_overrides(['--max_steps', '3']))\n"
+            "heavy = [m for m in ('torch', 'trl', 'vllm', 'transformers', 'deepspeed') "
+            "if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_values_are_read_as_the_key_takes_them():
+    checked = check_config({"learning_rate": "1e-5", "max_steps": 3.0, "run_name": 7,
+                            "scale_rewards": False, "report_to": ["wandb"], "lora": {"r": 8}})
+    assert checked["learning_rate"] == 1e-5 and isinstance(checked["max_steps"], int)
+    assert checked["run_name"] == "7" and checked["scale_rewards"] is False
+    with pytest.raises(UserError, match=r"max_steps = 2.5 is not an integer"):
+        check_config({"max_steps": 2.5})
+    with pytest.raises(UserError, match="bf16 = 'yes' is a string, not true or false"):
+        check_config({"bf16": "yes"})
+    with pytest.raises(UserError, match=r"report_to: unknown reporter|names unknown reporter "
+                                        r"'wandbb' \(did you mean 'wandb'\?\)"):
+        check_config({"report_to": ["wandbb"]})
+    with pytest.raises(UserError, match="set generation_batch_size or steps_per_generation"):
+        check_config({"generation_batch_size": 16, "steps_per_generation": 2})
+    with pytest.raises(UserError, match="signal_h_hi 5 < signal_h_lo 10"):
+        check_config({"signal_h_hi": 5})
+    with pytest.raises(UserError, match="reward_options names 'format', which is not in"):
+        check_config({"reward_options": {"format": {"pattern": "x"}}})
+
+
+def test_overrides_keep_text_negative_numbers_and_bare_flags():
+    parsed = parse_overrides(["--run_name=my-run", "--tau_waad", "-0.5", "--bf16",
+                              "--max-steps", "4"])
+    assert parsed == {"run_name": "my-run", "tau_waad": -0.5, "bf16": True, "max_steps": 4}
+    assert parsed.bare == {"bf16"}
+    assert load_config(None, parsed)["bf16"] is True  # a bare flag is true for a bool key
+
+
+def test_resolve_fills_every_declared_key_with_the_trainers_defaults():
+    grpo = resolve(load_config(None))
+    assert set(schema.DECLARED) <= set(grpo)
+    assert grpo["qk_top_k"] == 4 and grpo["loss_type"] == "dapo" and grpo["lora"] is None
+    nsr = resolve(check_config({"trainer": "nsr"}))
+    assert nsr["loss_type"] == "bnpo" and nsr["advantage_estimator"] == "nsr"
+    assert nsr["entropy_coef"] == 0.001
+
+
+def test_every_declared_key_documents_what_it_takes():
+    for key in KEYS.values():
+        assert key.doc and key.describe(), key.name
+        assert key.resume in ("fixed", "allowed", "free"), key.name
+        if key.name in schema.DECLARED and key.default is not None:
+            schema.coerce(key, key.default)  # every default is allowed by its own key
