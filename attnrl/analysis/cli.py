@@ -108,8 +108,6 @@ def example_records(tokenizer, samples, results, signals, mask, count=2, max_len
 
 def analyse(args) -> dict:
     """Everything but the rendering: the report dict."""
-    import torch
-
     from attnrl.analysis import report_data
     from attnrl.analysis.collect import read_responses, sample_task
     from attnrl.analysis.forward import analyse_samples
@@ -119,6 +117,12 @@ def analyse(args) -> dict:
     config = _config(args)
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    config.resolve_layers(int(model_config.num_hidden_layers))   # bad --layers: fail now
     info = {}
     if args.task is not None:
         samples, _, info = sample_task(args.model, args.task, args.num_problems, args.samples,
@@ -129,6 +133,8 @@ def analyse(args) -> dict:
     if not samples:
         raise UserError("no non-empty responses to analyse")
     t_sample = time.perf_counter()
+    print(f"  {len(samples)} responses ({sum(s.correct for s in samples)} correct) in "
+          f"{t_sample - t0:.0f} s; analysis forwards...", flush=True)
     tokenizer = load_tokenizer(model_dir)
     try:
         model = load_model(model_dir, device=args.device)
@@ -140,16 +146,17 @@ def analyse(args) -> dict:
     sampled = config.resolve_layers(n_layers)
     capture_config = _replace(config, layers=list(range(n_layers)))
     eos = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-    with torch.inference_mode(False):
-        results = analyse_samples(model, samples, capture_config, eos, args.batch_tokens,
-                                  progress=lambda i, n: print(f"  forward batch {i}/{n}",
-                                                              flush=True) if i % 10 == 0 or
-                                  i == n else None)
+    def progress(done, total):
+        print(f"  forward batch {done}/{total} ({time.perf_counter() - t_sample:.0f} s)",
+              flush=True)
+
+    results = analyse_samples(model, samples, capture_config, eos, args.batch_tokens,
+                              progress=progress)
     t_forward = time.perf_counter()
     labels = np.array([s.correct for s in samples])
     groups = np.array([s.group for s in samples])
     report = {"model": str(args.model), "task": args.task, "responses_file": args.responses,
-              "problems": int(len(set(groups.tolist()))), "responses": len(samples),
+              "problems": len(set(groups.tolist())), "responses": len(samples),
               "correct": int(labels.sum()), "accuracy": float(labels.mean()),
               "mean_response_tokens": float(np.mean([len(s.response_ids) for s in samples])),
               "layers": n_layers, "heads": n_heads, "sampled_layers": sampled,

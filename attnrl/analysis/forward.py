@@ -82,7 +82,7 @@ class HeadRecorder(QKCapture):
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
         with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
             q, k = query.detach().float(), key.detach().float()
-            B, H, N, d = q.shape
+            B, H, _, d = q.shape
             k_full = k.repeat_interleave(H // k.shape[1], dim=1)                 # (B, H, N, d)
             rows = torch.arange(B, device=q.device)
             q_a = q[rows, :, self.answer.clamp(min=0).to(q.device)]              # (B, H, d)

@@ -9,6 +9,15 @@ import math
 from pathlib import Path
 
 ALPHA = 0.01          # verdict threshold on p and on intervals excluding 1 / 0.5
+STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:1.2em auto;color:#222}"
+         "table{border-collapse:collapse;font-size:13px;margin:.5em 0}"
+         "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
+         ".tok{font-family:monospace;font-size:13px;line-height:1.9;white-space:pre-wrap;"
+         "border:1px solid #ccc;padding:.4em;margin-bottom:.3em}"
+         ".anchor{outline:2px solid #000;outline-offset:-1px}"
+         ".preplan{border-bottom:3px solid #1f3fbf}.lab{font-size:11px;color:#555}"
+         ".pair{display:flex;gap:1em}.pair>div{flex:1;min-width:0}"
+         "pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}</style></head><body>")
 
 
 def _pct(x) -> str:
@@ -30,9 +39,9 @@ def coupling_line(name: str, c: dict) -> str:
 def summary_lines(report: dict) -> list[str]:
     """The short printed summary: one verdict per question."""
     src = report["task"] or report["responses_file"]
-    lines = [f"== attnrl analyze: {report['model']} on {src}: {report['problems']} problems, "
-             f"{report['responses']} responses ({report['correct']} correct, "
-             f"{_pct(report['accuracy'])}), mean {report['mean_response_tokens']:.0f} tokens"]
+    lines = [(f"== attnrl analyze: {report['model']} on {src}: {report['problems']} problems, "
+              f"{report['responses']} responses ({report['correct']} correct, "
+              f"{_pct(report['accuracy'])}), mean {report['mean_response_tokens']:.0f} tokens")]
     c = report["coupling"]
     tag = f"top {c['p'] * 100:.0f}%, within {c['k']} tokens"
     lines.append(coupling_line(f"FAI peaks follow WAAD peaks ({tag})", c["fai_after_waad"]))
@@ -250,8 +259,8 @@ def fig_outcome(report, path):
 def _colour(cmap, value, lo, hi):
     rgba = cmap(0.0 if hi <= lo else (value - lo) / (hi - lo))
     lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-    return "#%02x%02x%02x" % tuple(round(255 * c) for c in rgba[:3]), \
-        ("#fff" if lum < 0.45 else "#000")
+    red, green, blue = (round(255 * c) for c in rgba[:3])
+    return f"#{red:02x}{green:02x}{blue:02x}", ("#fff" if lum < 0.45 else "#000")
 
 
 def _example_html(example) -> str:
@@ -283,8 +292,8 @@ def _table(rows, head) -> str:
 def render_report(report: dict, out) -> Path:
     """Write the PNG figures and report.html into `out`; returns the HTML path."""
     out = Path(out)
-    figures = [("coupling.png", fig_coupling, "Coupling of FAI peaks with preceding WAAD / "
-                                              "Delta peaks"),
+    figures = [("coupling.png", fig_coupling,
+                "Coupling of FAI peaks with preceding WAAD / Delta peaks"),
                ("heads.png", fig_heads, "Attention span of every head"),
                ("outcome.png", fig_outcome, "Signals of correct vs incorrect responses")]
     if "skipped" not in report.get("qk", {"skipped": 1}):
@@ -310,19 +319,11 @@ def render_report(report: dict, out) -> Path:
         if name == "anchor_position_histogram":
             continue
         outcome_rows.append([name, f"{d['correct']['mean']:.4g} {_ci(d['correct']['ci'], '{:.4g}')}",
-                             f"{d['incorrect']['mean']:.4g} "
-                             f"{_ci(d['incorrect']['ci'], '{:.4g}')}",
+                             (f"{d['incorrect']['mean']:.4g} "
+                              f"{_ci(d['incorrect']['ci'], '{:.4g}')}"),
                              f"{d['difference']:.4g} {_ci(d['difference_ci'], '{:.4g}')}"])
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>attnrl analyze</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:1.2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:.5em 0}"
-             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
-             ".tok{font-family:monospace;font-size:13px;line-height:1.9;white-space:pre-wrap;"
-             "border:1px solid #ccc;padding:.4em;margin-bottom:.3em}"
-             ".anchor{outline:2px solid #000;outline-offset:-1px}"
-             ".preplan{border-bottom:3px solid #1f3fbf}.lab{font-size:11px;color:#555}"
-             ".pair{display:flex;gap:1em}.pair>div{flex:1;min-width:0}"
-             "pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}</style></head><body>",
+             STYLE,
              "<h2>Does this model have the preplan-and-anchor rhythm?</h2>",
              "<pre>" + html.escape("\n".join(summary_lines(report))) + "</pre>",
              "<h3>1. Coupling</h3>",

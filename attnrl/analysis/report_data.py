@@ -80,8 +80,9 @@ def coupling_section(results, groups, sampled, split, config, p, k, permutations
                                      bootstrap, seed, groups)
     out["anchors_after_preplan_by"] = by
     per_layer = []
+    all_spans = pooled_span(results)
     for layer in range(n_layers):
-        span = torch.from_numpy(pooled_span(results)[[layer]])
+        span = torch.from_numpy(all_spans[[layer]])
         layer_split = select_heads(span, quantile)
         sig, m = response_signals(results, [layer], layer_split, config)
         t = peaks(sig, m, p)

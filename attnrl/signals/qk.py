@@ -260,7 +260,7 @@ def mean_key_alignment(query: torch.Tensor, key: torch.Tensor, key_mask: torch.T
     (B, len(q_heads), N) float32. With key_mask = the prompt, this is the 'mean' premise
     alignment of `premise_alignment`.
     """
-    batch, n_heads, _, _ = query.shape
+    n_heads = query.shape[1]
     q_heads = torch.arange(n_heads, device=query.device) if q_heads is None else \
         q_heads.to(query.device)
     kv_heads = q_heads // (n_heads // key.shape[1])

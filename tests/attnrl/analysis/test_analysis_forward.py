@@ -3,6 +3,8 @@
 (premise_alignment), receiver kurtosis (eager receiver_kurtosis), log-probs (a plain
 forward); and it never builds an (N, N) attention map."""
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -29,7 +31,7 @@ def make_samples(seed=0, count=5, vocab=512):
         if i % 2 == 0:
             response[-1] = EOS[0]
         cuts = list(range(0, n, 5)) + [n]
-        spans = list(zip(cuts[:-1], cuts[1:])) if i != 1 else None
+        spans = list(itertools.pairwise(cuts)) if i != 1 else None
         samples.append(Sample(prompt, response, group=i // 2, correct=i % 2 == 0, spans=spans))
     return samples
 
