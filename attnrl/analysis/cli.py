@@ -45,11 +45,15 @@ def add_arguments(parser) -> None:
     sig.add_argument("--layers", help="sampled layers, comma-separated (default: five in "
                                       "the middle third)")
     sig.add_argument("--h-lo", type=int, default=10, help="FAI: nearest future query")
-    sig.add_argument("--h-hi", default="end",
-                     help="FAI: farthest future query, or 'end' (analysis mode, default)")
+    sig.add_argument("--h-hi", default="100",
+                     help="FAI: farthest future query (100: the RL default the credit uses), or "
+                          "'end' (the paper's analysis mode; costs O(N^2) per head)")
     sig.add_argument("--window", type=int, default=10, help="WAAD distance clip W")
     sig.add_argument("--q", type=float, default=0.4, help="top fraction of the token sets")
     sig.add_argument("--head-quantile", type=float, default=0.3, help="local / global fraction")
+    stat.add_argument("--receiver-responses", type=int, default=64,
+                      help="receiver heads: at most this many responses with >= 6 sentences "
+                           "(each costs one extra blockwise pass per layer)")
     parser.add_argument("--batch-tokens", type=int, default=4096,
                         help="padded tokens per analysis forward")
     parser.add_argument("--device", default="cpu")
@@ -70,7 +74,7 @@ def _check(args) -> None:
         raise UserError("give exactly one of --task NAME (responses are sampled) or "
                         "--responses FILE.jsonl")
     for name in ("num_problems", "samples", "max_tokens", "permutations", "bootstrap",
-                 "qk_top_k", "batch_tokens"):
+                 "qk_top_k", "batch_tokens", "receiver_responses"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.peak_fraction <= 1:
@@ -132,6 +136,12 @@ def analyse(args) -> dict:
         samples, _ = read_responses(args.responses, args.model)
     if not samples:
         raise UserError("no non-empty responses to analyse")
+    kept = 0
+    for sample in samples:                     # receiver heads on the first few only
+        if sample.spans is not None:
+            kept += 1
+            if kept > args.receiver_responses:
+                sample.spans = None
     t_sample = time.perf_counter()
     print(f"  {len(samples)} responses ({sum(s.correct for s in samples)} correct) in "
           f"{t_sample - t0:.0f} s; analysis forwards...", flush=True)
