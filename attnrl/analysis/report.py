@@ -191,7 +191,7 @@ def fig_heads(report, path):
     _mark(ax, h["local_heads"], "white", "s", "local (trainer's split)")
     _mark(ax, h["global_heads"], "red", "o", "global (trainer's split)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2,
-              frameon=False)
+              frameon=True, facecolor="#8c8c8c", edgecolor="none")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
