@@ -97,3 +97,19 @@ def test_bad_responses_line_exits_2(tiny_model_dir, tmp_path, capsys):
     rc = main(["analyze", "--model", str(tiny_model_dir), "--responses", str(data),
                "--out", str(tmp_path / "out")])
     assert rc == 2 and "no label" in capsys.readouterr().err
+
+
+def test_analysis_imports_neither_trainers_nor_trl():
+    """Layering: the analyze command and everything it imports stay in the framework-free
+    core (no trainers/, no TRL)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attnrl.cli, attnrl.analysis.cli as c, attnrl.analysis.collect, "
+            "attnrl.analysis.forward, attnrl.analysis.report, attnrl.analysis.report_data, "
+            "attnrl.rollout.hf, rewards\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('trl', 'trainers')]\n"
+            "print(bad)\nassert 'analyze' in attnrl.cli.SUBCOMMANDS and not bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
