@@ -1,4 +1,4 @@
-"""`attnrl` command line: generate | signals | train | eval | merge.
+"""`attnrl` command line: generate | signals | train | eval | merge | analyze | ablate.
 
 Each subcommand lives in the module that implements it; that module provides
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "train": ("trainers.cli", "run a GRPO / NSR training job from a YAML config"),
     "eval": ("attnrl.evaluation", "pass@k of one or more checkpoints on a task"),
     "merge": ("attnrl.merge", "reasoning-vector task arithmetic over safetensors checkpoints"),
+    "analyze": ("attnrl.analysis.cli", "does a model show the preplan-and-anchor rhythm; "
+                                       "do its QK heads predict correctness"),
     "ablate": ("attnrl.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
 }
 

@@ -25,7 +25,8 @@ redistribute or shrink credit but never exceed one strategy's bonus. A single st
 never clipped.
 
 QK strategies (methods.md section 2; formulas in attnrl.signals.qk_select): `qk_tokens`
-reads extras['qk_token_scores'] (B, N); `qk_consistency` reads extras['qk_validity'] (B,)
+reads extras['qk_token_scores'] (B, N); `qk_premise` reads extras['qk_premise_scores']
+(B, N); `qk_consistency` reads extras['qk_validity'] (B,)
 and extras['advantages'] (B,), and is a per-response factor, so it composes with any
 token strategy ('coupled+qk_consistency').
 """
@@ -50,6 +51,9 @@ INPUT_DESCRIPTIONS = {
     "qk_validity": "the per-response QK validity score (B,) "
                    "(attnrl.signals.qk_select.validity)",
     "advantages": "the outcome advantages (B,), one per response",
+    "qk_premise_scores": "each response token's QK alignment with the prompt keys on the "
+                         "selected heads (B, N), NaN where not eligible "
+                         "(attnrl.signals.qk_select.premise_token_scores)",
 }
 
 
@@ -357,6 +361,17 @@ def qk_tokens(inputs: CreditInputs) -> torch.Tensor:
     to the answer query on the selected heads (attnrl.signals.qk_select); tokens with a NaN
     score are not eligible, so no selection yet = no bonus."""
     scores = inputs.extras["qk_token_scores"].to(inputs.response_mask.device)
+    eligible = inputs.response_mask & ~torch.isnan(scores)
+    return bonus(inputs.config, top_q_mask(scores.nan_to_num(0.0), eligible, inputs.config.q))
+
+
+@register_credit("qk_premise", requires=("qk_premise_scores",))
+def qk_premise(inputs: CreditInputs) -> torch.Tensor:
+    """methods.md 2(a): 1 + (gamma_amp - 1) on the ceil(q * n) response tokens whose queries
+    align most with the prompt's (premise) keys on the selected heads (mean over prompt keys
+    of q_t . k_s, mean over the heads; attnrl.signals.qk_select.premise_token_scores);
+    tokens with a NaN score are not eligible, so no selection yet = no bonus."""
+    scores = inputs.extras["qk_premise_scores"].to(inputs.response_mask.device)
     eligible = inputs.response_mask & ~torch.isnan(scores)
     return bonus(inputs.config, top_q_mask(scores.nan_to_num(0.0), eligible, inputs.config.q))
 

@@ -1,7 +1,7 @@
 """QK-score credit inside the trainer's loss forward (methods.md section 2).
 
 `QKCredit` holds the head-selection state of a run and turns one loss forward into the
-credit inputs of `qk_tokens` / `qk_consistency` (formulas: attnrl.signals.qk_select):
+credit inputs of `qk_tokens` / `qk_premise` / `qk_consistency` (formulas: attnrl.signals.qk_select):
 
     qk = QKCredit(model, args, credit_config, eos_token_ids)
     with signal_capture, qk.capture(model, input_ids, attention_mask, response_mask) as cap:
@@ -28,19 +28,20 @@ import torch
 
 from attnrl.credit import CreditConfig, strategy_parts
 from attnrl.errors import UserError
-from attnrl.signals.qk import QKCapture, all_heads
+from attnrl.signals.qk import QKCapture, all_heads, mean_key_alignment
 from attnrl.signals.qk_select import (
     REDUCE_CHOICES,
     HeadSelector,
     answer_positions,
     consistency_factor,
     key_positions,
+    premise_token_scores,
     response_scores,
     token_scores,
     validity,
 )
 
-QK_INPUTS = frozenset({"qk_token_scores", "qk_validity"})
+QK_INPUTS = frozenset({"qk_token_scores", "qk_validity", "qk_premise_scores"})
 """Credit inputs that need the QK capture."""
 STATE_FILE = "qk_heads.json"
 
@@ -54,6 +55,27 @@ def base_model(model):
     """The transformers model under a PEFT wrapper (DDP / DeepSpeed: unwrap it first, e.g.
     with accelerator.unwrap_model)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class PremiseQKCapture(QKCapture):
+    """The answer-query capture plus, for `qk_premise`, each query's alignment with the
+    mean prompt key per candidate head (`premise`, (B, H, N)), from the same forward."""
+
+    def __init__(self, model, heads, query_positions, key_positions, prompt_mask):
+        super().__init__(model, heads, query_positions, key_positions)
+        self.prompt_mask = prompt_mask
+        self.premise: torch.Tensor | None = None
+
+    def record(self, layer, query, key):
+        if layer in self._by_layer:
+            slots = [s for s, _ in self._by_layer[layer]]
+            q_heads = torch.tensor([h for _, h in self._by_layer[layer]])
+            values = mean_key_alignment(query, key, self.prompt_mask, q_heads)
+            if self.premise is None:
+                self.premise = torch.zeros(query.shape[0], len(self.heads), query.shape[2],
+                                           device=query.device)
+            self.premise[:, slots] = values
+        super().record(layer, query, key)
 
 
 class QKCredit:
@@ -74,6 +96,7 @@ class QKCredit:
         self.reduce = args.qk_reduce
         self.credit_config = credit_config
         self.damps = "qk_consistency" in strategy_parts(credit_config.strategy)
+        self.premise = "qk_premise" in strategy_parts(credit_config.strategy)
         self.eos_token_ids = list(eos_token_ids or [])
         self._answer: torch.Tensor | None = None
 
@@ -83,6 +106,10 @@ class QKCredit:
         answer) for every candidate head; enter it innermost around the loss forward."""
         self._answer = answer_positions(input_ids, response_mask, self.eos_token_ids)
         keys = key_positions(attention_mask, self._answer)
+        if self.premise:  # prompt = non-padding tokens outside the response
+            prompt = attention_mask.bool() & ~response_mask.bool()
+            return PremiseQKCapture(base_model(model), self.selector.heads,
+                                    self._answer[:, None], keys, prompt)
         return QKCapture(base_model(model), self.selector.heads, self._answer[:, None], keys)
 
     def credit_inputs(self, capture: QKCapture, response_mask: torch.Tensor,
@@ -108,11 +135,15 @@ class QKCredit:
                 metrics["qk/reselected"] = 1.0
             if batch_auc is not None and selector.selected is not None:
                 metrics["qk/batch_auc_mean"] = batch_auc[selector.selected].mean().item()
+        premise = torch.full(response_mask.shape, float("nan"), device=scores.device)
         if selector.selected is None:
             token = torch.full(response_mask.shape, float("nan"), device=scores.device)
             valid = torch.zeros(response_mask.shape[0], device=scores.device)
         else:
             token = token_scores(scores, selector.selected, response_mask, self._answer)
+            if getattr(capture, "premise", None) is not None:
+                premise = premise_token_scores(capture.premise, selector.selected,
+                                               response_mask)
             valid = validity(per_response, selector.selected)
             ema = selector.ema_auc
             metrics["qk/auc_mean"] = ema[selector.selected].mean().item()
@@ -122,6 +153,7 @@ class QKCredit:
         if self.damps:
             metrics["qk/frac_damped"] = self.frac_damped(valid, advantages, response_mask)
         extras = {"qk_token_scores": token.to(response_mask.device),
+                  "qk_premise_scores": premise.to(response_mask.device),
                   "qk_validity": valid.to(response_mask.device),
                   "advantages": advantages.to(response_mask.device)}
         return extras, metrics

@@ -27,6 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-chat-template", action="store_true",
                         help="feed the prompt text as is (default: the tokenizer's chat template)")
     parser.add_argument("--response", help="response text (default: generate one)")
+    parser.add_argument("--answer", help="gold answer for --prompt (with --task: the task's)")
     parser.add_argument("--max-tokens", type=int, default=128, help="generation length cap")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="generation temperature; 0 = greedy")
@@ -72,8 +73,8 @@ def signal_config(args):
                         q=args.q, preplan_by=args.preplan_by)
 
 
-def _prompt_text(args, tokenizer) -> tuple[str, str]:
-    """(question as given, text fed to the model)."""
+def _prompt_text(args, tokenizer):
+    """(question as given, text fed to the model, the prompt record)."""
     from attnrl.data import DEFAULT_INSTRUCTION, PromptRecord, apply_chat_template, load_prompts
 
     if (args.prompt is None) == (args.task is None):
@@ -81,7 +82,8 @@ def _prompt_text(args, tokenizer) -> tuple[str, str]:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UserError("--prompt is empty")
-        record = PromptRecord(question=args.prompt, answer="", source="--prompt", index=0)
+        record = PromptRecord(question=args.prompt, answer=args.answer or "", source="--prompt",
+                              index=0)
         instruction = None
     else:
         if args.index < 0:
@@ -93,9 +95,28 @@ def _prompt_text(args, tokenizer) -> tuple[str, str]:
         record = records[args.index]
         instruction = DEFAULT_INSTRUCTION
     if args.no_chat_template:
-        return record.question, record.question
+        return record.question, record.question, record
     apply_chat_template([record], tokenizer, instruction=instruction)
-    return record.question, record.prompt
+    return record.question, record.prompt, record
+
+
+def _grade(record, response_text: str) -> dict:
+    """Gold answer, reward and correctness of the response (the task's reward; a --prompt
+    without --answer has no gold and no verdict)."""
+    if not record.answer and "entry" not in record.metadata:
+        return {"gold": None, "reward": None, "correct": None}
+    from rewards import answer_reward
+
+    reward = answer_reward([record.prompt], [response_text], answer=[record.answer],
+                           metadata=[record.metadata])[0]
+    return {"gold": record.answer, "reward": float(reward), "correct": bool(reward >= 1.0)}
+
+
+def _subtitle(grade: dict) -> str:
+    if grade["gold"] is None:
+        return "gold answer: not given (--answer) | correctness: unknown"
+    verdict = "CORRECT" if grade["correct"] else "INCORRECT"
+    return f"gold answer: {grade['gold']} | response: {verdict} (reward {grade['reward']:.2f})"
 
 
 def _response_ids(args, model, tokenizer, prompt_ids: list[int]) -> list[int]:
@@ -126,7 +147,7 @@ def run(args) -> int:
     config = signal_config(args)
     model_dir = resolve_model(args.model)            # fail fast on a bad path
     tokenizer = load_tokenizer(model_dir)
-    question, prompt = _prompt_text(args, tokenizer)
+    question, prompt, record = _prompt_text(args, tokenizer)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
@@ -147,11 +168,14 @@ def run(args) -> int:
 
     texts = [tokenizer.decode([t]) for t in response_ids]
     positions = list(range(n_prompt, n_prompt + len(response_ids)))
-    records = token_records(response_ids, texts, positions, signals)
+    records = token_records(response_ids, texts, positions, signals,
+                            preplan_by=config.preplan_by)
+    response_text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    grade = _grade(record, response_text)
     layers = [int(l) for l in signals.layers]
     result = {
         "model": str(args.model), "question": question, "prompt": prompt,
-        "response": tokenizer.decode(response_ids), "prompt_ids": prompt_ids,
+        "response": tokenizer.decode(response_ids), "prompt_ids": prompt_ids, **grade,
         "config": asdict(config), "layers": layers,
         "local_heads": [[layers[l], h] for l, h in signals.local_heads.nonzero().tolist()],
         "global_heads": [[layers[l], h] for l, h in signals.global_heads.nonzero().tolist()],
@@ -162,14 +186,16 @@ def run(args) -> int:
     short = question if len(question) <= 90 else question[:87] + "..."
     title = f"{Path(str(args.model)).name}: {short}"
     h_hi = "end" if config.h_hi is None else config.h_hi
-    render_png(records, out / "signals.png", title=title)
-    render_html(records, out / "signals.html", title=title, image="signals.png", meta={
+    render_png(records, out / "signals.png", title=title, subtitle=_subtitle(grade))
+    render_html(records, out / "signals.html", title=title, image="signals.png",
+                subtitle=_subtitle(grade), meta={
         "model": args.model, "prompt": prompt, "layers": layers,
         "local heads (layer, head)": result["local_heads"],
         "global heads (layer, head)": result["global_heads"],
         "W / H_lo / H_hi / q": f"{config.window} / {config.h_lo} / {h_hi} / {config.q}",
         "preplan by": config.preplan_by})
     stats = summarise(records)
+    print(_subtitle(grade))
     print(f"{stats['tokens']} response tokens: {stats['preplan']} preplan, {stats['anchor']} "
           f"anchor (layers {layers}); WAAD max {stats['waad_max']:.2f}, "
           f"FAI max {stats['fai_max']:.4f}")

@@ -250,6 +250,28 @@ def premise_alignment(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return out
 
 
+def mean_key_alignment(query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor,
+                       q_heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Per query position t and head h: mean over keys s in `key_mask` of q_t . k_s, as
+    q_t . (mean_s k_s) (the dot product is linear in k: no (N, K) score matrix).
+
+    query (B, H, N, d), key (B, H_kv, N, d) as the attention receives them; key_mask (B, N)
+    bool (a row without keys gives 0); q_heads: query-head indices (None: all). Returns
+    (B, len(q_heads), N) float32. With key_mask = the prompt, this is the 'mean' premise
+    alignment of `premise_alignment`.
+    """
+    n_heads = query.shape[1]
+    q_heads = torch.arange(n_heads, device=query.device) if q_heads is None else \
+        q_heads.to(query.device)
+    kv_heads = q_heads // (n_heads // key.shape[1])
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+        weights = key_mask.to(query.device, torch.float32)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)           # (B, N)
+        k_mean = torch.einsum("bn,bhnd->bhd", weights, key.detach().float())      # (B, Hkv, d)
+        return torch.einsum("bhnd,bhd->bhn", query.detach()[:, q_heads].float(),
+                            k_mean[:, kv_heads])
+
+
 # ----------------------------------------------------------------------- head selection
 
 def auc_per_head(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

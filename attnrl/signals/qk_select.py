@@ -20,6 +20,9 @@ Definitions (pure torch; B responses, N positions, H candidate heads):
   is no selection and both strategies are neutral (gamma 1).
 - Token scores (`qk_tokens`): u_{i,t} = mean over selected heads of S^h_{i,t} for response
   tokens t <= a_i; NaN elsewhere (not eligible for the top-q set).
+- Premise scores (`qk_premise`, methods.md 2(a)): p_{i,t} = mean over selected heads of
+  mean over prompt keys s of S^h_{i,t,s} = q_t . k_s (query: response token t itself), for
+  every response token t; NaN elsewhere.
 - Validity (`qk_consistency`): z_{i,h} = (r_{i,h} - mean_j r_{j,h}) / (std_j r_{j,h} + 1e-6),
   mean and population std over the responses of the batch (rows with a_i >= 0); v_i = mean
   over selected heads of z_{i,h} (0 for a row without response; a single row gives 0).
@@ -89,6 +92,15 @@ def token_scores(scores: torch.Tensor, selected: torch.Tensor, response_mask: to
     eligible = response_mask.bool() & (positions[None, :] <= answer[:, None])
     mean = scores[:, selected.to(scores.device)].mean(1)
     return mean.masked_fill(~eligible, float("nan"))
+
+
+def premise_token_scores(premise: torch.Tensor, selected: torch.Tensor,
+                         response_mask: torch.Tensor) -> torch.Tensor:
+    """p (B, N): mean over the `selected` heads (indices into H) of each token's premise
+    alignment (B, H, N) (attnrl.signals.qk.mean_key_alignment over the prompt keys); NaN
+    outside the response."""
+    mean = premise[:, selected.to(premise.device)].mean(1)
+    return mean.masked_fill(~response_mask.bool().to(mean.device), float("nan"))
 
 
 def validity(head_scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from attnrl.signals.qk_select import (
     answer_positions,
     consistency_factor,
     key_positions,
+    premise_token_scores,
     response_scores,
     token_scores,
     validity,
@@ -312,6 +313,33 @@ def test_qk_tokens_is_the_anchor_rule_on_token_scores(seed):
     # no selection yet (all NaN): no bonus anywhere
     none = compute_gamma(config("qk_tokens"), None, resp,
                          qk_token_scores=torch.full(resp.shape, float("nan")))
+    assert (none == 1).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_qk_premise_marks_the_tokens_most_aligned_with_the_prompt(seed):
+    """gamma of qk_premise from raw per-head alignments (B, H, N) and a head selection,
+    against loops: p_t = mean over selected heads, top ceil(q n) response tokens x gamma_amp."""
+    ids, attention, resp = random_rows(seed, 6, 20)
+    gen = torch.Generator().manual_seed(70 + seed)
+    raw = torch.randn(6, 5, 20, generator=gen)
+    selected = [1, 4]
+    scores = premise_token_scores(raw, torch.tensor(selected), resp)
+    gamma = compute_gamma(config("qk_premise"), None, resp, qk_premise_scores=scores)
+    expected = torch.ones(6, 20)
+    for b in range(6):
+        tokens = [t for t in range(20) if resp[b, t]]
+        p = {t: sum(float(raw[b, h, t]) for h in selected) / len(selected) for t in tokens}
+        count = math.ceil(len(tokens) * 0.4 - 1e-9)
+        for t in sorted(tokens, key=lambda t: (-p[t], t))[:count]:
+            expected[b, t] = 1.5
+        for t in range(20):
+            assert math.isnan(float(scores[b, t])) == (not resp[b, t])
+    torch.testing.assert_close(gamma, expected, atol=ATOL, rtol=0)
+    assert (expected > 1).any()
+    assert required_inputs("qk_premise") == {"qk_premise_scores"}
+    none = compute_gamma(config("qk_premise"), None, resp,
+                         qk_premise_scores=torch.full(resp.shape, float("nan")))
     assert (none == 1).all()
 
 

@@ -136,6 +136,18 @@ def reference_gamma(trainer, inputs, strategy):
             for t in sorted(eligible, key=lambda t: (-u[t], t))[:count]:
                 gamma[b, t] = amp
         return gamma, response, chosen, None
+    if strategy == "qk_premise":  # top ceil(q n) of p_t = mean_sel mean_{s in prompt} q_t . k_s
+        full = qk_scores(eager, ids, attention.long(), torch.arange(length),
+                         torch.arange(length), heads=heads).double()          # (B, H, N, N)
+        for b in range(batch):
+            prompt = [s for s in range(length) if attention[b, s] and not response[b, s]]
+            tokens = [t for t in range(length) if response[b, t]]
+            p = {t: sum(sum(float(full[b, h, t, s]) for s in prompt) / len(prompt)
+                        for h in chosen) / k for t in tokens}
+            count = math.ceil(len(tokens) * q - 1e-9)
+            for t in sorted(tokens, key=lambda t: (-p[t], t))[:count]:
+                gamma[b, t] = amp
+        return gamma, response, chosen, None
     # coupled (reference signals) times the consistency factor, clipped to gamma_amp
     signals = reference_token_signals(eager, ids, attention.long(), response,
                                       trainer.credit_config.signals)
@@ -160,7 +172,7 @@ def reference_gamma(trainer, inputs, strategy):
     return gamma, response, chosen, factors
 
 
-@pytest.mark.parametrize("strategy", ["qk_tokens", "coupled+qk_consistency"])
+@pytest.mark.parametrize("strategy", ["qk_tokens", "qk_premise", "coupled+qk_consistency"])
 def test_token_advantages_equal_eager_reference(tmp_path, dataset, strategy):
     trainer = make_trainer(tmp_path, dataset, credit=strategy)
     inputs = rollout_batch(trainer)
@@ -176,7 +188,7 @@ def test_token_advantages_equal_eager_reference(tmp_path, dataset, strategy):
     assert metrics["qk/auc_mean"][-1] == pytest.approx(ema[chosen].mean().item())
     layer, head = trainer.qk_credit.selector.heads[chosen[0]]
     assert f"qk/auc/L{layer}H{head}" in metrics
-    if strategy == "qk_tokens":
+    if strategy in ("qk_tokens", "qk_premise"):
         assert ((gamma > 1) & response).any(), "no token amplified: the check is vacuous"
         return
     damped = sum(f < 1 for f in factors)

@@ -178,3 +178,47 @@ def test_smollm2_task_generated(tmp_path):
     assert result["layers"] == SignalConfig().resolve_layers(30)
     assert 1 <= len(result["tokens"]) <= 48
     assert any(t["anchor"] for t in result["tokens"])
+
+
+def test_peaks_are_the_strongest_tokens_of_each_set(given_run):
+    """Thick marks only on the top 10% of a response's tokens (by Delta for preplan, by FAI
+    among tokens with a window for anchors), each inside its top-q set; HTML classes agree."""
+    import math
+
+    tokens = json.loads((given_run / "signals.json").read_text())["tokens"]
+    n = len(tokens)
+    by_delta = sorted(range(n), key=lambda i: (-tokens[i]["delta"], i))[:math.ceil(0.1 * n)]
+    assert {i for i in range(n) if tokens[i]["preplan_peak"]} == set(by_delta)
+    valid = [i for i in range(n) if tokens[i]["fai_valid"]]
+    by_fai = sorted(valid, key=lambda i: (-tokens[i]["fai"], i))[:math.ceil(0.1 * len(valid))]
+    assert {i for i in range(n) if tokens[i]["anchor_peak"]} == set(by_fai)
+    for t in tokens:
+        assert t["preplan"] or not t["preplan_peak"]
+        assert t["anchor"] or not t["anchor_peak"]
+    assert sum(t["preplan_peak"] for t in tokens) < sum(t["preplan"] for t in tokens)
+    parser = _Spans()
+    parser.feed((given_run / "signals.html").read_text(encoding="utf-8"))
+    for spans in parser.views.values():
+        assert {s[0] for s in spans if "preplan-peak" in s[1]} == set(by_delta)
+        assert {s[0] for s in spans if "anchor-peak" in s[1]} == set(by_fai)
+
+
+def test_gold_answer_and_correctness_are_shown(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    for response, correct in (("2 plus 2 is 4. #### 4", True), ("It is 5. #### 5", False)):
+        out = tmp_path / str(correct)
+        rc = main(["signals", "--model", str(tiny_model_dir), "--task", str(data), "--index",
+                   "0", "--response", response, "--out", str(out), *SIGNAL_ARGS])
+        assert rc == 0
+        result = json.loads((out / "signals.json").read_text())
+        assert result["gold"] == "4" and result["correct"] is correct
+        verdict = "CORRECT" if correct else "INCORRECT"
+        assert f"gold answer: 4 | response: {verdict}" in capsys.readouterr().out
+        assert f"response: {verdict}" in (out / "signals.html").read_text(encoding="utf-8")
+    result = json.loads((tmp_path / "True" / "signals.json").read_text())
+    rc = main(["signals", "--model", str(tiny_model_dir), "--prompt", QUESTION, "--response",
+               RESPONSE, "--out", str(tmp_path / "nogold"), *SIGNAL_ARGS])
+    assert rc == 0
+    result = json.loads((tmp_path / "nogold" / "signals.json").read_text())
+    assert result["gold"] is None and result["correct"] is None

@@ -1,0 +1,129 @@
+"""Responses to analyse: sampled from a task with a rollout engine and scored with the
+task's reward, or read from a JSONL of prompt / response pairs.
+
+Responses JSONL (`--responses FILE`): one object per line with 'prompt' (the text the model
+saw, chat template applied) and 'response'; the label is 'correct' (bool), else 'reward'
+(>= 1.0 is correct), else 'answer' (a gold answer, scored by the math reward); 'group'
+(optional, any JSON value) names the problem, default: the prompt text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from attnrl.analysis.forward import Sample
+from attnrl.errors import UserError
+
+CORRECT_THRESHOLD = 1.0
+MIN_SENTENCES = 6            # receiver heads: proximity_ignore (4) + 2 sentences
+
+
+def sentence_spans_of(tokenizer, response_ids: list[int]):
+    """Sentence spans of a response (receiver heads), or None with < MIN_SENTENCES."""
+    from attnrl.signals.receiver import sentence_spans
+
+    spans = sentence_spans([tokenizer.decode([t]) for t in response_ids])
+    return spans if len(spans) >= MIN_SENTENCES else None
+
+
+def sample_task(model: str, task: str, num_problems: int, samples: int, temperature: float,
+                top_p: float, max_tokens: int, seed: int, engine: str = "vllm",
+                engine_kwargs: dict | None = None) -> tuple[list[Sample], list, dict]:
+    """Sample and score. Returns (samples, prompt records, info)."""
+    import time
+
+    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
+    from attnrl.models import load_tokenizer
+    from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
+    from rewards import answer_reward
+
+    tokenizer = load_tokenizer(model)
+    records = load_prompts(task, size=num_problems, seed=seed)
+    records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
+                                   for r in records], tokenizer, instruction=DEFAULT_INSTRUCTION)
+    prompt_ids = encode_prompts(tokenizer, [r.prompt for r in records])
+    kwargs = dict(engine_kwargs or {})
+    if engine == "vllm":
+        kwargs.setdefault("max_model_len", max(map(len, prompt_ids)) + max_tokens)
+        kwargs.setdefault("seed", seed)
+    start = time.perf_counter()
+    rollout = make_engine(engine, model, **kwargs)
+    try:
+        groups = rollout.generate(prompt_ids, SamplingConfig(
+            n=samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))
+    finally:
+        rollout.close()
+        del rollout
+        import gc
+
+        gc.collect()
+    seconds = time.perf_counter() - start
+    out = []
+    for p, (record, group) in enumerate(zip(records, groups)):
+        texts = [c.text for c in group]
+        rewards = answer_reward([record.prompt] * len(texts), texts,
+                                answer=[record.answer] * len(texts),
+                                metadata=[record.metadata] * len(texts))
+        for completion, reward in zip(group, rewards):
+            if not completion.token_ids:
+                continue
+            out.append(Sample(list(completion.prompt_ids), list(completion.token_ids), group=p,
+                              correct=reward >= CORRECT_THRESHOLD, reward=float(reward),
+                              logprobs=list(completion.logprobs) or None,
+                              spans=sentence_spans_of(tokenizer, completion.token_ids),
+                              text=completion.text))
+    info = {"generate_seconds": seconds, "reward": "gym" if "entry" in records[0].metadata
+            else "math"}
+    return out, records, info
+
+
+def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sample], list]:
+    """Samples from a responses JSONL (module docstring). Bad lines -> UserError."""
+    from attnrl.models import load_tokenizer
+    from attnrl.rollout import encode_prompts
+    from rewards import math_reward
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--responses {str(path)!r} does not exist: give a JSONL file with "
+                        "'prompt' and 'response' (and 'correct', 'reward' or 'answer') per line")
+    tokenizer = load_tokenizer(model)
+    rows, groups = [], {}
+    with open(path) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("response"), str):
+                raise UserError(f"{path}:{lineno}: needs string fields 'prompt' and 'response'")
+            if "correct" in row:
+                correct, reward = bool(row["correct"]), float(bool(row["correct"]))
+            elif "reward" in row:
+                reward = float(row["reward"])
+                correct = reward >= CORRECT_THRESHOLD
+            elif "answer" in row:
+                reward = math_reward([""], [row["response"]], answer=[str(row["answer"])])[0]
+                correct = reward >= CORRECT_THRESHOLD
+            else:
+                raise UserError(f"{path}:{lineno}: no label: add 'correct' (true/false), "
+                                "'reward' or a gold 'answer'")
+            key = json.dumps(row.get("group", row["prompt"]))
+            group = groups.setdefault(key, len(groups))
+            prompt_ids = encode_prompts(tokenizer, [row["prompt"]])[0]
+            response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+            if not response_ids or not prompt_ids:
+                raise UserError(f"{path}:{lineno}: empty prompt or response")
+            rows.append(Sample(prompt_ids, response_ids, group=group, correct=correct,
+                               reward=reward, spans=sentence_spans_of(tokenizer, response_ids),
+                               text=row["response"]))
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise UserError(f"{path} holds no responses")
+    return rows, []
