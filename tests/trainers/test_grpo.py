@@ -122,6 +122,29 @@ def test_token_advantages_equal_reference_signals(tmp_path, dataset, credit):
     assert amplified.any(), "credit strategy marked no token: the check would be vacuous"
 
 
+@pytest.mark.parametrize("credit", ["coupled", "qk_consistency"])
+def test_micro_batch_without_response_tokens_trains_on(tmp_path, dataset, credit):
+    """Every completion masked (all truncated, mask_truncated_completions): TRL's loss is 0;
+    the credit runs with gamma = 1 and logs no signal metrics instead of failing."""
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit=credit,
+                           mask_truncated_completions=True)
+    inputs = fixed_batch(trainer)
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    loss, grads = loss_and_grads(trainer, inputs)
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.equal(trainer.last_token_advantages, torch.zeros(4, 12))
+    metrics = trainer._metrics["train"]
+    assert metrics["credit/gamma_mean"] == [0.0]
+    assert not any(key.startswith("signals/") for key in metrics)
+    # the next micro-batch with response tokens gets its signals again
+    loss_and_grads(trainer, fixed_batch(trainer))
+    if credit == "coupled":
+        assert len(metrics["signals/waad_mean"]) == 1
+        assert metrics["signals/path_kernel"] == [1.0]  # training forward: beside sdpa
+
+
 def test_one_step_changes_every_parameter(tmp_path, dataset):
     trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit="coupled",
                            max_steps=1)
