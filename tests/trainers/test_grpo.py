@@ -145,6 +145,22 @@ def test_micro_batch_without_response_tokens_trains_on(tmp_path, dataset, credit
         assert metrics["signals/path_kernel"] == [1.0]  # training forward: beside sdpa
 
 
+def test_attention_the_capture_cannot_compute_is_refused_before_training(tmp_path, dataset):
+    """Gemma2 with logit softcapping: the signal capture would run a different policy, so a
+    credit strategy that reads attention signals is refused when the trainer is built."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, attn_logit_softcapping=50.0, pad_token_id=0)
+    model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
+    with pytest.raises(UserError, match=r"Gemma2ForCausalLM.*softcapping"):
+        make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model,
+                     credit="coupled")
+    make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model,
+                 credit="uniform")  # no signals read: trains as TRL would
+
+
 def test_one_step_changes_every_parameter(tmp_path, dataset):
     trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit="coupled",
                            max_steps=1)
