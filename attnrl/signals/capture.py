@@ -97,6 +97,12 @@ def float32_qk(query: torch.Tensor, key: torch.Tensor, scaling: float, extra: in
     return q, k
 
 
+def _device_budget(block_bytes: int, device: torch.device) -> int:
+    """Temporary bytes per block: `block_bytes` on CPU, at least 64 MiB on an accelerator,
+    where each block is a handful of kernel launches and launches, not bytes, cost time."""
+    return block_bytes if device.type == "cpu" else max(block_bytes, 64 << 20)
+
+
 class _Blocks:
     """Query blocks of one layer: scaled float32 queries grouped by KV head, masked logits."""
 
@@ -147,7 +153,7 @@ def lse_and_span(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
     lse = torch.empty(B, H, N, device=blocks.device)
     span = torch.empty(B, H, N, device=blocks.device)
     positions = torch.arange(N, device=blocks.device, dtype=torch.float32)
-    bq = _block_rows(block_bytes, B * H, N, N)
+    bq = _block_rows(_device_budget(block_bytes, blocks.device), B * H, N, N)
     for t0 in range(0, N, bq):
         t1 = min(N, t0 + bq)
         logits = blocks.logits(t0, t1, 0)
@@ -190,9 +196,12 @@ def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     waad = torch.zeros(B, H, N, device=device)
     fai_sum = torch.zeros(B, H, N, device=device)
     positions = torch.arange(N, device=device, dtype=torch.float32)
-    # Rows per block: about the band width (a wider block mostly computes masked entries).
-    bq = block_rows or min(_block_rows(block_bytes, B * H, N, min(N, reach)),
-                           max(32, min(reach, 128)))
+    # Rows per block: on CPU about the band width (a wider block mostly computes masked
+    # entries); on an accelerator as many as the budget holds (few kernel launches).
+    bq = _block_rows(_device_budget(block_bytes, device), B * H, N, min(N, reach))
+    if device.type == "cpu":
+        bq = min(bq, max(32, min(reach, 128)))
+    bq = block_rows or bq
     for t0 in range(0, N, bq):
         t1 = min(N, t0 + bq)
         c0 = max(0, t0 - reach)
