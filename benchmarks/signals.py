@@ -52,12 +52,8 @@ from pathlib import Path
 
 from _common import write_result
 
-from attnrl.data import gsm8k_path
-
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-GSM8K = gsm8k_path("test")
 MODES = ["plain", "capture", "portable", "ckpt_plain", "ckpt_capture", "autocast_plain",
          "autocast_capture", "signals"]
 PAIRS = {"capture": "plain", "portable": "plain", "ckpt_capture": "ckpt_plain",
@@ -92,8 +88,10 @@ def gsm8k_tokens(tokenizer, n: int):
     """input_ids (1, n): GSM8K questions and answers, concatenated."""
     import torch
 
+    from attnrl.data import gsm8k_path
+
     ids = []
-    for line in GSM8K.read_text().splitlines():
+    for line in gsm8k_path("test").read_text().splitlines():
         record = json.loads(line)
         ids += tokenizer(record["question"] + "\n" + record["answer"] + "\n\n",
                          add_special_tokens=False)["input_ids"]
