@@ -12,16 +12,30 @@ from the query and key the layer holds (after rotary, GQA heads expanded, the la
 - per key s:    fai_sum_s = sum_{t in T(s)} A_ts,  T(s) = {t in response: h_lo <= t-s <= h_hi}
 
 Every needed entry is A_ts = exp(scaling q_t.k_s + mask_ts - lse_t), so it needs each row's
-log-sum-exp lse_t and the span (attention with value = key position):
-- fused path (CPU, float32): one call of the fused flash kernel sdpa itself uses on CPU,
-  with a zero channel appended to q and k and the key position appended to v, returns the
-  output, lse and sum_s A_ts s together: no extra pass over the keys;
-- portable path (any device / dtype): sdpa for the output, plus one blockwise pass over
-  query blocks against their causal keys for lse and span, one (B, H, bq, t1) block of
-  logits at a time.
+log-sum-exp lse_t and the span (attention with value = key position). Three paths
+(`SignalCapture.paths` says which one each layer took; the trainer logs `signals/path_*`):
+- fused (CPU, float32, no gradient checkpointing, no autocast): one call of the fused
+  flash kernel sdpa itself uses on CPU, with a zero channel appended to q and k and the key
+  position appended to v, returns the output, lse and sum_s A_ts s together: no extra pass;
+- kernel (everything else where a kernel is wired: gradient checkpointing, bf16 weights,
+  autocast, CUDA): sdpa's own ops for the output (so a checkpoint recompute after the
+  capture matches and gradients are sdpa's), plus ONE extra kernel call without gradient on
+  q and k upcast once to float32 (key position in the value) for lse and span: the CPU
+  flash kernel, or on CUDA torch's memory-efficient attention (the CUDA kernel that takes
+  float32 and returns the log-sum-exp). A padding mask becomes a key channel (is_causal),
+  never an (N, N) float copy;
+- blockwise (fallback: `use_kernel=False`, other devices, CUDA with masks other than
+  causal + padding such as sliding windows): sdpa for the output, plus one blockwise pass
+  over query blocks against their causal keys, one (B, H, bq, t1) block of logits at a time.
 Then WAAD and FAI read only the band of the last max(W - 1, h_hi) keys of each query, again
-in query blocks. Never an (N, N) matrix: temporaries O(B H bq (bq + band)) (portable lse
-pass: O(B H bq N)), stored O(B L H N).
+in query blocks (N / bq Python iterations). Never an (N, N) matrix: temporaries
+O(B H bq (bq + band)) (blockwise lse pass: O(B H bq N)), stored O(B L H N). All statistics
+are float32 math with autocast off and without gradient, whatever the model's dtype.
+
+Attention the capture cannot compute exactly is refused (UserError naming the model and
+the feature) instead of silently running another policy: logit softcapping (Gemma2's
+`attn_logit_softcapping`, a `softcap` argument) and attention sinks (gpt-oss' `sinks`, an
+`s_aux` argument). Non-causal attention and KV caches are refused too.
 
 Usage (the response mask is needed during the forward, for FAI's sums per key):
 
