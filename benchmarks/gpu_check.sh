@@ -13,7 +13,7 @@ set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')" \
     || { echo "torch and transformers must be importable"; exit 2; }
 status=0

@@ -16,6 +16,7 @@ Prints one line per check, writes the JSON, exits 1 if any check fails.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -137,16 +138,18 @@ def model_checks(results):
     config = SignalConfig(layers=[1, 2], window=10, h_lo=10, h_hi=100)
 
     def run(capture):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         model.zero_grad()
         model.train()
         model.gradient_checkpointing_enable()
-        if capture is None:
+        # deterministic kernels (sdpa's math backend; the statistics kernel is called
+        # directly and is unaffected), so that "equal" can mean bitwise
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with sdpa_kernel([SDPBackend.MATH]), capture or contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=attention, labels=ids, use_cache=False)
-        else:
-            with capture:
-                out = model(input_ids=ids, attention_mask=attention, labels=ids,
-                            use_cache=False)
-        out.loss.backward()
+            out.loss.backward()
+        torch.use_deterministic_algorithms(False)
         model.gradient_checkpointing_disable()
         model.eval()
         return out.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -164,12 +167,12 @@ def model_checks(results):
     capture._record = record
     loss_c, grads_c = run(capture)
     paths = sorted(set(capture.paths.values()))
-    # sdpa's own backward may not be bitwise reproducible on a GPU: the capture's gradients
-    # must be as close to a plain run's as a second plain run is
+    # bitwise equal when the plain run is reproducible; otherwise within twice the spread
+    # between two plain runs (some CUDA backward kernels accumulate with atomics)
     loss2, grads2 = run(None)
     noise = max(float((grads2[k] - grads[k]).abs().max()) for k in grads)
     diff = max(float((grads_c[k] - grads[k]).abs().max()) for k in grads)
-    same = bool(torch.equal(loss_c, loss)) and diff <= noise
+    same = bool(torch.equal(loss_c, loss)) and diff <= 2 * noise
     results.append({"check": "model bf16 checkpointed: path, loss and gradients",
                     "ok": paths == ["kernel"] and same, "paths": paths,
                     "max_grad_diff": diff, "plain_rerun_max_grad_diff": noise})

@@ -213,8 +213,7 @@ def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     # Rows per block: on CPU about the band width (a wider block mostly computes masked
     # entries); on an accelerator as many as the budget holds (few kernel launches).
     bq = _block_rows(_device_budget(block_bytes, device), B * H, N, min(N, reach))
-    if device.type == "cpu":
-        bq = min(bq, max(32, min(reach, 128)))
+    bq = min(bq, max(32, min(reach, 128)) if device.type == "cpu" else 512)
     bq = block_rows or bq
     for t0 in range(0, N, bq):
         t1 = min(N, t0 + bq)
