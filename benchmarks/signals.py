@@ -214,7 +214,7 @@ def _mb(value):
     return None if value is None else round(value / 2**20, 1)
 
 
-def measure(n, model, input_ids, config, reps, modes):
+def measure(n, model, input_ids, config, reps, modes, memory=True):
     text = model.config
     heads, n_layers = text.num_attention_heads, text.num_hidden_layers
     sampled = len(config.resolve_layers(n_layers))
@@ -235,7 +235,7 @@ def measure(n, model, input_ids, config, reps, modes):
     row["eager_maps_sampled_mb"] = _mb(maps_sampled)
     row["eager_maps_all_layers_mb"] = _mb(maps_all)
     for mode, plain in PAIRS.items():
-        if mode not in modes or plain not in modes:
+        if mode not in modes or plain not in modes or not memory:
             continue
         if cuda:
             own = max(0, cuda_peak(mode, batch) - cuda_peak(plain, batch))
@@ -258,8 +258,9 @@ def print_table(rows, modes):
     print("\ntime of each capture mode / its plain forward (memory: own peak / eager maps of "
           "the sampled layers)\n" + header)
     for r in rows:
-        cells = [f"{r[m + '_over_plain']:.3f}x {100 * r[m + '_own_over_sampled_maps']:.2f}%"
-                 for m, _ in pairs]
+        cells = [f"{r[m + '_over_plain']:.3f}x "
+                 + (f"{100 * r[m + '_own_over_sampled_maps']:.2f}%"
+                    if m + "_own_over_sampled_maps" in r else "-") for m, _ in pairs]
         print(f"{r['n']:>6}" + "".join(f"{c:>18}" for c in cells))
     print("targets: <= 1.03x the plain forward; memory <= 1% of the eager maps at 16K")
 
@@ -272,6 +273,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--modes", nargs="+", default=MODES + ["reference"],
                         choices=MODES + ["reference"])
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure each capture mode's own memory (one more run each)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "signals.json"))
@@ -302,26 +305,30 @@ def main():
         run_mode(mode, model, *first(input_ids, 64), config)
     rows = []
     for n in args.lengths:
-        rows.append(measure(n, model, input_ids, config, args.reps, args.modes))
+        rows.append(measure(n, model, input_ids, config, args.reps, args.modes, args.memory))
         print(f"N={n}: " + ", ".join(f"{m} {rows[-1][m + '_over_plain']}x"
                                      for m in PAIRS if m + "_over_plain" in rows[-1]),
               flush=True)
+        write_result(args.out, result_json(args, model, config, rows))  # after each length
     print_table(rows, args.modes)
-    result = {"model": args.model, "dtype": args.dtype, "device": args.device,
-              "threads": torch.get_num_threads() if args.device == "cpu" else None,
-              "batch": 1, "command": " ".join(sys.argv),
-              "reps": args.reps, "config": "SignalConfig() defaults",
-              "sampled_layers": config.resolve_layers(model.config.num_hidden_layers),
-              "machine": platform.processor() or platform.machine(),
-              "time_method": ("best-of-reps process CPU time (wall time also given)"
-                              if args.device == "cpu" else "best-of-reps wall time, synchronised"),
-              "memory_method": "CPU: torch.profiler(profile_memory=True) memory timeline: peak "
-                               "live bytes of tensors created inside the capture's profiler "
-                               "regions; CUDA: peak allocated above the start, capture mode "
-                               "minus its plain mode",
-              "rows": rows}
-    write_result(args.out, result)
 
+
+def result_json(args, model, config, rows) -> dict:
+    import torch
+
+    return {"model": args.model, "dtype": args.dtype, "device": args.device,
+            "threads": torch.get_num_threads() if args.device == "cpu" else None,
+            "batch": 1, "command": " ".join(sys.argv),
+            "reps": args.reps, "config": "SignalConfig() defaults",
+            "sampled_layers": config.resolve_layers(model.config.num_hidden_layers),
+            "machine": platform.processor() or platform.machine(),
+            "time_method": ("best-of-reps process CPU time (wall time also given)"
+                            if args.device == "cpu" else "best-of-reps wall time, synchronised"),
+            "memory_method": "CPU: torch.profiler(profile_memory=True) memory timeline: peak "
+                             "live bytes of tensors created inside the capture's profiler "
+                             "regions; CUDA: peak allocated above the start, capture mode "
+                             "minus its plain mode",
+            "rows": rows}
 
 if __name__ == "__main__":
     main()
