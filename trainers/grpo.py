@@ -161,6 +161,10 @@ class AttnGRPOTrainer(GRPOTrainer):
         config: AttnGRPOConfig = self.args
         self.credit_config = config.credit_config()
         self.credit_inputs = required_inputs(self.credit_config)
+        if "signals" in self.credit_inputs:  # an attention the capture cannot compute: now
+            from attnrl.signals.capture import check_capture_supported
+
+            check_capture_supported(self.model)
         self.credit_generator = make_generator(self.credit_config)
         self._credit_step = None
         self.engine = rollout_engine
@@ -333,15 +337,24 @@ class AttnGRPOTrainer(GRPOTrainer):
         # then replace the (B,) advantages of `inputs` by per-token ones before TRL reads them.
         response_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
         response_mask[:, -logits_to_keep:] = inputs["completion_mask"].bool()
+        # every completion masked (e.g. all truncated with mask_truncated_completions): TRL's
+        # loss is 0; train on with gamma = 1 and no signals
+        empty = not bool(response_mask.any())
+        if self.accelerator.num_processes > 1 and (self.qk_credit is not None or (
+                self.head_split is not None and self.head_split.split is None)):
+            # the QK selection and the head-split calibration are collectives: every rank
+            # takes part or none does (a rank without response tokens would hang the others)
+            flag = torch.tensor([float(empty)], device=self.accelerator.device)
+            empty = bool(self.accelerator.reduce(flag, "sum").item() > 0)
         capture = None
-        if "signals" in self.credit_inputs:
+        if "signals" in self.credit_inputs and not empty:
             from attnrl.signals.capture import SignalCapture
 
             capture = SignalCapture(self.accelerator.unwrap_model(model),
                                     self.credit_config.signals, attention_mask=attention_mask,
                                     response_mask=response_mask,
                                     head_split=self._head_split_now())
-        qk_capture = None if self.qk_credit is None else self.qk_credit.capture(
+        qk_capture = None if self.qk_credit is None or empty else self.qk_credit.capture(
             self.accelerator.unwrap_model(model), input_ids, attention_mask, response_mask)
         with capture if capture is not None else contextlib.nullcontext(), \
                 qk_capture if qk_capture is not None else contextlib.nullcontext():
@@ -368,13 +381,17 @@ class AttnGRPOTrainer(GRPOTrainer):
             self._credit_step = self.state.global_step
         qk_extras = {} if qk_capture is None else self._qk_extras(qk_capture, response_mask,
                                                                   inputs)
-        gamma = compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
-                              generator=self.credit_generator, **qk_extras)
+        gamma = torch.ones(response_mask.shape, device=response_mask.device) if empty else \
+            compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
+                          generator=self.credit_generator, **qk_extras)
         token_adv = shape_advantages(self.credit_config, inputs["advantages"], gamma,
                                      response_mask)[:, -logits_to_keep:]
         inputs["advantages"] = token_adv.to(inputs["completion_ids"].device)
         self.last_token_advantages = inputs["advantages"]
         self._log_credit(gamma, response_mask, signals)
+        if signals is not None:  # which path computed the statistics (capture.PATHS)
+            for key, value in capture.path_metrics().items():
+                self._metrics["train" if self.model.training else "eval"][key].append(value)
         self._signal_seconds += time.perf_counter() - start
         return logps, entropies, aux
 

@@ -128,7 +128,17 @@ def token_signals_from_head_stats(stats: HeadStats, response_mask: torch.Tensor,
                                   head_split: tuple[torch.Tensor, torch.Tensor] | None = None,
                                   ) -> TokenSignals:
     """Head split, head means and token sets. stats (B, L, H, N); response_mask (B, N).
-    `head_split` (local, global) (L, H) bool overrides the split from this batch's spans."""
+    `head_split` (local, global) (L, H) bool overrides the split from this batch's spans.
+    float32 math with autocast off (a trainer may call it inside its mixed precision)."""
+    from attnrl.signals.capture import float32_math
+
+    with float32_math(stats.waad.device):
+        return _token_signals(stats, response_mask, config, head_split)
+
+
+def _token_signals(stats, response_mask, config, head_split) -> TokenSignals:
+    stats = HeadStats(waad=stats.waad.float(), fai_sum=stats.fai_sum.float(),
+                      span=stats.span.float(), layers=stats.layers)
     device = stats.waad.device
     response = response_mask.to(device).bool()
     resp = response.float()[:, None, None, :]                              # (B, 1, 1, N)

@@ -12,16 +12,30 @@ from the query and key the layer holds (after rotary, GQA heads expanded, the la
 - per key s:    fai_sum_s = sum_{t in T(s)} A_ts,  T(s) = {t in response: h_lo <= t-s <= h_hi}
 
 Every needed entry is A_ts = exp(scaling q_t.k_s + mask_ts - lse_t), so it needs each row's
-log-sum-exp lse_t and the span (attention with value = key position):
-- fused path (CPU, float32): one call of the fused flash kernel sdpa itself uses on CPU,
-  with a zero channel appended to q and k and the key position appended to v, returns the
-  output, lse and sum_s A_ts s together: no extra pass over the keys;
-- portable path (any device / dtype): sdpa for the output, plus one blockwise pass over
-  query blocks against their causal keys for lse and span, one (B, H, bq, t1) block of
-  logits at a time.
+log-sum-exp lse_t and the span (attention with value = key position). Three paths
+(`SignalCapture.paths` says which one each layer took; the trainer logs `signals/path_*`):
+- fused (CPU, float32, no gradient checkpointing, no autocast): one call of the fused
+  flash kernel sdpa itself uses on CPU, with a zero channel appended to q and k and the key
+  position appended to v, returns the output, lse and sum_s A_ts s together: no extra pass;
+- kernel (everything else where a kernel is wired: gradient checkpointing, bf16 weights,
+  autocast, CUDA): sdpa's own ops for the output (so a checkpoint recompute after the
+  capture matches and gradients are sdpa's), plus ONE extra kernel call without gradient on
+  q and k upcast once to float32 (key position in the value) for lse and span: the CPU
+  flash kernel, or on CUDA torch's memory-efficient attention (the CUDA kernel that takes
+  float32 and returns the log-sum-exp). A padding mask becomes a key channel (is_causal),
+  never an (N, N) float copy;
+- blockwise (fallback: `use_kernel=False`, other devices, CUDA with masks other than
+  causal + padding such as sliding windows): sdpa for the output, plus one blockwise pass
+  over query blocks against their causal keys, one (B, H, bq, t1) block of logits at a time.
 Then WAAD and FAI read only the band of the last max(W - 1, h_hi) keys of each query, again
-in query blocks. Never an (N, N) matrix: temporaries O(B H bq (bq + band)) (portable lse
-pass: O(B H bq N)), stored O(B L H N).
+in query blocks (N / bq Python iterations). Never an (N, N) matrix: temporaries
+O(B H bq (bq + band)) (blockwise lse pass: O(B H bq N)), stored O(B L H N). All statistics
+are float32 math with autocast off and without gradient, whatever the model's dtype.
+
+Attention the capture cannot compute exactly is refused (UserError naming the model and
+the feature) instead of silently running another policy: logit softcapping (Gemma2's
+`attn_logit_softcapping`, a `softcap` argument) and attention sinks (gpt-oss' `sinks`, an
+`s_aux` argument). Non-causal attention and KV caches are refused too.
 
 Usage (the response mask is needed during the forward, for FAI's sums per key):
 
@@ -33,6 +47,8 @@ Usage (the response mask is needed during the forward, for FAI's sums per key):
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -71,10 +87,40 @@ def _block_rows(budget_bytes: int, batch_heads: int, n: int, width: int) -> int:
     return max(16, min(n, rows))
 
 
+def float32_math(device: torch.device) -> contextlib.ExitStack:
+    """The context every statistic is computed in: no gradient and autocast off, so the
+    math runs in float32 whatever the model's dtype or a trainer's mixed precision."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    with contextlib.suppress(RuntimeError):  # a device type without autocast support
+        stack.enter_context(torch.autocast(torch.device(device).type, enabled=False))
+    return stack
+
+
+def float32_qk(query: torch.Tensor, key: torch.Tensor, scaling: float, extra: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's q and k upcast once to float32: scaled queries (B, H, N, d + extra) =
+    float32(q) * scaling and keys (B, H_kv, N, d + extra), the `extra` channels zero (a
+    kernel's room for the key-position and padding channels). Never a bfloat16 product."""
+    B, H, N, d = query.shape
+    q = query.new_zeros(B, H, N, d + extra, dtype=torch.float32)
+    q[..., :d] = query.detach()
+    q[..., :d].mul_(scaling)
+    k = key.new_zeros(*key.shape[:3], d + extra, dtype=torch.float32)
+    k[..., :d] = key.detach()
+    return q, k
+
+
+def _device_budget(block_bytes: int, device: torch.device) -> int:
+    """Temporary bytes per block: `block_bytes` on CPU, at least 64 MiB on an accelerator,
+    where each block is a handful of kernel launches and launches, not bytes, cost time."""
+    return block_bytes if device.type == "cpu" else max(block_bytes, 64 << 20)
+
+
 class _Blocks:
     """Query blocks of one layer: scaled float32 queries grouped by KV head, masked logits."""
 
-    def __init__(self, query, key, mask, scaling):
+    def __init__(self, query, key, mask, scaling, prepared=None):
         B, H, N, d = query.shape
         self.B, self.H, self.N, self.d = B, H, N, d
         self.h_kv = key.shape[1]
@@ -83,10 +129,9 @@ class _Blocks:
             raise UserError(f"the signal capture needs a full-sequence forward without a KV "
                             f"cache (got {N} queries for {key.shape[2]} keys); pass "
                             "use_cache=False and no past_key_values")
-        q = torch.empty(B, H, N, d, device=query.device)               # float32, contiguous
-        torch.mul(query.detach(), scaling, out=q)
-        self.q = q.view(B, self.h_kv, self.group, N, d)
-        self.k = key.detach().to(torch.float32, memory_format=torch.contiguous_format)
+        q, k = prepared if prepared is not None else float32_qk(query, key, scaling)
+        self.q = q.view(B, self.h_kv, self.group, N, q.shape[-1])[..., :d]
+        self.k = k[..., :d]
         self.mask = mask
         self.device = query.device
 
@@ -109,20 +154,20 @@ class _Blocks:
 
 
 def lse_and_span(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                 scaling: float, block_bytes: int = 8 << 20
+                 scaling: float, block_bytes: int = 8 << 20, prepared=None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp and span, in query blocks over causal keys (portable path).
+    """Per-row log-sum-exp and span, in query blocks over causal keys (blockwise fallback).
 
     query (B, H, N, d), key (B, H_kv, N, d); mask as `layer_statistics`. Returns lse
     (B, H, N) (-inf for a row with no allowed key) and span (B, H, N) = sum_s A_ts (t - s),
-    float32. Temporaries: one (B, H, bq, <=N) block.
+    float32. Temporaries: one (B, H, bq, <=N) block. `prepared`: `float32_qk`'s output.
     """
-    blocks = _Blocks(query, key, mask, scaling)
+    blocks = _Blocks(query, key, mask, scaling, prepared)
     B, H, N = blocks.B, blocks.H, blocks.N
     lse = torch.empty(B, H, N, device=blocks.device)
     span = torch.empty(B, H, N, device=blocks.device)
     positions = torch.arange(N, device=blocks.device, dtype=torch.float32)
-    bq = _block_rows(block_bytes, B * H, N, N)
+    bq = _block_rows(_device_budget(block_bytes, blocks.device), B * H, N, N)
     for t0 in range(0, N, bq):
         t1 = min(N, t0 + bq)
         logits = blocks.logits(t0, t1, 0)
@@ -140,7 +185,7 @@ def lse_and_span(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
 def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                     scaling: float, lse: torch.Tensor, response: torch.Tensor, window: int,
                     h_lo: int, h_hi: int | None, block_bytes: int = 8 << 20,
-                    block_rows: int | None = None,
+                    block_rows: int | None = None, prepared=None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """WAAD per query and FAI sums per key from the band of the last max(W-1, h_hi) keys.
 
@@ -148,9 +193,10 @@ def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     WAAD_t = W - sum_{0<=t-s<W} (W - (t-s)) A_ts; fai_sum_s = sum over response t with
     h_lo <= t - s <= h_hi of A_ts. A row whose token does not attend to itself is treated as
     padding: WAAD 0, no FAI contribution. Returns waad (B, H, N), fai_sum (B, H, N) and
-    has_keys (B|1, 1|H, N) bool.
+    has_keys (B|1, 1|H, N) bool. One Python iteration per block of about the band's width
+    rows: N / bq iterations, temporaries O(B H bq (bq + band)).
     """
-    blocks = _Blocks(query, key, mask, scaling)
+    blocks = _Blocks(query, key, mask, scaling, prepared)
     B, H, N = blocks.B, blocks.H, blocks.N
     device = blocks.device
     reach = N if h_hi is None else max(window - 1, h_hi)
@@ -164,9 +210,11 @@ def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     waad = torch.zeros(B, H, N, device=device)
     fai_sum = torch.zeros(B, H, N, device=device)
     positions = torch.arange(N, device=device, dtype=torch.float32)
-    # Rows per block: about the band width (a wider block mostly computes masked entries).
-    bq = block_rows or min(_block_rows(block_bytes, B * H, N, min(N, reach)),
-                           max(32, min(reach, 128)))
+    # Rows per block: on CPU about the band width (a wider block mostly computes masked
+    # entries); on an accelerator as many as the budget holds (few kernel launches).
+    bq = _block_rows(_device_budget(block_bytes, device), B * H, N, min(N, reach))
+    bq = min(bq, max(32, min(reach, 128)) if device.type == "cpu" else 512)
+    bq = block_rows or bq
     for t0 in range(0, N, bq):
         t1 = min(N, t0 + bq)
         c0 = max(0, t0 - reach)
@@ -201,7 +249,7 @@ def layer_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
                      scaling: float, response: torch.Tensor, window: int, h_lo: int,
                      h_hi: int | None, block_bytes: int = 8 << 20,
                      lse: torch.Tensor | None = None, span: torch.Tensor | None = None,
-                     check_mask: bool = True,
+                     check_mask: bool = True, prepared=None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head WAAD, FAI sums and span of one layer, without an (N, N) matrix.
 
@@ -209,16 +257,22 @@ def layer_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     (B|1, 1|H, N, N) bool (True = attend) or additive float; response (B, N) bool.
     `lse` and `span` (B, H, N), when an attention kernel already gave them, skip the
     blockwise pass. `check_mask`: verify the mask is causal (skip when already checked).
+    `prepared`: `float32_qk(query, key, scaling, ...)` when the caller already has it.
     Returns waad (B, H, N) per query, fai_sum (B, H, N) per key and span
     (B, H, N) per query, float32, in tokens / attention mass; 0 on rows without keys.
+    Computed in float32 with autocast off and without gradient, whatever the inputs' dtype.
     """
-    if check_mask:
-        check_causal_mask(mask)
-    if lse is None or span is None:
-        lse, span = lse_and_span(query, key, mask, scaling, block_bytes)
-    waad, fai_sum, has_keys = band_statistics(query, key, mask, scaling, lse, response,
-                                              window, h_lo, h_hi, block_bytes)
-    span = torch.where(has_keys, span.float(), 0.0)
+    with float32_math(query.device):
+        if check_mask:
+            check_causal_mask(mask)
+        if prepared is None:
+            prepared = float32_qk(query, key, scaling)
+        if lse is None or span is None:
+            lse, span = lse_and_span(query, key, mask, scaling, block_bytes, prepared)
+        waad, fai_sum, has_keys = band_statistics(query, key, mask, scaling, lse, response,
+                                                  window, h_lo, h_hi, block_bytes,
+                                                  prepared=prepared)
+        span = torch.where(has_keys, span.float(), 0.0)
     return waad, fai_sum, span
 
 
@@ -267,6 +321,102 @@ def attention_with_lse(query, key, value, mask, scaling):
     return out[..., :d].transpose(1, 2).contiguous(), lse.detach().float(), span
 
 
+def padding_key_mask(mask: torch.Tensor | None, block: int = 256) -> torch.Tensor | None:
+    """Check `mask` is causal (UserError if not) and say whether it is a padding mask.
+
+    mask (B|1, 1|H, N, N) bool (True = attend) or additive float, or None (plain causal).
+    Returns key_keep (B|1, N) bool when every row t allows exactly the keys s <= t with
+    key_keep[s] (causal attention over unpadded keys, what transformers builds for padded
+    batches), else None (sliding windows, per-head masks, ...). Reads the mask in row
+    blocks: N / block iterations, no (N, N) temporary.
+    """
+    if mask is None:
+        return None
+    N = mask.shape[-1]
+    keep = _allowed_keys(mask[:, :1, -1, :])                   # the last row: every key left
+    plain = mask.shape[1] == 1 and mask.shape[-2] == N
+    for t0 in range(0, mask.shape[-2], block):
+        t1 = min(mask.shape[-2], t0 + block)
+        _check_causal(mask, t0, t1)
+        if plain:
+            causal = (torch.arange(t1, device=mask.device)[None, :]
+                      <= torch.arange(t0, t1, device=mask.device)[:, None])
+            plain = torch.equal(_allowed_keys(mask[..., t0:t1, :t1]), keep[..., None, :t1] & causal)
+    return keep[:, 0] if plain else None
+
+
+_PAD_KEY = -1.0e6  # key channel of padded keys: exp(logit - max) underflows to exactly 0
+
+
+def kernel_width(query: torch.Tensor) -> int | None:
+    """Head width of the statistics kernel on query's device (d + position and padding
+    channels, CUDA: rounded up to a multiple of 8), or None when no kernel is wired."""
+    d = query.shape[-1]
+    if query.device.type == "cpu" and hasattr(torch.ops.aten,
+                                              "_scaled_dot_product_flash_attention_for_cpu"):
+        return d + 2
+    if query.device.type == "cuda" and hasattr(torch.ops.aten,
+                                               "_scaled_dot_product_efficient_attention"):
+        return -(-(d + 2) // 8) * 8
+    return None
+
+
+def kernel_lse_and_span(prepared: tuple[torch.Tensor, torch.Tensor], d: int,
+                        mask: torch.Tensor | None, key_keep: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row log-sum-exp and span from ONE fused attention kernel call, without gradient.
+
+    prepared: `float32_qk(query, key, scaling, kernel_width(query) - d)`, i.e. float32
+    scaled q (B, H, N, w) and k (B, H_kv, N, w) with zero channels d.. w-1 (channel d is
+    overwritten here). The value is zero but for channel d = the key position, so the
+    kernel returns lse and sum_s A_ts s (span_t = t - that) in one pass over the keys:
+    CPU: the flash kernel sdpa uses (`_scaled_dot_product_flash_attention_for_cpu`);
+    CUDA: the memory-efficient kernel (`_scaled_dot_product_efficient_attention`), the
+    CUDA kernel that takes float32 and returns the log-sum-exp.
+    mask None: plain causal. key_keep (B|1, N): the mask is causal over unpadded keys
+    (`padding_key_mask`): is_causal plus a key channel of -1e6 on padded keys, so no
+    (N, N) tensor is built. Any other mask: an additive float32 (B|1, 1|H, N, N) copy on
+    CPU; on CUDA None (the caller falls back to the blockwise pass).
+    Returns lse (B, H, N), span (B, H, N) float32 (span's absolute error grows as N times
+    the float32 precision), or None when no kernel applies.
+    """
+    q, k = prepared
+    B, H, N, width = q.shape
+    h_kv = k.shape[1]
+    device = q.device
+    is_causal = mask is None or key_keep is not None
+    if device.type == "cuda" and not is_causal:
+        return None
+    if key_keep is not None:
+        q[..., d] = 1.0
+        k[..., d] = torch.where(key_keep.to(device)[:, None, :], 0.0, _PAD_KEY)
+    v = k.new_zeros(B, h_kv, N, width)
+    v[..., d] = torch.arange(N, device=device, dtype=torch.float32)
+    bias = None
+    if not is_causal:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=device
+                           ).masked_fill_(~_allowed_keys(mask), float("-inf"))
+    if device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=1.0)
+    else:
+        group = H // h_kv
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, True, scale=1.0)[:2]
+        lse = lse[..., :N]
+    positions = torch.arange(N, device=device, dtype=torch.float32)
+    return lse.float(), positions - out[..., d].float()
+
+
+PATHS = ("fused", "kernel", "blockwise")
+"""How a sampled layer's statistics were computed: `fused` (the layer's output, lse and
+span from one kernel call), `kernel` (sdpa's output; lse and span from one extra kernel
+call without gradient), `blockwise` (sdpa's output; lse and span from the blockwise
+pass, where no kernel accepts the inputs)."""
+
+
 # --------------------------------------------------------------------------- registration
 
 class _StopForward(Exception):
@@ -280,6 +430,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is not None and getattr(module, "layer_idx", None) in capture.layers:
         return capture._record(module, query, key, value, attention_mask, kwargs)
+    refuse_attention_variant(capture.model if capture is not None else module, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -316,6 +467,41 @@ def _cannot_capture(model, why: str) -> UserError:
     return UserError(f"cannot capture attention signals from {type(model).__name__}: {why}. "
                      "The capture needs a transformers model whose attention layers call "
                      "the attention-function registry (Llama, Qwen2/3, Mistral, Gemma, ...)")
+
+
+def _variant_error(model, feature: str) -> UserError:
+    return UserError(f"cannot capture attention signals from {type(model).__name__}: its "
+                     f"attention uses {feature}, which the capture's kernels (sdpa) do not "
+                     "compute, so the loss forward would run a different policy; use a "
+                     "credit strategy without attention signals (uniform, random, entropy, "
+                     "bottom_q) for this model")
+
+
+def check_capture_supported(model) -> None:
+    """Raise UserError, before any forward, if `model`'s attention has a feature the capture
+    cannot compute exactly: logit softcapping (`attn_logit_softcapping`, Gemma2) or
+    attention sinks (a `sinks` parameter in its attention layers, gpt-oss). Supported:
+    causal softmax attention with any mask transformers builds (padding, sliding windows),
+    MHA / GQA / MQA, any rotary variant, q/k norms, any `scaling`."""
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap:
+        raise _variant_error(model, f"logit softcapping (attn_logit_softcapping={softcap})")
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and isinstance(getattr(module, "sinks", None),
+                                                       torch.Tensor):
+            raise _variant_error(model, "attention sinks (a learned `sinks` logit per head)")
+
+
+def refuse_attention_variant(model, kwargs: dict) -> None:
+    """Raise UserError when a layer passes the attention function an argument sdpa would
+    silently ignore (`s_aux` sinks, `softcap`): its output would not be the model's."""
+    if kwargs.get("s_aux") is not None:
+        raise _variant_error(model, "attention sinks (s_aux)")
+    if kwargs.get("softcap"):
+        raise _variant_error(model, f"logit softcapping (softcap={kwargs['softcap']})")
 
 
 # --------------------------------------------------------------------------- the capture
@@ -360,8 +546,10 @@ class SignalCapture:
         if not self._modules or not self.model._can_set_attn_implementation():
             raise _cannot_capture(model, "its attention layers do not go through "
                                          "transformers' attention-function registry")
+        check_capture_supported(self.model)
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._checked_masks: set = set()
+        self._mask_plans: dict = {}
+        self.paths: dict[int, str] = {}  # layer -> how its statistics were computed (PATHS)
         self._response: torch.Tensor | None = None
         self._previous: str | None = None
         self._hook = None
@@ -413,7 +601,8 @@ class SignalCapture:
 
     def _new_forward(self) -> None:
         self._stats.clear()
-        self._checked_masks.clear()
+        self._mask_plans.clear()
+        self.paths.clear()
 
     # -- recording (called from the attention function)
     def _record(self, module, query, key, value, attention_mask, kwargs):
@@ -436,6 +625,7 @@ class SignalCapture:
         if attention_mask is None and not is_causal:
             raise UserError("the signal capture needs causal attention; this layer is "
                             "bidirectional")
+        refuse_attention_variant(self.model, kwargs)
         cfg = self.config
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         lse = span = None
@@ -443,7 +633,9 @@ class SignalCapture:
         # capture has ended (plain sdpa): keep sdpa's own ops so the recompute matches.
         checkpointed = torch.is_grad_enabled() and getattr(
             self.model, "is_gradient_checkpointing", False)
-        if self.use_kernel and not checkpointed and _flash_cpu_available(query, key, value, kwargs):
+        fused = (self.use_kernel and not checkpointed
+                 and _flash_cpu_available(query, key, value, kwargs))
+        if fused:
             with torch.profiler.record_function(PROFILE_REGION):
                 output, lse, span = attention_with_lse(query, key, value, attention_mask,
                                                        scaling)
@@ -453,20 +645,41 @@ class SignalCapture:
                                             **kwargs)
         if module.layer_idx in self._stats:
             return result
-        with torch.no_grad(), torch.profiler.record_function(PROFILE_REGION):
-            # layers of one kind share one mask tensor: check its causality once a forward
-            mask_id = None if attention_mask is None else (
-                attention_mask.data_ptr(), tuple(attention_mask.shape),
-                tuple(attention_mask.stride()))
-            fresh = mask_id is not None and mask_id not in self._checked_masks
+        with float32_math(query.device), torch.profiler.record_function(PROFILE_REGION):
+            key_keep = self._mask_plan(attention_mask)
+            width = None if fused or not self.use_kernel else kernel_width(query)
+            d = query.shape[-1]
+            prepared = float32_qk(query, key, scaling, 0 if width is None else width - d)
+            path = "fused" if fused else "blockwise"
+            if width is not None:
+                got = kernel_lse_and_span(prepared, d, attention_mask, key_keep)
+                if got is not None:
+                    (lse, span), path = got, "kernel"
             self._stats[module.layer_idx] = layer_statistics(
                 query, key, attention_mask, scaling, self._response, cfg.window, cfg.h_lo,
-                cfg.h_hi, self.block_bytes, lse=lse, span=span, check_mask=fresh)
-            if fresh:
-                self._checked_masks.add(mask_id)
+                cfg.h_hi, self.block_bytes, lse=lse, span=span, check_mask=False,
+                prepared=prepared)
+            self.paths[module.layer_idx] = path
         if self.stop_after_last and len(self._stats) == len(self.layers):
             raise _StopForward
         return result
+
+    def _mask_plan(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """`padding_key_mask(mask)`, once per forward for each distinct mask tensor (layers
+        of one kind share one mask)."""
+        if mask is None:
+            return None
+        mask_id = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()))
+        if mask_id not in self._mask_plans:
+            self._mask_plans[mask_id] = padding_key_mask(mask)
+        return self._mask_plans[mask_id]
+
+    def path_metrics(self) -> dict[str, float]:
+        """Fraction of the sampled layers whose statistics took each path (`PATHS`) in the
+        last forward, as `signals/path_<name>`."""
+        count = max(1, len(self.paths))
+        return {f"signals/path_{name}": sum(p == name for p in self.paths.values()) / count
+                for name in PATHS}
 
     def run(self, **inputs):
         """Call the model on `inputs` (use_cache=False). With `stop_after_last`, the forward

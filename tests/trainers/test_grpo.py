@@ -122,6 +122,45 @@ def test_token_advantages_equal_reference_signals(tmp_path, dataset, credit):
     assert amplified.any(), "credit strategy marked no token: the check would be vacuous"
 
 
+@pytest.mark.parametrize("credit", ["coupled", "qk_consistency"])
+def test_micro_batch_without_response_tokens_trains_on(tmp_path, dataset, credit):
+    """Every completion masked (all truncated, mask_truncated_completions): TRL's loss is 0;
+    the credit runs with gamma = 1 and logs no signal metrics instead of failing."""
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit=credit,
+                           mask_truncated_completions=True)
+    inputs = fixed_batch(trainer)
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    loss, grads = loss_and_grads(trainer, inputs)
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.equal(trainer.last_token_advantages, torch.zeros(4, 12))
+    metrics = trainer._metrics["train"]
+    assert metrics["credit/gamma_mean"] == [0.0]
+    assert not any(key.startswith("signals/") for key in metrics)
+    # the next micro-batch with response tokens gets its signals again
+    loss_and_grads(trainer, fixed_batch(trainer))
+    if credit == "coupled":
+        assert len(metrics["signals/waad_mean"]) == 1
+        assert metrics["signals/path_kernel"] == [1.0]  # training forward: beside sdpa
+
+
+def test_attention_the_capture_cannot_compute_is_refused_before_training(tmp_path, dataset):
+    """Gemma2 with logit softcapping: the signal capture would run a different policy, so a
+    credit strategy that reads attention signals is refused when the trainer is built."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, attn_logit_softcapping=50.0, pad_token_id=0)
+    model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
+    with pytest.raises(UserError, match=r"Gemma2ForCausalLM.*softcapping"):
+        make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model,
+                     credit="coupled")
+    make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model,
+                 credit="uniform")  # no signals read: trains as TRL would
+
+
 def test_one_step_changes_every_parameter(tmp_path, dataset):
     trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, credit="coupled",
                            max_steps=1)

@@ -6,6 +6,7 @@ Mistral with a sliding window; MHA and GQA; RoPE variants; left / right padding)
 absolute, head span within 1e-5 relative; bfloat16 as stated in `test_bfloat16_*`.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -453,3 +454,207 @@ def test_bad_config_is_refused(bad):
     key = next(iter(bad))
     with pytest.raises(UserError, match=key):
         SignalCapture(model, SignalConfig(**bad))
+
+
+# --------------------------------------------------------------------------- float32 math
+
+def float64_stats(q, k, mask, scaling, response, window, h_lo, h_hi):
+    """Per-head WAAD, FAI sums and span (B, H, N) float64 from explicit softmax maps of the
+    given q (B, H, N, d) and k (B, H_kv, N, d) (taken as they are, e.g. bf16-rounded), and
+    has_keys (B, H, N): rows that attend to themselves."""
+    B, H, n, _ = q.shape
+    group = H // k.shape[1]
+    logits = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * scaling
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed = causal if mask is None else (
+        mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min) & causal
+    maps = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    has_keys = allowed.expand(B, H, n, n).diagonal(dim1=-2, dim2=-1)
+    waad, fai_sum, span = literal_head_stats(maps, response, window, h_lo, h_hi)
+    return waad * has_keys, fai_sum, span * has_keys, has_keys
+
+
+def assert_stats_close(got, expect, response, span_terms):
+    """float32 rule (tests/tolerances.py) on every statistic; FAI sums on response keys."""
+    waad, fai_sum, span, _ = expect
+    assert_close(got[0], waad)
+    assert_close(got[2], span, terms=span_terms)
+    rk = response[:, None, :].expand_as(waad)
+    assert_close(got[1][rk], fai_sum[rk])
+
+
+def padded_mask(B, n, pads, sliding=None):
+    """A transformers-style (B, 1, n, n) bool mask: causal, left padding of pads[b] keys,
+    optionally a sliding window; and the (B, n) bool of real tokens."""
+    keep = torch.ones(B, n, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        keep[b, :pad] = False
+    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (s <= t) & keep[:, None, None, :]
+    if sliding is not None:
+        allowed &= t - s < sliding
+    return allowed, keep
+
+
+@pytest.mark.parametrize("path", ["blockwise", "kernel"])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "sliding"])
+def test_bfloat16_statistics_under_autocast_equal_float64(path, mask_kind):
+    """bf16 q / k (head dim 128) inside torch.autocast(bfloat16): the statistics are float32
+    math, so they equal the float64 definition on the same bf16-rounded q / k within the
+    float32 rule; bf16 arithmetic (products, the 1/sqrt(d) scaling) would be ~100x off."""
+    from attnrl.signals.capture import float32_qk, kernel_lse_and_span, kernel_width
+    from attnrl.signals.capture import padding_key_mask
+
+    gen = torch.Generator().manual_seed(7)
+    B, H, h_kv, n, d = 2, 4, 2, 160, 128
+    q = (torch.randn(B, H, n, d, generator=gen) * 0.6).bfloat16()
+    k = (torch.randn(B, h_kv, n, d, generator=gen) * 0.6).bfloat16()
+    mask, keep = (None, torch.ones(B, n, dtype=torch.bool)) if mask_kind == "causal" else \
+        padded_mask(B, n, [0, 37], sliding=24 if mask_kind == "sliding" else None)
+    response = keep & (torch.rand(B, n, generator=gen) < 0.8)
+    scaling, window, h_lo, h_hi = d ** -0.5, 10, 3, 40
+    expect = float64_stats(q, k, mask, scaling, response, window, h_lo, h_hi)
+    lse = span = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if path == "kernel":
+            prepared = float32_qk(q, k, scaling, kernel_width(q) - d)
+            lse, span = kernel_lse_and_span(prepared, d, mask, padding_key_mask(mask))
+        got = layer_statistics(q, k, mask, scaling, response, window, h_lo, h_hi,
+                               lse=lse, span=span)
+    assert all(x.dtype == torch.float32 for x in got)
+    assert_stats_close(got, expect, response, n * n if path == "kernel" else 1)
+
+
+def spy_on_record(capture):
+    """Keep each sampled layer's first q, k, mask and scaling as the capture receives them
+    (wraps the capture's own method; the capture still runs unchanged)."""
+    seen = {}
+    original = capture._record
+
+    def record(module, query, key, value, attention_mask, kwargs):
+        seen.setdefault(module.layer_idx, (query.detach().clone(), key.detach().clone(),
+                                           attention_mask, kwargs.get("scaling")))
+        return original(module, query, key, value, attention_mask, kwargs)
+
+    capture._record = record
+    return seen
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "portable"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_bfloat16_model_under_autocast_equals_float64_reference(use_kernel, checkpointing):
+    """bf16 weights and torch.autocast(bfloat16) around a training forward (what a trainer's
+    bf16 mixed precision does): every sampled layer's statistics equal the float64
+    definition on that layer's own bf16 q / k within the float32 rule."""
+    model = spiky(build_tiny_model("llama", seed=0, num_heads=4, num_kv_heads=2,
+                                   num_layers=4, head_dim=128), 0, std=0.06).bfloat16()
+    n = 96
+    ids, attention, response = padded_batch([96, 70], ["left", "right"], n, [30, 20])
+    config = SignalConfig(window=6, h_lo=3, h_hi=30)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    capture = SignalCapture(model, config, response_mask=response, use_kernel=use_kernel)
+    seen = spy_on_record(capture)
+    with capture, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=attention, labels=ids, use_cache=False)
+    out.loss.backward()
+    model.gradient_checkpointing_disable()
+    assert set(capture.paths.values()) == {"kernel" if use_kernel else "blockwise"}
+    stats = capture.head_stats()
+    for i, layer in enumerate(stats.layers):
+        q, k, mask, scaling = seen[layer]
+        assert q.dtype == torch.bfloat16
+        expect = float64_stats(q, k, mask, scaling, response, config.window, config.h_lo,
+                               config.h_hi)
+        got = (stats.waad[:, i], stats.fai_sum[:, i], stats.span[:, i])
+        assert_stats_close(got, expect, response, n * n if use_kernel else 1)
+
+
+# --------------------------------------------------------------------------- kernel path
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(band_cases())
+def test_kernel_lse_and_span_equal_full_softmax(c):
+    """The statistics kernel beside sdpa (one fused call, key position in the value, padded
+    keys by a key channel instead of an (N, N) mask) gives lse and span such that the
+    layer's statistics equal the float64 softmax maps; padding masks are recognised."""
+    from attnrl.signals.capture import float32_qk, kernel_lse_and_span, kernel_width
+    from attnrl.signals.capture import padding_key_mask
+
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, n, h_kv, H = c["B"], c["n"], c["h_kv"], c["h_kv"] * c["group"]
+    d = 8
+    q = torch.randn(B, H, n, d, generator=gen) * 1.5
+    k = torch.randn(B, h_kv, n, d, generator=gen) * 1.5
+    allowed, keep = build_mask(c)
+    response = keep & (torch.rand(B, n, generator=gen) < 0.7)
+    mask = {"none": None, "bool": allowed,
+            "float": torch.zeros(allowed.shape).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min)}[c["mask_kind"]]
+    scaling = d ** -0.5
+    key_keep = padding_key_mask(mask)
+    window_bites = c["sliding"] is not None and c["sliding"] < n and c["mask_kind"] != "none"
+    if mask is not None and not window_bites:
+        assert torch.equal(key_keep, keep)
+    elif window_bites:
+        assert key_keep is None
+    prepared = float32_qk(q, k, scaling, kernel_width(q) - d)
+    lse, span = kernel_lse_and_span(prepared, d, mask, key_keep)
+    got = layer_statistics(q, k, mask, scaling, response, c["window"], c["h_lo"], c["h_hi"],
+                           c["block"], lse=lse, span=span, prepared=prepared)
+    expect = float64_stats(q, k, allowed if mask is not None else None, scaling, response,
+                           c["window"], c["h_lo"], c["h_hi"])
+    assert_stats_close(got, expect, response, n * n)
+
+
+def test_capture_records_its_path():
+    """fused (float32, no checkpointing), kernel (checkpointing or autocast: sdpa's output
+    plus the statistics kernel), blockwise (use_kernel=False); reported per layer."""
+    model = tiny("llama", 4, 2)
+    ids, attention, response = padded_batch([40, 30], ["left", "right"], 40, [10, 10])
+    runs = {"fused": dict(), "blockwise": dict(use_kernel=False),
+            "kernel": dict(checkpointing=True), "kernel-autocast": dict(autocast=True)}
+    for name, how in runs.items():
+        model.train()
+        if how.get("checkpointing"):
+            model.gradient_checkpointing_enable()
+        capture = SignalCapture(model, SignalConfig(), response_mask=response,
+                                use_kernel=how.get("use_kernel", True))
+        with capture, torch.autocast("cpu", dtype=torch.bfloat16,
+                                     enabled=how.get("autocast", False)):
+            model(input_ids=ids, attention_mask=attention, use_cache=False).logits.sum().backward()
+        model.gradient_checkpointing_disable()
+        path = name.split("-")[0]
+        assert set(capture.paths) == set(capture.layers)
+        assert set(capture.paths.values()) == {path}
+        metrics = capture.path_metrics()
+        assert metrics[f"signals/path_{path}"] == 1.0 and sum(metrics.values()) == 1.0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_autocast_training_forward_gradients_equal_sdpa(checkpointing):
+    """bf16 autocast training forward: the capture (sdpa's output + statistics kernel)
+    changes neither the loss nor any gradient, with and without checkpointing."""
+    model = tiny("llama", 4, 2)
+    ids, attention, response = padded_batch([48, 40], ["left", "right"], 48, [16, 10])
+
+    def loss_and_grads(capture):
+        model.zero_grad()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        with capture or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=attention, labels=ids, use_cache=False)
+        out.loss.backward()
+        model.gradient_checkpointing_disable()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads(None)
+    capture = SignalCapture(model, SignalConfig(window=5, h_lo=2, h_hi=10),
+                            response_mask=response)
+    loss_c, grads_c = loss_and_grads(capture)
+    assert set(capture.paths.values()) == {"kernel"}
+    assert torch.equal(loss_c, loss)
+    for name in grads:
+        assert torch.equal(grads_c[name], grads[name]), name

@@ -242,3 +242,34 @@ def test_capture_nests_inside_the_signal_capture():
     alone = compute_token_signals(model, ids, mask, response, config=config)
     torch.testing.assert_close(together.waad, alone.waad)
     torch.testing.assert_close(together.fai, alone.fai)
+
+
+def test_scores_under_bf16_autocast_are_float32_products_of_the_bf16_q_k():
+    """bf16 weights inside torch.autocast(bfloat16) (a trainer's mixed precision): the
+    scores are the float64 products of the layer's own bf16 q / k within the float32 rule,
+    not bf16 products."""
+    from tolerances import assert_close
+
+    model = build_tiny_model("llama", num_heads=4, num_kv_heads=2, num_layers=2,
+                             head_dim=128).bfloat16()
+    ids, mask = _batch(3, length=40)
+    heads = [(1, 0), (1, 3)]
+    qpos, kpos = torch.tensor([39, 30]), torch.arange(5, 25)
+    capture = QKCapture(model, heads, qpos, kpos)
+    seen = {}
+    original = capture.record
+
+    def record(layer, query, key):  # keep the tensors the capture receives; it still runs
+        seen.setdefault(layer, (query.detach().clone(), key.detach().clone()))
+        return original(layer, query, key)
+
+    capture.record = record
+    with torch.no_grad(), capture, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    q, k = seen[1]
+    assert q.dtype == torch.bfloat16 and capture.scores.dtype == torch.float32
+    expect = torch.einsum("bhqd,bhkd->bhqk", q[:, [0, 3]][:, :, qpos].double(),
+                          k[:, [0, 1]][:, :, kpos].double())
+    valid = mask.bool()[:, qpos][:, None, :, None] & mask.bool()[:, kpos][:, None, None, :]
+    assert_close(capture.scores[valid.expand_as(expect)], expect[valid.expand_as(expect)],
+                 terms=128)
