@@ -35,6 +35,7 @@ from attnrl.credit import (
 )
 from attnrl.rollout import SamplingConfig, make_engine
 from attnrl.signals.types import SignalConfig
+from trainers.head_split import FrozenHeadSplit
 from trainers.qk_heads import QKCredit, needs_qk
 
 
@@ -70,7 +71,9 @@ class AttnGRPOConfig(GRPOConfig):
     tau_delta: float | None = field(default=None, metadata={
         "help": "Coupled: Delta threshold; None = per-response median."})
     freeze_head_split: bool = field(default=False, metadata={
-        "help": "Calibrate the local/global head split on the first batch and keep it."})
+        "help": "Calibrate the local/global head split on the first training batch (the "
+                "union over processes) and keep it; saved in checkpoints "
+                "(trainers/head_split.py)."})
     # ---- QK-score credit (methods.md 2; trainers/qk_heads.py)
     qk_top_k: int = field(default=4, metadata={"help": "QK: heads kept by AUC."})
     qk_reselect_every: int = field(default=10, metadata={
@@ -100,8 +103,9 @@ class AttnGRPOConfig(GRPOConfig):
     rollout_server_timeout: float = field(default=600.0, metadata={
         "help": "vllm_server: seconds to wait for the server to answer /health."})
     rollout_server_weights_dir: str | None = field(default=None, metadata={
-        "help": "vllm_server: directory the server can read, for weight pushes; None = "
-                "<output_dir>/rollout_weights."})
+        "help": "vllm_server: the directory the server accepts weights from (its "
+                "--weights-dir), as the trainer sees it; None = the server's. The secret: "
+                "env ATTNRL_ROLLOUT_API_KEY."})
     rollout_kv_cache_gib: float = field(default=0.5, metadata={
         "help": "vLLM KV cache size (CPU, or GPU when gpu_memory_utilization is None)."})
     rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
@@ -112,6 +116,7 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
     def __post_init__(self):
+        check_reward_aggregation(self.multi_objective_aggregation)
         if self.deepspeed:
             set_single_process_env()
             skip_cpu_shm_comm_op()
@@ -157,7 +162,8 @@ class AttnGRPOTrainer(GRPOTrainer):
         self.engine = rollout_engine
         self._engine_step = None          # global_step whose weights the engine holds
         self._loss_inputs = None          # inputs dict of the loss call in progress
-        self._frozen_split = None
+        self.head_split = FrozenHeadSplit(config.signal_head_quantile) \
+            if config.freeze_head_split and "signals" in self.credit_inputs else None
         self.last_token_advantages = None  # (B, T) what reached the loss, for inspection
         self.qk_credit = QKCredit(self.model, config, self.credit_config, self.eos_token_ids) \
             if needs_qk(self.credit_inputs) else None
@@ -167,10 +173,9 @@ class AttnGRPOTrainer(GRPOTrainer):
         config: AttnGRPOConfig = self.args
         path = self.model.config._name_or_path
         if config.rollout_engine == "vllm_server":
-            weights_dir = config.rollout_server_weights_dir or \
-                os.path.join(config.output_dir, "rollout_weights")
             return make_engine("vllm_server", path, url=config.rollout_server_url,
-                               timeout=config.rollout_server_timeout, weights_dir=weights_dir,
+                               timeout=config.rollout_server_timeout,
+                               weights_dir=config.rollout_server_weights_dir,
                                push_weights=self.accelerator.is_main_process)
         if config.rollout_engine == "vllm":
             max_len = config.rollout_max_model_len or max(2048, config.max_completion_length + 1024)
@@ -296,7 +301,7 @@ class AttnGRPOTrainer(GRPOTrainer):
             capture = SignalCapture(self.accelerator.unwrap_model(model),
                                     self.credit_config.signals, attention_mask=attention_mask,
                                     response_mask=response_mask,
-                                    head_split=self._frozen_split)
+                                    head_split=self._head_split_now())
         qk_capture = None if self.qk_credit is None else self.qk_credit.capture(
             self.accelerator.unwrap_model(model), input_ids, attention_mask, response_mask)
         with capture if capture is not None else contextlib.nullcontext(), \
@@ -307,9 +312,12 @@ class AttnGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         signals = None
         if capture is not None:
+            if self.head_split is not None and self.head_split.split is None \
+                    and self.model.training:  # every rank calls: a collective
+                self.head_split.calibrate(capture.head_stats(), response_mask,
+                                          lambda x: self.accelerator.reduce(x, "sum"))
+                capture.head_split = self.head_split.split
             signals = capture.token_signals()
-            if self.args.freeze_head_split and self._frozen_split is None:
-                self._frozen_split = (signals.local_heads, signals.global_heads)
         entropy_full = None
         if entropies is not None:
             entropy_full = torch.zeros(response_mask.shape, dtype=torch.float32,
@@ -343,6 +351,10 @@ class AttnGRPOTrainer(GRPOTrainer):
             self._metrics[mode][key].append(value)
         return extras
 
+    def _head_split_now(self):
+        """The frozen split for the capture: None until calibrated (or when not frozen)."""
+        return None if self.head_split is None else self.head_split.split
+
     run_card: str | None = None
     """README.md written where TRL writes its model card (set by `attnrl train`)."""
 
@@ -356,17 +368,26 @@ class AttnGRPOTrainer(GRPOTrainer):
         return None
 
     def _save_checkpoint(self, model, trial):
-        if self.qk_credit is not None and self.args.should_save:  # before: a crash keeps it
+        if self.args.should_save:  # before the checkpoint: a crash keeps the state files
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            self.qk_credit.save(os.path.join(self._get_output_dir(trial=trial),
-                                             f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+            directory = os.path.join(self._get_output_dir(trial=trial),
+                                     f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.qk_credit is not None:
+                self.qk_credit.save(directory)
+            if self.head_split is not None:
+                self.head_split.save(directory)
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.qk_credit is not None and checkpoint is not None:
             self.qk_credit.load(checkpoint)
+        if self.head_split is not None and checkpoint is not None:
+            config = self.accelerator.unwrap_model(self.model).config
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            self.head_split.load(checkpoint, self.credit_config.signals.resolve_layers(
+                config.num_hidden_layers))
 
     def _log_credit(self, gamma, response_mask, signals) -> None:
         mode = "train" if self.model.training else "eval"
@@ -381,6 +402,22 @@ class AttnGRPOTrainer(GRPOTrainer):
                     self._metrics[mode][f"signals/{name}_max"].append(values.max().item())
 
 
+REWARD_AGGREGATION = "sum_then_normalize"
+"""The one value of TRL's `multi_objective_aggregation` attnrl implements: the estimators of
+attnrl.advantages see the weighted sum of the reward functions."""
+
+
+def check_reward_aggregation(value) -> None:
+    """UserError for a `multi_objective_aggregation` other than the weighted sum."""
+    if value != REWARD_AGGREGATION:
+        from attnrl.errors import UserError
+
+        raise UserError(
+            f"multi_objective_aggregation {value!r} is not supported: attnrl's advantage "
+            f"estimators take the weighted sum of the rewards ({REWARD_AGGREGATION!r}); "
+            f"remove the key or set it to {REWARD_AGGREGATION!r}")
+
+
 def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     """True when rows come in consecutive blocks of n identical prompts (TRL's sampler)."""
     if n <= 1 or len(prompt_ids) % n:
@@ -389,12 +426,16 @@ def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
 
 
 def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """HF-named full weights of a PEFT LoRA model: W + (alpha / r) * B @ A for each adapted
-    layer, computed out of place (merging into the frozen base and back would leave
-    rounding error in it at every sync)."""
+    """HF-named full weights of a PEFT LoRA model, equal to what PEFT's merge gives:
+    W + (alpha / r) * B @ A for each adapted layer, and with `lora_bias` also
+    b + (alpha / r) * b_B. Computed out of place (merging into the frozen base and back
+    would leave rounding error in it at every sync); the sum is taken in the promoted
+    dtype and rounded once to the base dtype, as PEFT's in-place add does."""
     import re
 
     from peft.tuners.lora import LoraLayer
+
+    from attnrl.errors import UserError
 
     deltas = {}
     for name, module in model.named_modules():
@@ -402,19 +443,29 @@ def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
             continue
         active = [a for a in module.active_adapters if a in module.lora_A]
         if any(module.use_dora.get(a) for a in active):
-            from attnrl.errors import UserError
-
             raise UserError("DoRA adapters cannot be synced to the rollout engine as merged "
                             "weights; use plain LoRA (lora: {use_dora: false})")
-        if active:
-            deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a)
-                                                      for a in active)
+        if not active:
+            continue
+        deltas[f"{name}.base_layer.weight"] = [module.get_delta_weight(a) for a in active]
+        biased = [a for a in active if module.lora_bias.get(a)]
+        if biased:
+            if getattr(module.get_base_layer(), "bias", None) is None:
+                raise UserError(f"LoRA with lora_bias on {name}, whose layer has no bias: "
+                                "PEFT cannot merge it either; set lora: {lora_bias: false}")
+            deltas[f"{name}.base_layer.bias"] = [
+                module.lora_B[a].bias * module.scaling[a] for a in biased]
     state = {}
     for name, tensor in model.state_dict().items():
         if "lora_" in name or ".original_module." in name:
             continue
         value = tensor.detach()
-        value = value + deltas[name].to(value.dtype) if name in deltas else value.clone()
+        if name in deltas:
+            for delta in deltas[name]:  # adapter by adapter, as PEFT merges them
+                value = (value.to(torch.promote_types(value.dtype, delta.dtype))
+                         + delta.detach()).to(tensor.dtype)
+        else:
+            value = value.clone()
         name = re.sub(r"\.modules_to_save\.[^.]+", "", name)
         state[name.replace("base_model.model.", "", 1).replace(".base_layer", "")] = value
     return state

@@ -11,6 +11,10 @@ and `merge_summary.json`, all written to a temporary sibling of OUT and renamed 
 Per target tensor name: combined when RL and SFT provide it with the target's shape; copied
 unchanged (and listed) when its shape differs, when RL or SFT lacks it, when it matches an
 `exclude` regex or is not floating point. Names only in RL / SFT are ignored (and listed).
+Quantized checkpoints are refused (a UserError naming the tensor and its dtype): float8
+tensors, integer weights, and weights with a quantization scale beside them
+(`weight_scale`, `weight_scale_inv`, `scales`, ...), unless excluded: their stored values
+are not the weights, so the arithmetic would be in the wrong units.
 
 PEFT LoRA adapters (a directory with adapter_config.json + adapter_model.safetensors) may
 stand for RL or SFT. An adapter means "the weights it was trained on, plus its delta"
@@ -46,6 +50,7 @@ from attnrl.merge.plan import (
     MergeSummary,
     check_architectures,
     check_common_names,
+    check_not_quantized,
     describe,
     merged_block,
     open_source,
@@ -173,6 +178,7 @@ def merge_checkpoints(rl, sft, target, out, alpha: float = 1.0, exclude=None,
                         "replaced only after the new merge is complete) or choose another --out")
     check_architectures(rl_src, sft_src, target_src)
     check_common_names(rl_src, sft_src, target_src)
+    check_not_quantized(sources, excludes)
     summary = MergeSummary(str(rl_src.path), str(sft_src.path), str(target_src.path), str(out),
                            alpha, *("lora_adapter" if s.is_adapter else "checkpoint"
                                     for s in (rl_src, sft_src)))

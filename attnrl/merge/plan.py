@@ -172,6 +172,61 @@ def plan_tensors(rl, sft, target: Checkpoint, excludes: list[re.Pattern], summar
     return plans
 
 
+FLOAT8_DTYPES = frozenset(getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name))
+_SCALE = re.compile(r"(^|[._])(weight_scale(_inv|_2)?|weight_global_scale|scales|qzeros|"
+                    r"g_idx|absmax|quant_map|quant_state\..*)$")
+"""Names of quantization side tensors: a tensor prefix.X beside them is stored quantized."""
+
+
+def _entries(source):
+    """{name: TensorEntry} of every tensor a source stores (adapters: full tensors and
+    LoRA factors)."""
+    if not source.is_adapter:
+        return source.entries
+    found = dict(source.fulls)
+    for delta in source.deltas.values():
+        for entry in (delta.a, delta.b):
+            if entry is not None:
+                found[entry.name] = entry
+    return found
+
+
+def check_not_quantized(sources: dict, excludes: list[re.Pattern]) -> None:
+    """UserError naming the first tensor stored quantized (float8, integer weights, or with
+    a quantization scale beside it): its raw units are not weights, so arithmetic on them
+    would be wrong. Tensors matched by `excludes` are copied, never combined: skipped."""
+    for role, source in sources.items():
+        entries = {n: e for n, e in _entries(source).items()
+                   if not any(p.search(n) for p in excludes)}
+        for name, entry in sorted(entries.items()):
+            leaf = name.rsplit(".", 1)[-1]
+            why = None
+            if entry.dtype in FLOAT8_DTYPES:
+                why = f"is stored as {_dtype_name(entry.dtype)}"
+            elif not entry.dtype.is_floating_point and entry.dtype != torch.bool \
+                    and "weight" in leaf:
+                why = f"is an integer weight ({_dtype_name(entry.dtype)})"
+            elif _SCALE.search(name):
+                stem = name[:len(name) - len(_SCALE.search(name)[0])]
+                weight = next((stem + s for s in (".weight", ".qweight", "")
+                               if stem + s in entries), None)
+                if weight is not None:
+                    name, entry = weight, entries[weight]
+                    why = (f"({_dtype_name(entry.dtype)}) has the quantization tensor "
+                           f"{leaf!r} beside it")
+            if why:
+                raise UserError(
+                    f"{role} tensor {name!r} in {source.path} {why}: arithmetic on quantized "
+                    "values is not done here; merge full-precision (bf16/fp16/fp32) "
+                    "checkpoints, or --exclude the tensor to copy it from the target")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def check_common_names(rl, sft, target: Checkpoint) -> None:
     """Mismatched checkpoints (nothing in common with the target) are an error."""
     def example(names):

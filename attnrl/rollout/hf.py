@@ -73,4 +73,30 @@ class HFEngine(RolloutEngine):
         return results
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=False)
+        """Copy `state_dict` (HF names) into the model. Every tensor of the model must be
+        given, except the second name of a tied pair; a missing or unknown name is a
+        ValueError naming it, raised before anything is copied."""
+        check_state_dict_names(self.model, state_dict)
+        self.model.load_state_dict(state_dict, strict=False)  # names checked above (ties)
+
+
+def check_state_dict_names(model, state_dict) -> None:
+    """ValueError naming the tensors of `state_dict` the model lacks, and those of the model
+    `state_dict` lacks (a name tied to a given one, e.g. lm_head.weight sharing the
+    embedding, may be left out)."""
+    own = model.state_dict()
+    unknown = sorted(set(state_dict) - set(own))
+    given = {own[name].data_ptr() for name in state_dict if name in own}
+    missing = sorted(name for name in set(own) - set(state_dict)
+                     if own[name].data_ptr() not in given)
+    if unknown or missing:
+        parts = []
+        for what, names in (("names the model does not have", unknown),
+                            ("model tensors not given", missing)):
+            if names:
+                shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)"
+                                                if len(names) > 8 else "")
+                parts.append(f"{what}: {shown}")
+        raise ValueError(f"weight sync to the transformers engine "
+                         f"({type(model).__name__}) does not match its tensors; "
+                         + "; ".join(parts))

@@ -6,11 +6,15 @@ The server runs on its own GPUs (or CPU cores) and is reached over HTTP:
   `n` samples each, `logprobs: 0` (the sampled token's log-prob, raw model distribution by
   vLLM's default `--logprobs-mode raw_logprobs`) and vLLM's `return_token_ids` extension
   (the sampled token ids, so no re-tokenization of text ever happens);
-- weight sync: the new weights are written as one safetensors file into a directory that
-  both processes can read (`weights_dir`), then the server reloads them in place with
-  `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}`
-  and drops stale KV blocks with `POST /reset_prefix_cache`. Both endpoints exist only
-  when the server runs with `VLLM_SERVER_DEV_MODE=1` (launch/vllm_server.sh sets it).
+- weight sync: the new weights are written as one safetensors file into a fresh
+  sub-directory of the one directory the server accepts weights from (fixed when the
+  server starts: launch/vllm_server.sh --weights-dir), then the server reloads them in
+  place with `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path":
+  SUBDIR}}` and drops stale KV blocks with `POST /reset_prefix_cache`. Both endpoints
+  exist only when the server runs with `VLLM_SERVER_DEV_MODE=1` behind attnrl's guard
+  (attnrl.rollout.server_guard; launch/vllm_server.sh sets up both).
+- access: with a secret set (`ATTNRL_ROLLOUT_API_KEY` in both environments, or `api_key`),
+  every request carries `Authorization: Bearer KEY`.
 
 With several trainer ranks, only the rank given `push_weights=True` writes and pushes;
 every rank then waits at a torch.distributed barrier, so no rank samples from old weights.
@@ -21,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,38 +34,58 @@ import torch
 
 from attnrl.errors import UserError
 from attnrl.rollout.base import Completion, RolloutEngine, SamplingConfig, encode_prompts
+from attnrl.rollout.server_guard import INFO_PATH, KEY_ENV
 
 
 class ServerError(RuntimeError):
-    """The server answered a request with an error."""
+    """The server answered a request with an error; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def _request(url: str, payload: dict | None = None, timeout: float | None = None,
-             method: str | None = None):
+             method: str | None = None, api_key: str | None = None):
     """JSON in, JSON out (None for an empty body). Raises ServerError on HTTP errors and
     urllib.error.URLError when nothing answers."""
     data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:2000]
-        raise ServerError(f"{req.get_method()} {url} -> HTTP {err.code}: {detail}") from None
+        raise ServerError(f"{req.get_method()} {url} -> HTTP {err.code}: {detail}",
+                          status=err.code) from None
     return json.loads(body) if body.strip() else None
 
 
-def wait_for_server(url: str, timeout: float, poll_s: float = 1.0) -> float:
+def _refused_key(url: str) -> UserError:
+    return UserError(f"the vLLM server at {url} refused the API key (HTTP 401): set "
+                     f"{KEY_ENV} to the secret the server was started with")
+
+
+def wait_for_server(url: str, timeout: float, poll_s: float = 1.0,
+                    api_key: str | None = None) -> float:
     """Poll `GET {url}/health` until it answers 200; seconds waited. UserError after
-    `timeout` seconds naming the URL, the timeout and the last failure."""
+    `timeout` seconds naming the URL, the timeout and the last failure, or at once when
+    the server refuses the API key."""
     start = time.monotonic()
     last = "no answer"
     while True:
         try:
-            _request(f"{url}/health", timeout=max(poll_s, 1.0))
+            _request(f"{url}/health", timeout=max(poll_s, 1.0), api_key=api_key)
             return time.monotonic() - start
-        except (urllib.error.URLError, ServerError, OSError, ValueError) as err:
+        except ServerError as err:
+            if err.status == 401:
+                raise _refused_key(url) from None
+            last = str(err)
+        except (urllib.error.URLError, OSError, ValueError) as err:
             last = str(getattr(err, "reason", err))
         if time.monotonic() - start >= timeout:
             raise UserError(
@@ -80,17 +103,19 @@ class VLLMServerEngine(RolloutEngine):
             prompts; the server must serve the same architecture.
         url: server base URL, e.g. 'http://10.0.0.5:8000' (a trailing '/v1' is dropped).
         timeout: seconds to wait for the server to come up.
-        weights_dir: directory both trainer and server can read (shared file system, or
-            /dev/shm when on one node); each push writes a fresh sub-directory there and
-            removes it once the server has loaded it. None: a temporary directory, only
-            valid when the server runs on this machine.
+        weights_dir: the directory the server accepts weights from, as this process sees
+            it (shared file system, or /dev/shm on one node); each push writes a fresh
+            sub-directory there and removes it once the server has loaded it. None: the
+            server's own (it tells it). A directory other than the server's is an error.
         push_weights: False on trainer ranks that only generate (one rank pushes).
         request_timeout: seconds one generation request may take (None: no limit).
+        api_key: the server's secret; None: the environment variable ATTNRL_ROLLOUT_API_KEY
+            (unset: no key sent).
     """
 
     def __init__(self, model, url: str | None, timeout: float = 300.0,
                  weights_dir: str | os.PathLike | None = None, push_weights: bool = True,
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, api_key: str | None = None):
         from attnrl.models import load_tokenizer, resolve_model
 
         if not url:
@@ -99,28 +124,50 @@ class VLLMServerEngine(RolloutEngine):
                             "server with launch/vllm_server.sh")
         url = str(url).rstrip("/")
         self.url = url.removesuffix("/v1")
+        self.api_key = api_key if api_key is not None else os.environ.get(KEY_ENV) or None
         self.tokenizer = load_tokenizer(str(resolve_model(model)))
         self.push_weights = push_weights
         self.request_timeout = request_timeout
-        self._owns_weights_dir = weights_dir is None
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self._version = 0
-        self.waited_s = wait_for_server(self.url, timeout)
-        models = _request(f"{self.url}/v1/models", timeout=30)["data"]
+        self.waited_s = wait_for_server(self.url, timeout, api_key=self.api_key)
+        models = self._call("/v1/models", timeout=30)["data"]
         self.served_model = models[0]["id"]
         self.max_model_len = models[0].get("max_model_len")
         if push_weights:
-            self._check_dev_mode()
+            self._check_weight_sync()
 
-    def _check_dev_mode(self) -> None:
+    def _call(self, path: str, payload: dict | None = None, timeout: float | None = None):
         try:
-            _request(f"{self.url}/server_info", timeout=30)
+            return _request(f"{self.url}{path}", payload, timeout=timeout,
+                            api_key=self.api_key)
         except ServerError as err:
-            if "HTTP 404" in str(err):
-                raise UserError(
-                    f"the vLLM server at {self.url} has no weight-sync endpoints: start it "
-                    "with VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)") from None
+            if err.status == 401:
+                raise _refused_key(self.url) from None
             raise
+
+    def _check_weight_sync(self) -> None:
+        """The server runs behind attnrl's guard with the development endpoints on, and
+        accepts weights from `weights_dir` (taken from the server when None)."""
+        try:
+            info = self._call(INFO_PATH, timeout=30)
+        except ServerError as err:
+            if err.status == 404:
+                raise UserError(
+                    f"the vLLM server at {self.url} has no guarded weight-sync endpoints: "
+                    "start it with launch/vllm_server.sh") from None
+            raise
+        if not info.get("dev_mode"):
+            raise UserError(f"the vLLM server at {self.url} has no weight-sync endpoints: "
+                            "start it with VLLM_SERVER_DEV_MODE=1 (launch/vllm_server.sh does)")
+        server_dir = info["weights_dir"]
+        if self.weights_dir is None:
+            self.weights_dir = Path(server_dir)
+        elif os.path.realpath(self.weights_dir) != server_dir:
+            raise UserError(
+                f"rollout_server_weights_dir {str(self.weights_dir)!r} is not the directory "
+                f"the server at {self.url} accepts weights from ({server_dir!r}, its "
+                "--weights-dir): set rollout_server_weights_dir to it, or leave it unset")
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts, sampling: SamplingConfig,
@@ -145,8 +192,7 @@ class VLLMServerEngine(RolloutEngine):
                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True}
         if sampling.seed is not None:
             payload["seed"] = int(sampling.seed)
-        response = _request(f"{self.url}/v1/completions", payload,
-                            timeout=self.request_timeout)
+        response = self._call("/v1/completions", payload, timeout=self.request_timeout)
         choices = sorted(response["choices"], key=lambda c: c["index"])
         if len(choices) != len(ids) * sampling.n:
             raise ServerError(f"asked {self.url} for {len(ids)} x {sampling.n} completions, "
@@ -177,8 +223,6 @@ class VLLMServerEngine(RolloutEngine):
     def _push(self, state_dict: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        if self.weights_dir is None:  # made on first use, so an unused engine leaves nothing
-            self.weights_dir = Path(tempfile.mkdtemp(prefix="attnrl_server_weights_"))
         self._version += 1
         target = self.weights_dir / f"v{self._version:06d}-{os.getpid()}"
         target.mkdir(parents=True, exist_ok=True)
@@ -191,16 +235,16 @@ class VLLMServerEngine(RolloutEngine):
             tensors[name] = tensor
         try:
             save_file(tensors, str(target / "model.safetensors"))
-            _request(f"{self.url}/collective_rpc",
-                     {"method": "reload_weights", "kwargs": {"weights_path": str(target)}},
-                     timeout=self.request_timeout)
+            self._call("/collective_rpc",
+                       {"method": "reload_weights", "kwargs": {"weights_path": str(target)}},
+                       timeout=self.request_timeout)
             self._reset_prefix_cache()
         finally:
             shutil.rmtree(target, ignore_errors=True)
 
     def _reset_prefix_cache(self, attempts: int = 20) -> None:
         for _ in range(attempts):  # refused while blocks are held by running requests
-            answer = _request(f"{self.url}/reset_prefix_cache", {}, timeout=60)
+            answer = self._call("/reset_prefix_cache", {}, timeout=60)
             if answer is None or answer.get("success", True):
                 return
             time.sleep(0.5)
@@ -208,5 +252,4 @@ class VLLMServerEngine(RolloutEngine):
                           "weight update (requests still running?)")
 
     def close(self) -> None:
-        if self._owns_weights_dir and self.weights_dir is not None:
-            shutil.rmtree(self.weights_dir, ignore_errors=True)
+        """Nothing to release: pushed sub-directories are removed after each push."""

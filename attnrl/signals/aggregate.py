@@ -54,6 +54,17 @@ def select_heads(span: torch.Tensor, quantile: float) -> tuple[torch.Tensor, tor
     return local.view(span.shape), global_.view(span.shape)
 
 
+def head_span_totals(stats: HeadStats, response_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sums behind the pooled head span: each head's span summed over all response
+    tokens of the batch, (L, H) float64, and the number of response tokens, () float64.
+    Both add up over batches and processes; the split of their union is
+    select_heads(span_total / tokens, quantile)."""
+    response = response_mask.to(stats.span.device).bool()
+    span_total = (stats.span.double() * response[:, None, None, :]).sum((0, 3))
+    return span_total, response.sum().double()
+
+
 def delta_from_waad(waad: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     """Delta_t = |WAAD_t - WAAD_{t+1}| where t, t+1 are response tokens, else 0. (B, N)."""
     delta = torch.zeros_like(waad)

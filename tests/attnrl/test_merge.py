@@ -6,6 +6,7 @@ References are plain in-memory arithmetic on tensors loaded with safetensors.tor
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,50 @@ def test_mismatched_missing_excluded_and_non_float_tensors_are_copied_and_listed
     assert json.loads((out / "merge_summary.json").read_text()) == summary.to_json()
     text = summary.render()
     assert "shape mismatch" in text and "embed.weight" in text and "excluded" in text
+
+
+def test_quantized_checkpoints_are_refused(tmp_path, capsys):
+    """float8 tensors, integer weights and weights with a quantization scale beside them
+    hold raw quantized units: the merge stops with one line naming tensor and dtype,
+    before writing anything; excluded, such a tensor is copied from the target."""
+    fp8 = "layers.0.proj.weight"
+    cases = {  # role -> (tensors to put in that checkpoint, expected message)
+        "target": ({fp8: torch.randn(300, 24).to(torch.float8_e4m3fn)},
+                   rf"target tensor '{fp8}' in .* is stored as float8_e4m3fn"),
+        "rl": ({fp8: torch.randn(300, 24).to(torch.float8_e4m3fn),
+                "layers.0.proj.weight_scale_inv": torch.ones(3, 1)},
+               rf"RL tensor '{fp8}' in .* is stored as float8_e4m3fn"),
+        "sft": ({"layers.1.proj.weight": torch.randint(-8, 8, (16, 300), dtype=torch.int8)},
+                r"SFT tensor 'layers.1.proj.weight' in .* is an integer weight \(int8\)"),
+        "rl_scaled": ({"layers.1.proj.weight_scale": torch.ones(16, 1)},
+                      (r"RL tensor 'layers.1.proj.weight' in .* \(float32\) has the "
+                       r"quantization tensor 'weight_scale' beside it")),
+    }
+    for case, (tensors, message) in cases.items():
+        role = case.split("_")[0]
+        parts = {r: random_tensors(seed) for seed, r in enumerate(("rl", "sft", "target"))}
+        parts[role] |= tensors
+        root = tmp_path / case
+        dirs = [write_checkpoint(root / r, parts[r]) for r in ("rl", "sft", "target")]
+        out = root / "out"
+        code = cli_main(["merge", "--rl", str(dirs[0]), "--sft", str(dirs[1]), "--target",
+                         str(dirs[2]), "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (case, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert re.search(message, err), (case, err)
+        assert not out.exists() and not work_dirs(out)
+    # excluded, the float8 tensor of the target is copied bitwise, the rest combined
+    parts = {r: random_tensors(seed) for seed, r in enumerate(("rl", "sft", "target"))}
+    parts["target"][fp8] = torch.randn(300, 24).to(torch.float8_e4m3fn)
+    dirs = [write_checkpoint(tmp_path / "excluded" / r, parts[r])
+            for r in ("rl", "sft", "target")]
+    summary = merge_checkpoints(*dirs, tmp_path / "excluded" / "out", exclude=[r"layers\.0\.proj"],
+                                progress=False)
+    merged = load_dir(tmp_path / "excluded" / "out")
+    assert merged[fp8].dtype == torch.float8_e4m3fn
+    assert torch.equal(merged[fp8].view(torch.uint8), parts["target"][fp8].view(torch.uint8))
+    assert summary.excluded == [fp8] and "layers.1.proj.weight" in summary.combined
 
 
 # ------------------------------------------------------------------------ real models

@@ -226,3 +226,35 @@ def test_vllm_server_sh_dry_run(tiny_model_dir):
     assert command.endswith("--max-num-seqs 64")
     if not HAS_GPU:
         assert "--kv-cache-memory-bytes 1073741824 --no-enable-chunked-prefill" in command
+
+
+def test_vllm_server_sh_loopback_by_default_and_a_secret_off_loopback(tiny_model_dir,
+                                                                      tmp_path):
+    """Without --host the server listens on 127.0.0.1 behind attnrl's guard, with the
+    weights directory fixed at start-up; any other address needs ATTNRL_ROLLOUT_API_KEY
+    (never printed) or an explicit --insecure."""
+    port = free_port()
+    no_key = {"ATTNRL_ROLLOUT_API_KEY": ""}
+    weights = tmp_path / "weights"
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", port,
+                    "--weights-dir", weights, "--dry-run", env=no_key)
+    assert result.returncode == 0, result.stderr
+    command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
+    assert f"--host 127.0.0.1 --port {port}" in command
+    assert "--middleware attnrl.rollout.server_guard.ServerGuard" in command
+    assert f"ATTNRL_ROLLOUT_WEIGHTS_DIR={weights.resolve()}" in command and weights.is_dir()
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" in command
+
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
+                    "--port", port, "--dry-run", env=no_key)
+    assert result.returncode == 2 and "ATTNRL_ROLLOUT_API_KEY" in result.stderr
+    assert "--insecure" in result.stderr and not result.stdout.count("+ ")
+    secret = "s3cret-not-to-print"
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
+                    "--port", port, "--dry-run", env={"ATTNRL_ROLLOUT_API_KEY": secret})
+    assert result.returncode == 0, result.stderr
+    assert "--host 0.0.0.0" in result.stdout and "API key: required" in result.stdout
+    assert secret not in result.stdout + result.stderr
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
+                    "--port", port, "--insecure", "--dry-run", env=no_key)
+    assert result.returncode == 0, result.stderr

@@ -157,3 +157,24 @@ def test_overrides_parse_yaml_scalars():
                               "--credit=coupled", "--bf16"])
     assert parsed == {"learning_rate": 1e-5, "signal_layers": [1, 2], "credit": "coupled",
                       "bf16": True}
+
+
+def test_multi_objective_aggregation_other_than_sum_is_refused(tiny_model_dir, tmp_path,
+                                                               capsys):
+    """attnrl's estimators see the weighted sum of the rewards: TRL's 'normalize_then_sum'
+    would be ignored, so it stops the job before any model loads (exit 2, one line)."""
+    from pathlib import Path
+
+    from attnrl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    code = main(["train", "--config", str(config), "--model", str(tiny_model_dir),
+                 "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                 "--multi_objective_aggregation", "normalize_then_sum"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "multi_objective_aggregation 'normalize_then_sum' is not supported" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    args = AttnGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                          multi_objective_aggregation="sum_then_normalize")
+    assert args.multi_objective_aggregation == "sum_then_normalize"

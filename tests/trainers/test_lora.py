@@ -96,3 +96,52 @@ def test_saved_final_model_is_the_adapter(lora_run):
     assert (final / "adapter_config.json").is_file()
     saved = load_file(final / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_synced_weights_equal_peft_merge_with_lora_bias(dtype):
+    """With lora_bias, PEFT's merge adds (alpha / r) * lora_B.bias to the layer's bias: the
+    synced weights are exactly PEFT's merge_and_unload, also for a bf16 base with float32
+    adapters (one rounding to bf16, as PEFT's in-place add)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from attnrl.models import build_tiny_model
+    from trainers.grpo import merged_lora_state_dict
+
+    base = build_tiny_model("qwen2", seed=0, dtype=dtype)  # q/k/v projections have biases
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    base_bias = base.state_dict()[bias].clone()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_bias=True,
+                                            target_modules=["q_proj", "k_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B and its bias start at zero: give every adapter tensor values
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    assert any(n.endswith("lora_B.default.bias") for n, _ in model.named_parameters())
+    synced = merged_lora_state_dict(model)
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert synced.keys() == merged.keys()
+    for name, value in merged.items():
+        assert synced[name].dtype == value.dtype == dtype, name
+        assert torch.equal(synced[name], value), name
+    assert not torch.equal(synced[bias], base_bias)  # the bias did move
+
+
+def test_lora_bias_on_a_layer_without_bias_is_refused():
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from attnrl.errors import UserError
+    from attnrl.models import build_tiny_model
+    from trainers.grpo import merged_lora_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that it cannot merge this either
+        model = get_peft_model(build_tiny_model("qwen2"), LoraConfig(
+            r=4, lora_alpha=8, lora_bias=True, target_modules=["o_proj"]))
+    with pytest.raises(UserError, match=r"lora_bias on .*o_proj, whose layer has no bias"):
+        merged_lora_state_dict(model)

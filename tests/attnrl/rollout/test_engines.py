@@ -85,3 +85,37 @@ def test_encode_prompts_does_not_double_bos(tiny_tokenizer):
     ids = encode_prompts(tiny_tokenizer, [bos + "hello", [5, 6, 7]])
     assert ids[0].count(tiny_tokenizer.bos_token_id) <= 1
     assert ids[1] == [5, 6, 7]
+
+
+def test_hf_engine_weight_sync_refuses_name_mismatch(tiny_model_dir):
+    """A synced state dict with an unknown or a missing tensor name is an error naming it,
+    and nothing is copied; a tied name (lm_head sharing the embedding) may be left out."""
+    from attnrl.rollout.hf import HFEngine
+
+    engine = HFEngine.from_pretrained(tiny_model_dir)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    new = {k: v + 1.0 for k, v in build_tiny_model(
+        "llama", seed=7, num_heads=4, num_kv_heads=2).state_dict().items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    renamed = dict(new)
+    renamed["base_model.model." + name] = renamed.pop(name)
+    with pytest.raises(ValueError, match=r"names the model does not have: "
+                                         r"base_model\.model\.model\.layers\.0.*"
+                                         r"model tensors not given: model\.layers\.0\.self_attn"
+                                         r"\.q_proj\.weight"):
+        engine.update_weights(renamed)
+    dropped = {k: v for k, v in new.items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match=r"model tensors not given: model\.norm\.weight$"):
+        engine.update_weights(dropped)
+    for key, value in engine.model.state_dict().items():  # nothing was copied
+        assert torch.equal(value, before[key]), key
+
+    engine.update_weights(new)
+    for key, value in engine.model.state_dict().items():
+        assert torch.equal(value, new[key]), key
+    tied = build_tiny_model("llama", seed=8, num_heads=4, num_kv_heads=2)
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # one parameter, two names
+    tied_engine = HFEngine(tied, engine.tokenizer)
+    state = {k: v + 1.0 for k, v in tied.state_dict().items() if k != "lm_head.weight"}
+    tied_engine.update_weights(state)
+    assert torch.equal(tied.lm_head.weight, state["model.embed_tokens.weight"])

