@@ -8,6 +8,10 @@ Filtered, each of which says nothing a user can act on:
 - DeepSpeed: "Setting accelerator to CPU" (DeepSpeed's accelerator probe on CPU machines).
 - torch: "Triton not available" (CPU builds have no Triton).
 - W&B: the Weave advertisement (WANDB_DISABLE_WEAVE).
+- vLLM engine start: notes on settings attnrl chooses on purpose (seed, eager mode, no
+  chunked prefill, no inductor) and on the CPU build (no Triton, V1 runner, SSM cache,
+  thread binding); `filter_vllm_logs()` once vLLM has set up its logging. vLLM's
+  performance hints (LD_PRELOAD of tcmalloc / iomp) stay: a user can act on them.
 Call `configure()` before importing those libraries.
 """
 
@@ -27,6 +31,18 @@ _LOG_PREFIXES = {
     "torch._library.triton": ("Triton not available",),
 }
 
+_VLLM_NOTES = (
+    "The global random seed is set to",
+    "This model does not officially support disabling chunked prefill",
+    "Enforce eager set",
+    "Inductor compilation was disabled",
+    "Triton is not installed",
+    "Reset SSM cache type",
+    "Model Runner V2 requires Triton",
+    "CPU backend doesn't allow to use `torch.set_num_threads`",
+)
+_verbose = False
+
 
 class _DropPrefixes(logging.Filter):
     def __init__(self, prefixes):
@@ -39,6 +55,8 @@ class _DropPrefixes(logging.Filter):
 
 def configure(verbose: bool = False) -> None:
     """Install the filters (idempotent); with verbose=True only raise vLLM's log level."""
+    global _verbose
+    _verbose = verbose
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         return
@@ -49,6 +67,17 @@ def configure(verbose: bool = False) -> None:
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
             logger.addFilter(_DropPrefixes(prefixes))
     os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+
+
+def filter_vllm_logs() -> None:
+    """Drop vLLM's start-up notes (_VLLM_NOTES) at the handlers vLLM installed (records of
+    its module loggers reach them by propagation, past any logger filter)."""
+    if _verbose:
+        return
+    root = logging.getLogger("vllm")
+    for target in [root, *root.handlers, *logging.getLogger().handlers]:
+        if not any(isinstance(f, _DropPrefixes) for f in target.filters):
+            target.addFilter(_DropPrefixes(_VLLM_NOTES))
 
 
 def is_terminal() -> bool:
