@@ -10,8 +10,9 @@ Filtered, each of which says nothing a user can act on:
 - W&B: the Weave advertisement (WANDB_DISABLE_WEAVE).
 - vLLM engine start: notes on settings attnrl chooses on purpose (seed, eager mode, no
   chunked prefill, no inductor) and on the CPU build (no Triton, V1 runner, SSM cache,
-  thread binding); `filter_vllm_logs()` once vLLM has set up its logging. vLLM's
-  performance hints (LD_PRELOAD of tcmalloc / iomp) stay: a user can act on them.
+  thread binding), at the module loggers that log them (vLLM replaces its handlers when
+  an engine starts). vLLM's performance hints (LD_PRELOAD of tcmalloc / iomp) stay: a
+  user can act on them.
 Call `configure()` before importing those libraries.
 """
 
@@ -30,6 +31,8 @@ _LOG_PREFIXES = {
     "DeepSpeed": ("Setting accelerator to CPU",),
     "torch._library.triton": ("Triton not available",),
 }
+_VLLM_LOGGERS = ("vllm.engine.arg_utils", "vllm.config.vllm", "vllm.platforms.cpu",
+                 "vllm.v1.worker.cpu_worker")
 
 _VLLM_NOTES = (
     "The global random seed is set to",
@@ -41,7 +44,6 @@ _VLLM_NOTES = (
     "Model Runner V2 requires Triton",
     "CPU backend doesn't allow to use `torch.set_num_threads`",
 )
-_verbose = False
 
 
 class _DropPrefixes(logging.Filter):
@@ -55,29 +57,16 @@ class _DropPrefixes(logging.Filter):
 
 def configure(verbose: bool = False) -> None:
     """Install the filters (idempotent); with verbose=True only raise vLLM's log level."""
-    global _verbose
-    _verbose = verbose
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         return
     for category, message in _MESSAGES:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name, prefixes in _LOG_PREFIXES.items():
+    for name, prefixes in [*_LOG_PREFIXES.items(), *((n, _VLLM_NOTES) for n in _VLLM_LOGGERS)]:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
             logger.addFilter(_DropPrefixes(prefixes))
     os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
-
-
-def filter_vllm_logs() -> None:
-    """Drop vLLM's start-up notes (_VLLM_NOTES) at the handlers vLLM installed (records of
-    its module loggers reach them by propagation, past any logger filter)."""
-    if _verbose:
-        return
-    root = logging.getLogger("vllm")
-    for target in [root, *root.handlers, *logging.getLogger().handlers]:
-        if not any(isinstance(f, _DropPrefixes) for f in target.filters):
-            target.addFilter(_DropPrefixes(_VLLM_NOTES))
 
 
 def is_terminal() -> bool:

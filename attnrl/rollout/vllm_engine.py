@@ -47,10 +47,6 @@ class VLLMEngine(RolloutEngine):
         _prepare_environment()
         from vllm import LLM
 
-        from attnrl import quiet
-
-        quiet.filter_vllm_logs()
-
         from attnrl.models import load_tokenizer, resolve_model
 
         path = str(resolve_model(model))
