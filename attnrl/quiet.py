@@ -8,6 +8,11 @@ Filtered, each of which says nothing a user can act on:
 - DeepSpeed: "Setting accelerator to CPU" (DeepSpeed's accelerator probe on CPU machines).
 - torch: "Triton not available" (CPU builds have no Triton).
 - W&B: the Weave advertisement (WANDB_DISABLE_WEAVE).
+- vLLM engine start: notes on settings attnrl chooses on purpose (seed, eager mode, no
+  chunked prefill, no inductor) and on the CPU build (no Triton, V1 runner, SSM cache,
+  thread binding), at the module loggers that log them (vLLM replaces its handlers when
+  an engine starts). vLLM's performance hints (LD_PRELOAD of tcmalloc / iomp) stay: a
+  user can act on them.
 Call `configure()` before importing those libraries.
 """
 
@@ -26,6 +31,19 @@ _LOG_PREFIXES = {
     "DeepSpeed": ("Setting accelerator to CPU",),
     "torch._library.triton": ("Triton not available",),
 }
+_VLLM_LOGGERS = ("vllm.engine.arg_utils", "vllm.config.vllm", "vllm.platforms.cpu",
+                 "vllm.v1.worker.cpu_worker")
+
+_VLLM_NOTES = (
+    "The global random seed is set to",
+    "This model does not officially support disabling chunked prefill",
+    "Enforce eager set",
+    "Inductor compilation was disabled",
+    "Triton is not installed",
+    "Reset SSM cache type",
+    "Model Runner V2 requires Triton",
+    "CPU backend doesn't allow to use `torch.set_num_threads`",
+)
 
 
 class _DropPrefixes(logging.Filter):
@@ -44,7 +62,7 @@ def configure(verbose: bool = False) -> None:
         return
     for category, message in _MESSAGES:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name, prefixes in _LOG_PREFIXES.items():
+    for name, prefixes in [*_LOG_PREFIXES.items(), *((n, _VLLM_NOTES) for n in _VLLM_LOGGERS)]:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
             logger.addFilter(_DropPrefixes(prefixes))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from trainers.job import build_dataset, build_rewards, load_config, parse_overrides
 
+OPTIONS = ("config", "overwrite", "allow_config_change", "verbose")
+
 
 def add_arguments(parser) -> None:
     parser.allow_abbrev = False  # every other --key is a config override, never a prefix
@@ -32,9 +34,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from trainers.schema import parse_allow_list
+    import difflib
+
+    from attnrl.errors import UserError
+    from trainers.schema import KEYS, parse_allow_list
 
     overrides = parse_overrides(args.overrides)
+    for key in overrides:  # a misspelt option of this command, not a config key
+        close = difflib.get_close_matches(key, OPTIONS, n=1, cutoff=0.75)
+        if key not in KEYS and close:
+            raise UserError(f"command line: unknown option --{key} (did you mean "
+                            f"--{close[0]}?)")
     config = load_config(args.config, overrides)
     allow = parse_allow_list(args.allow_config_change)
     command = "attnrl " + shlex.join(getattr(args, "argv", None) or ["train", *sys.argv[1:]])

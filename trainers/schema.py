@@ -53,7 +53,7 @@ LORA_KEYS = {  # LoraConfig fields a config may set: kinds, range / choices
     "bias": ("str", {"choices": ("none", "all", "lora_only")}), "use_rslora": ("bool", {}),
     "use_dora": ("bool", {}), "modules_to_save": ("list|null", {}), "task_type": ("str", {}),
     "layers_to_transform": ("int|int_list|null", {}), "init_lora_weights": ("bool|str", {}),
-    "fan_in_fan_out": ("bool", {}), "rank_pattern": ("dict", {}), "alpha_pattern": ("dict", {}),
+    "fan_in_fan_out": ("bool", {}), "lora_bias": ("bool", {}), "rank_pattern": ("dict", {}), "alpha_pattern": ("dict", {}),
     "exclude_modules": ("str|list|null", {}),
 }
 
@@ -192,6 +192,14 @@ def _check_task(value) -> str | None:
     return None  # a reasoning-gym name: checked with "did you mean" when the data loads
 
 
+def _check_reward_aggregation(value) -> str | None:
+    if value == "sum_then_normalize":
+        return None
+    return (f"multi_objective_aggregation {value!r} is not supported: attnrl's advantage "
+            "estimators take the weighted sum of the rewards ('sum_then_normalize'); remove "
+            "the key or set it to 'sum_then_normalize'")
+
+
 def _check_max_steps(value) -> str | None:
     return None if value == -1 or value >= 1 else "is out of range"
 
@@ -286,8 +294,8 @@ ATTNRL_KEYS = [
     Key("rollout_server_url", "str|null", None, "vllm_server: base URL", resume="free"),
     Key("rollout_server_timeout", "float", 600.0, "vllm_server: seconds to wait for /health",
         gt=0, resume="free"),
-    Key("rollout_server_weights_dir", "str|null", None, "vllm_server: directory for weight "
-        "pushes", resume="free"),
+    Key("rollout_server_weights_dir", "str|null", None, "vllm_server: the directory the server "
+        "accepts weights from, as the trainer sees it; null = the server's", resume="free"),
     Key("rollout_kv_cache_gib", "float", 0.5, "vLLM KV cache size (GiB)", gt=0, resume="free"),
     Key("rollout_gpu_memory_utilization", "float|null", None, "vLLM GPU memory fraction", gt=0,
         le=1, resume="free"),
@@ -330,6 +338,9 @@ TRL_KEYS = [
     Key("scale_rewards", "str|bool", "group", "reward std scaling",
         choices=("group", "batch", "none")),
     Key("entropy_coef", "float", 0.0, "entropy bonus", ge=0),
+    Key("multi_objective_aggregation", "str", "sum_then_normalize", "how rewards combine: "
+        "attnrl's estimators take their weighted sum", check=_check_reward_aggregation,
+        allowed="sum_then_normalize"),
     Key("seed", "int", 42, "seed of model init, data order and sampling", ge=0),
     Key("bf16", "bool|null", None, "bfloat16 mixed precision (null: TRL decides)"),
     Key("use_cpu", "bool", False, "train on CPU"),
@@ -462,7 +473,9 @@ def check_value(name: str, value, where: str, bare: bool = False):
     try:
         return coerce(key, value)
     except _Bad as bad:
-        if bad.problem.startswith(("unknown", f"{name}.")):  # the text says it all
+        if bad.problem.startswith((f"{name}.", f"{name} ")):  # the text says it all
+            raise UserError(f"{where}: {bad.problem}") from None
+        if bad.problem.startswith("unknown"):  # a registry name
             raise UserError(f"{where}: {name}: {bad.problem}") from None
         if key.choices and "not a choice" in bad.problem:
             raise UserError(f"{where}: unknown {name} {value!r}{nearest(value, key.choices)}; "

@@ -100,20 +100,39 @@ BAD_INPUTS = [
 SECONDS_TO_ERROR = 3.0
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_within_3_s(tmp_path, args, message):
+def _run_timed(args, cwd):
+    """(result, wall seconds, CPU seconds of the child)."""
+    import resource
     import time
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "attnrl.cli", *args], check=False,
+                            capture_output=True, text=True, timeout=60, cwd=cwd)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result, wall, cpu
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_within_3_s(tmp_path, args, message):
+    """CPU time to the error < 3 s always (nothing heavy imported: that alone takes > 10 s);
+    wall time < 3 s in the fastest of up to three tries (a shared machine may stall one)."""
     for name, text in BAD_FILES.items():
         (tmp_path / name).write_text(text)
     args = [str(tmp_path / a[1:-1]) if a[1:-1] in BAD_FILES else a for a in args]
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "attnrl.cli", *args], check=False,
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    seconds = time.perf_counter() - start
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"attnrl {args[0]}: error: ") and message in lines[0], lines[0]
-    assert seconds < SECONDS_TO_ERROR, f"{seconds:.2f} s to the error"
+    walls = []
+    for _ in range(3):
+        result, wall, cpu = _run_timed(args, tmp_path)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"attnrl {args[0]}: error: ") and message in lines[0], \
+            lines[0]
+        assert cpu < SECONDS_TO_ERROR, f"{cpu:.2f} s of CPU to the error"
+        walls.append(wall)
+        if wall < SECONDS_TO_ERROR:
+            break
+    assert min(walls) < SECONDS_TO_ERROR, f"{walls} s to the error"

@@ -108,7 +108,8 @@ def test_split_comes_from_training_and_is_restored_on_resume(tiny_model_dir, tmp
     state = json.loads(saved.read_text())
     state["local"], state["global"] = state["global"], state["local"]
     saved.write_text(json.dumps(state))
-    resumed = run_job(load_config(TINY, {**base, "max_steps": 2, "resume": "auto"}))
+    resumed = run_job(load_config(TINY, {**base, "max_steps": 2, "resume": "auto"}),
+                      allow_config_change={"max_steps"})
     assert resumed.state.global_step == 2
     restored = resumed.head_split.split
     assert all(torch.equal(a, b) for a, b in zip(restored, as_tensors(state)))
