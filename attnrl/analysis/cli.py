@@ -2,7 +2,8 @@
 know when it is right?
 
 Samples K responses per problem with a rollout engine (or reads prompt / response pairs),
-scores them with the task's reward, runs batched capture forwards (attnrl.analysis.forward)
+scores them with the task's reward (sampled responses are kept in samples.jsonl, readable
+again with --responses), runs batched capture forwards (attnrl.analysis.forward)
 and writes report.json (every number), report.html (figures, tables, example responses)
 and prints a short summary with verdicts. Statistics: attnrl.analysis.stats.
 """
@@ -143,9 +144,17 @@ def analyse(args) -> dict:
             if kept > args.receiver_responses:
                 sample.spans = None
     t_sample = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    if args.task is not None:    # keep the sampled responses: `--responses` reads them back
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples.jsonl", "w") as handle:
+            handle.writelines(json.dumps({
+                "prompt": tokenizer.decode(s.prompt_ids), "response": s.text,
+                "correct": bool(s.correct), "reward": s.reward, "group": int(s.group)}) + "\n"
+                for s in samples)
     print(f"  {len(samples)} responses ({sum(s.correct for s in samples)} correct) in "
           f"{t_sample - t0:.0f} s; analysis forwards...", flush=True)
-    tokenizer = load_tokenizer(model_dir)
     try:
         model = load_model(model_dir, device=args.device)
     except (RuntimeError, AssertionError) as err:

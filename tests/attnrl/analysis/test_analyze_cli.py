@@ -71,6 +71,17 @@ def test_analyze_samples_a_task_with_the_hf_engine(tiny_model_dir, tmp_path, cap
     assert report["problems"] == 3 and report["responses"] == 6 and report["reward"] == "gym"
     assert (out / "report.html").is_file()
     assert "FAI peaks follow" in capsys.readouterr().out
+    # the sampled responses are kept and read back by --responses
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["group"] for r in rows} == {0, 1, 2}
+    again = tmp_path / "again"
+    rc = main(["analyze", "--model", str(tiny_model_dir), "--responses",
+               str(out / "samples.jsonl"), "--permutations", "200", "--bootstrap", "50",
+               "--out", str(again)])
+    assert rc == 0
+    report2 = json.loads((again / "report.json").read_text())
+    assert report2["responses"] == 6 and report2["problems"] == 3
+    assert report2["correct"] == report["correct"]
 
 
 @pytest.mark.parametrize("argv,message", [
