@@ -63,14 +63,21 @@ def summary_lines(report: dict) -> list[str]:
                  f"in two disjoint halves: local {_pct(h['stability']['local_overlap'])}, "
                  f"global {_pct(h['stability']['global_overlap'])}")
     o = report["outcome"]
+    if report["correct"] in (0, report["responses"]):
+        lines.append(f"Correct vs incorrect: not measurable ({report['correct']} of "
+                     f"{report['responses']} responses correct)")
+        o = {}
     parts = []
     for name, label in (("waad_mean", "WAAD"), ("fai_mean", "FAI"),
                         ("anchor_relative_position", "anchor position")):
+        if not o:
+            break
         d = o[name]
         excl = d["difference_ci"][0] > 0 or d["difference_ci"][1] < 0
         parts.append(f"{label} {d['correct']['mean']:.3g} vs {d['incorrect']['mean']:.3g} "
                      f"(diff CI {_ci(d['difference_ci'], '{:.3g}')}{', differs' if excl else ''})")
-    lines.append("Correct vs incorrect: " + "; ".join(parts))
+    if parts:
+        lines.append("Correct vs incorrect: " + "; ".join(parts))
     qk = report.get("qk", {})
     if "skipped" in qk:
         lines.append(f"QK heads: skipped ({qk['skipped']})")
