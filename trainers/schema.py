@@ -38,7 +38,7 @@ from trainers.trl_fields import TRL_FIELDS
 # Registries of the heavy modules, by name (tests/trainers/test_schema.py keeps them equal
 # to attnrl.credit.CREDIT_STRATEGIES, attnrl.advantages.ESTIMATORS, rewards.REWARDS).
 CREDIT_STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled", "random", "entropy",
-                     "bottom_q", "qk_tokens", "qk_consistency")
+                     "bottom_q", "qk_tokens", "qk_consistency", "qk_premise")
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "psr", "nsr", "w_reinforce")
 REWARDS = ("math", "gym", "answer", "format", "overlong")
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
