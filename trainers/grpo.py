@@ -13,7 +13,7 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
    captured for the sampled layers (no second model, no extra forward), turned into
    gamma_t by the credit strategy, and the advantages reaching TRL's loss become
    A_{i,t} = gamma_t * A_i.
-4. QK-score credit (`qk_tokens`, `qk_consistency`): the answer query's QK-scores come from
+4. QK-score credit (`qk_tokens`, `qk_consistency`, `qk_premise`): the answer query's QK-scores come from
    the same forward (trainers/qk_heads.py: head selection from rollouts, checkpointed).
 """
 
@@ -50,7 +50,7 @@ class AttnGRPOConfig(GRPOConfig):
     # ---- credit (methods.md 1.5)
     credit: str = field(default="uniform", metadata={"help": (
         "Credit strategy: uniform | local_chunk | global_anchor | coupled | random | entropy "
-        "| bottom_q | qk_tokens | qk_consistency (join with '+' to compose).")})
+        "| bottom_q | qk_tokens | qk_consistency | qk_premise (join with '+' to compose).")})
     gamma_amp: float = field(default=1.5, metadata={"help": "Amplification of marked tokens."})
     credit_apply_to: str = field(default="both", metadata={
         "help": "Shape advantages of this sign: both | positive | negative."})
