@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from attnrl.errors import UserError, nearest
+from trainers.heldout import HELDOUT_FIELDS
+from trainers.heldout import validate as validate_heldout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -36,6 +38,9 @@ JOB_FIELDS = {
     "resume": "auto (resume from the last checkpoint in output_dir if any) | never | a path",
     "wandb_project": "W&B project name (offline unless WANDB_MODE says otherwise)",
 }
+# Held-out evaluation and reasoning-vector keys: defined, documented and parsed in
+# trainers/heldout.py (HELDOUT_FIELDS, heldout_settings, vector_settings).
+JOB_FIELDS.update(HELDOUT_FIELDS)
 
 
 def trainer_config_class(trainer: str):
@@ -142,6 +147,10 @@ def validate_config(config: dict, source: str = "config") -> None:
         if name not in REWARDS:
             raise UserError(f"{source}: unknown reward {name!r}{nearest(name, REWARDS)}; "
                             f"registered: {', '.join(REWARDS)}")
+    try:
+        validate_heldout(config)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
     for key in ("signal_layers", "qk_layers"):
         layers = config.get(key)
         if layers is None:
