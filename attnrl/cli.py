@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "train": ("trainers.cli", "run a GRPO / NSR training job from a YAML config"),
     "eval": ("attnrl.evaluation", "pass@k of one or more checkpoints on a task"),
     "merge": ("attnrl.merge", "reasoning-vector task arithmetic over safetensors checkpoints"),
-    "ablate": ("attnrl.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
+    "ablate": ("trainers.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
 }
 
 
