@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from trainers import ablation
     from attnrl.errors import UserError
+    from trainers import ablation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ablation.add_arguments(parser)

@@ -25,6 +25,7 @@ order, rollout seeds and held-out problems) with a t interval (see `paired_t_int
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -309,7 +310,8 @@ def curve_area(points: list[tuple[int, float]], last_step: int) -> float | None:
     points = sorted(points)
     if not points or points[0][0] != 0 or points[-1][0] != last_step or last_step <= 0:
         return None
-    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(points, points[1:]))
+    area = sum((s1 - s0) * (a0 + a1) / 2
+               for (s0, a0), (s1, a1) in itertools.pairwise(points))
     return area / last_step
 
 
@@ -479,11 +481,12 @@ HEADERS = ["strategy", "seeds", "final greedy %", "AUC %", "pass@1 %", "steps to
 def format_table(summary: dict) -> str:
     """A markdown table of table_rows with the untrained reference and the settings."""
     ev = summary["settings"]["eval"]
-    lines = [f"# held-out {summary['settings']['task']} (task seed "
+    title = (f"# held-out {summary['settings']['task']} (task seed "
              f"{summary['settings']['heldout_seed']}): {ev['num_problems']} problems, greedy "
              f"(+ {ev['n']} samples at T={ev['temperature']} for pass@1); learning curve every "
              f"{ev['every']} steps; target training reward {summary['target_reward']} "
-             f"({SMOOTH_WINDOW}-step average)"]
+             f"({SMOOTH_WINDOW}-step average)")
+    lines = [title]
     ref = summary.get("untrained")
     if ref is not None:
         lines.append(f"# untrained model: greedy {_pct(ref['greedy_accuracy'])}%, pass@1 "

@@ -59,10 +59,10 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     assert after["models"][0]["step"] == 2
 
     # before = attnrl.evaluation of the start model, after = of final/ (same greedy texts)
-    kwargs = dict(task=config["task"], num_problems=4, n=2, temperature=0.6, max_tokens=8,
-                  engine="hf", seed=config["task_seed"] + 10_000, greedy=True,
-                  task_kwargs=config["task_kwargs"], instruction=config.get("instruction"),
-                  keep_texts=True)
+    kwargs = {"task": config["task"], "num_problems": 4, "n": 2, "temperature": 0.6,
+              "max_tokens": 8, "engine": "hf", "seed": config["task_seed"] + 10_000,
+              "greedy": True, "task_kwargs": config["task_kwargs"],
+              "instruction": config.get("instruction"), "keep_texts": True}
     ref = evaluate([str(tiny_model_dir), str(run / "final")], **kwargs)
     for got, want in ((before, ref["models"][0]), (after, ref["models"][1])):
         assert [s["greedy"] for s in got["samples"]] == [s["greedy"] for s in want["samples"]]
