@@ -7,6 +7,9 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 TEST_ENV = OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
            VLLM_ENABLE_V1_MULTIPROCESSING=0
+# the main job uses every core (torch's default thread count); tests stay on one thread
+RUN_ENV = HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
+          VLLM_ENABLE_V1_MULTIPROCESSING=0
 
 .PHONY: install run test bench clean
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	touch $(STAMP)
 
 run: install
-	$(TEST_ENV) $(BIN)/attnrl train
+	$(RUN_ENV) $(BIN)/attnrl train
 
 test: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests

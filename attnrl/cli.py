@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "merge": ("attnrl.merge", "reasoning-vector task arithmetic over safetensors checkpoints"),
     "analyze": ("attnrl.analysis.cli", "does a model show the preplan-and-anchor rhythm; "
                                        "do its QK heads predict correctness"),
-    "ablate": ("attnrl.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
+    "ablate": ("trainers.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
 }
 
 

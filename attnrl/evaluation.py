@@ -89,6 +89,73 @@ def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
     return rows, seconds
 
 
+def heldout_prompts(task: str, num_problems: int, seed: int, tokenizer,
+                    task_kwargs: dict | None = None, instruction: str | None = None,
+                    system_prompt: str | None = None):
+    """(records, prompt token ids) of `num_problems` problems of `task` generated from
+    `seed`, formatted as a training job formats them (`instruction` None: the default)."""
+    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
+    from attnrl.rollout import encode_prompts
+
+    base = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
+    records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
+                                   for r in base], tokenizer,
+                                  instruction=DEFAULT_INSTRUCTION if instruction is None
+                                  else instruction, system_prompt=system_prompt)
+    return records, encode_prompts(tokenizer, [r.prompt for r in records])
+
+
+def score_with_engine(rollout, records, prompt_ids, n: int, temperature: float = 0.6,
+                      top_p: float = 0.95, max_tokens: int = 512, seed: int = 0,
+                      greedy: bool = False,
+                      correct_threshold: float = CORRECT_THRESHOLD) -> dict:
+    """One model's evaluation entry from an open rollout engine: `n` samples per problem
+    (pass@1..n; n = 0: none, then `greedy` must be set) and optionally one greedy
+    completion per problem. Keys: 'pass_at_k' {str(k): value}, 'correct' [problem][sample]
+    0/1, 'rewards', 'tokens', 'mean_reward', 'generate_seconds', 'greedy_accuracy',
+    'greedy_correct' [problem] 0/1 (None without greedy), '_rows' / '_greedy_rows' (texts;
+    callers drop them)."""
+    from attnrl.rollout import SamplingConfig
+
+    if n < 0 or (n == 0 and not greedy):
+        raise UserError(f"need n >= 1 samples per problem (or n = 0 with greedy); got {n}")
+    rows, seconds = [], 0.0
+    if n:
+        rows, seconds = _generate_and_score(
+            rollout, records, prompt_ids,
+            SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           seed=seed), correct_threshold)
+    greedy_rows = None
+    if greedy:
+        greedy_rows, greedy_seconds = _generate_and_score(
+            rollout, records, prompt_ids,
+            SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed),
+            correct_threshold)
+        seconds += greedy_seconds
+    correct = [row["correct"] for row in rows]
+    greedy_correct = None if greedy_rows is None else [r["correct"][0] for r in greedy_rows]
+    return {"pass_at_k": ({str(k): v for k, v in
+                           pass_at_k_curve(correct, range(1, n + 1)).items()} if n else {}),
+            "correct": correct, "rewards": [row["rewards"] for row in rows],
+            "tokens": [row["tokens"] for row in rows],
+            "mean_reward": (sum(map(sum, (r["rewards"] for r in rows))) / (len(rows) * n)
+                            if n else None),
+            "generate_seconds": seconds,
+            "greedy_accuracy": None if greedy_correct is None else
+            sum(greedy_correct) / len(greedy_correct),
+            "greedy_correct": greedy_correct, "_rows": rows, "_greedy_rows": greedy_rows}
+
+
+def sample_texts(records, entry: dict) -> list[dict]:
+    """Per problem: question, gold answer, sampled texts and the greedy text of an entry
+    from score_with_engine (before its '_rows' are dropped)."""
+    rows, greedy_rows = entry["_rows"], entry["_greedy_rows"]
+    return [{"index": rec.index, "question": rec.question, "gold": rec.answer,
+             "texts": rows[i]["texts"] if rows else [],
+             "greedy": None if greedy_rows is None else greedy_rows[i]["texts"][0]}
+            for i, rec in enumerate(records)]
+
+
 def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
              temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 512,
              engine: str = "vllm", seed: int = 0, greedy: bool = False,
@@ -103,9 +170,9 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     `task_kwargs` go to the task generator; `instruction` (None: the default one) and
     `system_prompt` format the prompts as a training job does. `notice` is printed to
     stderr once the inputs are checked, before the first engine starts."""
-    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
+    from attnrl.data import load_prompts
     from attnrl.models import load_tokenizer, resolve_model
-    from attnrl.rollout import ENGINES, SamplingConfig, encode_prompts, make_engine
+    from attnrl.rollout import ENGINES, make_engine
 
     _check_settings(num_problems, n, temperature, top_p, max_tokens)
     if engine not in ENGINES:
@@ -114,62 +181,63 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         raise UserError("give at least one --model")
     for model in models:  # fail on a bad path before any engine starts
         resolve_model(model)
-    base_records = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
+    probe = load_prompts(task, size=1, seed=seed, **(task_kwargs or {}))
     if notice:
         import sys
 
         print(notice, file=sys.stderr, flush=True)
-    ks = list(range(1, n + 1))
-    result = {"task": task, "num_problems": len(base_records), "n": n,
-              "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-              "engine": engine, "seed": seed, "correct_threshold": correct_threshold,
-              "reward": "gym" if "entry" in base_records[0].metadata else "math",
-              "ks": ks, "table_ks": table_ks(n), "models": []}
+    result = result_header(task, num_problems, n, temperature, top_p, max_tokens, engine,
+                           seed, correct_threshold,
+                           reward="gym" if "entry" in probe[0].metadata else "math")
     for model, label in zip(models, model_labels(models)):
         tokenizer = load_tokenizer(model)
-        records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
-                                       for r in base_records], tokenizer,
-                                      instruction=DEFAULT_INSTRUCTION if instruction is None
-                                      else instruction, system_prompt=system_prompt)
-        prompt_ids = encode_prompts(tokenizer, [r.prompt for r in records])
+        records, prompt_ids = heldout_prompts(task, num_problems, seed, tokenizer, task_kwargs,
+                                              instruction, system_prompt)
+        result["num_problems"] = len(records)
         kwargs = dict(engine_kwargs or {})
         if engine == "vllm":
             kwargs.setdefault("max_model_len", max(map(len, prompt_ids)) + max_tokens)
             kwargs.setdefault("seed", seed)
         rollout = make_engine(engine, model, **kwargs)
         try:
-            sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
-                                      max_tokens=max_tokens, seed=seed)
-            rows, seconds = _generate_and_score(rollout, records, prompt_ids, sampling,
-                                                correct_threshold)
-            greedy_rows = None
-            if greedy:
-                greedy_rows, _ = _generate_and_score(
-                    rollout, records, prompt_ids,
-                    SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens,
-                                   seed=seed),
-                    correct_threshold)
+            entry = score_with_engine(rollout, records, prompt_ids, n, temperature, top_p,
+                                      max_tokens, seed, greedy, correct_threshold)
         finally:
             rollout.close()
             del rollout
             gc.collect()
-        correct = [row["correct"] for row in rows]
-        entry = {"model": str(model), "label": label,
-                 "pass_at_k": {str(k): v for k, v in pass_at_k_curve(correct, ks).items()},
-                 "correct": correct, "rewards": [row["rewards"] for row in rows],
-                 "tokens": [row["tokens"] for row in rows],
-                 "mean_reward": sum(map(sum, (r["rewards"] for r in rows))) / (len(rows) * n),
-                 "generate_seconds": seconds,
-                 "greedy_accuracy": None if greedy_rows is None else
-                 sum(r["correct"][0] for r in greedy_rows) / len(greedy_rows)}
         if keep_texts:
-            entry["samples"] = [
-                {"index": rec.index, "question": rec.question, "gold": rec.answer,
-                 "texts": row["texts"],
-                 "greedy": None if greedy_rows is None else greedy_rows[i]["texts"][0]}
-                for i, (rec, row) in enumerate(zip(records, rows))]
-        result["models"].append(entry)
+            entry["samples"] = sample_texts(records, entry)
+        entry.pop("_rows")
+        entry.pop("_greedy_rows")
+        result["models"].append({"model": str(model), "label": label, **entry})
     return result
+
+
+def result_header(task, num_problems, n, temperature, top_p, max_tokens, engine, seed,
+                  correct_threshold, reward) -> dict:
+    """The settings part of an evaluation result (see `evaluate`); 'models' starts empty."""
+    return {"task": task, "num_problems": num_problems, "n": n,
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+            "engine": engine, "seed": seed, "correct_threshold": correct_threshold,
+            "reward": reward, "ks": list(range(1, n + 1)),
+            "table_ks": table_ks(n) if n else [], "models": []}
+
+
+def paired_interval(after: list[float], before: list[float], z: float = 1.959964) -> dict:
+    """Mean paired difference after - before over items (problems) with a normal 95%
+    interval: mean(d) +- z * sd(d) / sqrt(m), sd with ddof 1 (m >= 2 items). Returns
+    {'mean', 'low', 'high', 'se', 'items', 'method'}."""
+    if len(after) != len(before) or len(after) < 2:
+        raise UserError(f"a paired interval needs >= 2 paired items; got {len(after)} and "
+                        f"{len(before)}")
+    diffs = [float(a) - float(b) for a, b in zip(after, before)]
+    m = len(diffs)
+    mean = sum(diffs) / m
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (m - 1))
+    se = sd / math.sqrt(m)
+    return {"mean": mean, "low": mean - z * se, "high": mean + z * se, "se": se, "items": m,
+            "method": "normal interval on paired per-problem differences (mean +- 1.96 SE)"}
 
 
 def format_table(result: dict) -> str:

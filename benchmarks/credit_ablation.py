@@ -1,10 +1,10 @@
-"""Credit ablation: the same GRPO job under several credit strategies x seeds, each final
-checkpoint evaluated on a held-out split (same task, task seed + 10000); writes
-summary.json and credit_ablation.png (reward curves, held-out accuracy table) and prints the
-table, saying which differences to `uniform` are within seed noise. The logic lives in
-attnrl/ablation.py (also `attnrl ablate`).
+"""Credit ablation: the same GRPO job under several credit strategies x seeds, with a
+held-out learning curve per run (same task, task seed + 10000); writes summary.json,
+table.md and credit_ablation.png and prints the table of paired differences to `uniform`
+with 95% intervals over seeds. The logic lives in trainers/ablation.py (also
+`attnrl ablate`).
 
-    .venv/bin/python benchmarks/credit_ablation.py --budget small   # SmolLM2, 2 CPU cores
+    .venv/bin/python benchmarks/credit_ablation.py --budget cpu     # SmolLM2, 2 CPU cores
     .venv/bin/python benchmarks/credit_ablation.py --quick          # tiny model, seconds
     .venv/bin/python benchmarks/credit_ablation.py --budget medium  # GPU node
 
@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from attnrl import ablation
     from attnrl.errors import UserError
+    from trainers import ablation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ablation.add_arguments(parser)

@@ -132,8 +132,19 @@ def _clean(value):
     return value
 
 
-def plot_reward_curve(metrics_path, png_path, title: str = "reward") -> Path:
-    """Reward (and accuracy) per step from metrics.jsonl -> PNG."""
+def smooth(values: list[float], window: int = 5) -> list[float]:
+    """Trailing moving average: point i is the mean of values[max(0, i - window + 1)..i]."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1):i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def plot_reward_curve(metrics_path, png_path, title: str = "reward", heldout_dir=None,
+                      window: int = 5) -> Path:
+    """Per-step mean reward, its trailing `window`-step average, and (when `heldout_dir`
+    holds them) the held-out greedy accuracy before / during / after training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,18 +152,46 @@ def plot_reward_curve(metrics_path, png_path, title: str = "reward") -> Path:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     rows = [r for r in rows if r.get("reward") is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward"] for r in rows], marker="o", label="reward (mean)")
-    if rows and "accuracy" in rows[0]:
-        ax.plot(steps, [r.get("accuracy") for r in rows], marker=".", linestyle="--",
-                label="accuracy")
+    rewards = [r["reward"] for r in rows]
+    ax.plot(steps, rewards, marker="o", markersize=3, linewidth=0.8, alpha=0.45,
+            label="training reward per step")
+    ax.plot(steps, smooth(rewards, window), linewidth=2.2,
+            label=f"training reward, {window}-step average")
+    points = _heldout_points(heldout_dir) if heldout_dir is not None else []
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="s", markersize=7,
+                color="black", linestyle=":", label="held-out greedy accuracy")
+        for step, value, tag in points:
+            if tag:
+                ax.annotate(f"{tag} {100 * value:.0f}%", (step, value),
+                            textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.03, 1.03)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def _heldout_points(folder) -> list[tuple[int, float, str]]:
+    """(step, greedy accuracy, tag) from heldout/before.json, curve.jsonl, after.json."""
+    folder = Path(folder)
+    points = []
+    before, after = folder / "before.json", folder / "after.json"
+    if before.exists():
+        points.append((0, json.loads(before.read_text())["models"][0]["greedy_accuracy"],
+                       "before"))
+    curve = folder / "curve.jsonl"
+    if curve.exists():
+        points += [(r["step"], r["greedy_accuracy"], "") for r in
+                   map(json.loads, filter(str.strip, curve.read_text().splitlines()))]
+    if after.exists():
+        model = json.loads(after.read_text())["models"][0]
+        points.append((model.get("step", 0), model["greedy_accuracy"], "after"))
+    return sorted(points, key=lambda p: p[0])

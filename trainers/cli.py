@@ -89,7 +89,15 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         model_card,
         plot_reward_curve,
     )
+    from trainers.heldout import (
+        HeldoutCallback,
+        HeldoutEvaluator,
+        heldout_settings,
+        vector_settings,
+    )
+    from trainers.heldout import summarize as heldout_summary
     from trainers.job import trainer_config_class
+    from trainers.reasoning_vector import apply_reasoning_vector, evaluate_merged
 
     os.environ.setdefault("WANDB_MODE", "offline")
     trainer_name = resolved["trainer"]
@@ -135,11 +143,19 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     else:
         from trainers.grpo import AttnGRPOTrainer as Trainer
     callbacks = [StepPrinterCallback(), RecordConfigCallback(resolved), *(callbacks or [])]
+    heldout = heldout_settings(resolved)
+    heldout_callback = None
+    if heldout.enabled:
+        heldout_callback = HeldoutCallback(HeldoutEvaluator(
+            heldout, tokenizer, args.output_dir, args.rollout_engine))
+        callbacks.append(heldout_callback)
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))
     trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                       processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
     trainer.run_card = model_card(resolved, command)
+    if heldout_callback is not None:
+        heldout_callback.bind(trainer)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgressCallback())
     trainer.pop_callback(PrinterCallback)  # logs dicts: StepPrinterCallback prints a line
@@ -156,15 +172,25 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         trainer.train(resume_from_checkpoint=resume)
     final = Path(args.output_dir) / "final"
     trainer.save_model(str(final))
+    if getattr(trainer, "engine", None) is not None:
+        trainer.engine.close()
+        trainer.engine = None
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
         (final / "README.md").write_text(trainer.run_card)
+        vector = vector_settings(resolved)
+        if vector is not None:
+            merged = apply_reasoning_vector(vector, final, str(path), args.output_dir)
+            if heldout.enabled:
+                evaluate_merged(merged, heldout, args.rollout_engine, args.output_dir)
+        comparison = heldout_summary(args.output_dir, heldout) if heldout.enabled else None
         if args.metrics_jsonl and (Path(args.output_dir) / args.metrics_jsonl).exists():
             png = plot_reward_curve(Path(args.output_dir) / args.metrics_jsonl,
                                     Path(args.output_dir) / "reward_curve.png",
-                                    title=f"{resolved['task']} / {args.credit} credit")
+                                    title=f"{resolved['task']} / {args.credit} credit",
+                                    heldout_dir=Path(args.output_dir) / "heldout")
             print(f"saved model to {final}, metrics to "
                   f"{Path(args.output_dir) / args.metrics_jsonl}, curve to {png}", flush=True)
-    if getattr(trainer, "engine", None) is not None:
-        trainer.engine.close()
+        if comparison is not None:
+            print(comparison["lines"][0], flush=True)  # the job's last line
     return trainer

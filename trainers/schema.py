@@ -98,6 +98,16 @@ _KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false",
 
 
 # ------------------------------------------------------------------ checks of single keys
+def _check_reasoning_vector(value) -> str | None:
+    from trainers.heldout_keys import vector_settings
+
+    try:
+        vector_settings({"reasoning_vector": value})
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def _check_credit(value) -> str | None:
     for part in (p.strip() for p in str(value).split("+")):
         if part not in CREDIT_STRATEGIES:
@@ -243,6 +253,27 @@ JOB_KEYS = [
         "otherwise)", resume="free"),
     Key("recorded", "dict|null", None, "written by `attnrl train` into OUTPUT_DIR/config.yaml: "
         "package versions and the command; ignored when read", resume="free"),
+    # held-out evaluation and the reasoning vector [D] (rules between keys: heldout_keys.py)
+    Key("eval_size", "int", 0, "held-out problems evaluated before / after training (0 = no "
+        "held-out evaluation; configs/default.yaml sets 128)", ge=0),
+    Key("eval_task", "str|null", None, "task of the held-out problems (null: the training task; "
+        "gsm8k / gsm8k:train -> gsm8k:test; another JSONL task needs one)"),
+    Key("eval_seed", "int|null", None, "task seed of the held-out problems (null: task_seed + "
+        "10000; must differ from task_seed on the training task)"),
+    Key("eval_samples", "int", 4, "samples per held-out problem at eval_temperature (pass@k)",
+        ge=1),
+    Key("eval_temperature", "float", 0.6, "temperature of those samples (top-p 0.95)", gt=0),
+    Key("eval_max_tokens", "int|null", None, "completion cap of the evaluation in tokens (null: "
+        "max_completion_length)", ge=1),
+    Key("eval_before", "bool", True, "evaluate the starting model before training"),
+    Key("eval_after", "bool", True, "evaluate the trained model after training"),
+    Key("eval_every", "int", 0, "greedy held-out accuracy every N optimizer steps: the learning "
+        "curve (0 = off)", ge=0),
+    Key("reasoning_vector", "dict|null", None, "null, or {target: DIR, alpha: 1.0, sft: DIR "
+        "(default: the starting model), out: DIR (default OUTPUT_DIR/reasoning_vector)}: after "
+        "training rank 0 writes target + alpha (trained - sft) and evaluates it beside the "
+        "trained model", check=_check_reasoning_vector,
+        allowed="null or {target: DIR, alpha: number, sft: DIR, out: DIR}", resume="allowed"),
 ]
 
 ATTNRL_KEYS = [
@@ -520,6 +551,13 @@ def _check_together(config: dict, where) -> None:
     def get(name):
         return config.get(name, default(name, trainer))
 
+    from trainers.heldout_keys import HELDOUT_INPUTS, heldout_settings
+
+    try:
+        heldout_settings({name: get(name) for name in HELDOUT_INPUTS})
+    except UserError as err:
+        raise UserError(f"{where('eval_size', 'eval_task', 'eval_seed', 'task')}: {err}") \
+            from None
     per_device, accum = get("per_device_train_batch_size"), get("gradient_accumulation_steps")
     gen_batch, steps = get("generation_batch_size"), get("steps_per_generation")
     n = get("num_generations")

@@ -1,5 +1,5 @@
 """Credit ablation (`attnrl ablate`): one GRPO job under several credit strategies and
-seeds, then held-out evaluation, reward curves and an accuracy table.
+seeds, a held-out learning curve per run, and a table of paired differences to uniform.
 
 Every run of a seed shares that seed's data order, rollout sampling seeds and step budget;
 runs differ only in `credit` (and `credit_seed`, which is the seed). Runs execute one
@@ -9,13 +9,23 @@ skips finished runs and resumes a half-finished one from its last checkpoint.
 
 Layout of the output directory:
     ablation.json                  the shared settings (a re-run must match them)
-    runs/<strategy>-seed<k>/       trainer output_dir: metrics.jsonl, final/, wandb/,
-                                   log.txt, train_done.json, eval.json
+    untrained/eval.json            the starting model on the held-out problems (step 0)
+    runs/<strategy>-seed<k>/       trainer output_dir: metrics.jsonl, final/, heldout/
+                                   (curve.jsonl, after.json), log.txt, train_done.json,
+                                   eval.json (= heldout/after.json)
     summary.json, credit_ablation.png
+
+Per run: held-out greedy accuracy at the end, the area under the held-out learning curve
+(greedy accuracy at step 0 = the untrained model, every `eval_every` steps, and at the
+end; trapezoids, divided by the step count: the mean accuracy over training) and the
+first step at which the training reward's trailing 5-step average reaches the target
+reward. Per strategy: the paired differences to uniform over seeds (same seed = same data
+order, rollout seeds and held-out problems) with a t interval (see `paired_t_interval`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -27,20 +37,21 @@ from pathlib import Path
 
 from attnrl.errors import UserError
 
-DEFAULT_STRATEGIES = ("uniform", "random", "entropy", "local_chunk", "global_anchor",
-                      "coupled")
+DEFAULT_STRATEGIES = ("uniform", "random", "coupled", "local_chunk", "global_anchor")
 BASELINE = "uniform"
 HELDOUT_SEED_OFFSET = 10_000
 PRIMARY_METRIC = "greedy_accuracy"
-NOISE_RULE = ("a difference to uniform is within seed noise when |mean diff| < 2 x SE, "
-              "SE = sqrt(s_a^2/n_a + s_u^2/n_u) with s the sample std over seeds, or when the "
-              "two strategies' seed ranges [min, max] overlap; with fewer than 2 seeds on "
-              "either side the noise is unknown")
+SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the training reward
 
-# Budget presets: config overrides of the training job, evaluation settings, seeds.
+# Budget presets: config overrides of the training job, held-out evaluation (problems,
+# samples per problem for pass@k, token cap, engine, learning-curve interval `every`), seeds,
+# and the training reward whose first crossing is reported (`target_reward`).
 # tiny: tests (a random tiny model; a format reward gives every group a reward spread).
-# small: SmolLM2 + LoRA on 2 shared CPU cores: ~30-45 s per step, ~5 min per run with
-#   its evaluation (18 runs in ~1.5-2 h).
+# cpu: SmolLM2-135M full fine-tune on 2 CPU cores, sized from the measured recipe (uniform
+#   credit, lr 1e-5, 4 prompts x 8 samples, 64 tokens: held-out greedy 34% -> 71% after 40
+#   steps); 16 steps put uniform between the start and the ceiling. Micro-batches of 8
+#   (4 accumulated) keep the peak near 5 GB. ~15-25 min per run on 2 idle cores (far more
+#   on shared ones), 5 strategies x 3 seeds in several hours.
 # medium / large: GPU nodes.
 BUDGETS = {
     "tiny": {
@@ -50,17 +61,20 @@ BUDGETS = {
                   "signal_h_lo": 2, "signal_h_hi": 8, "signal_window": 4,
                   "gradient_checkpointing": False, "rewards": {"format": 1.0},
                   "reward_options": {"format": {"pattern": "[A-Z]"}}, "instruction": ""},
-        "eval": {"num_problems": 3, "n": 2, "max_tokens": 8, "engine": "hf"},
+        "eval": {"num_problems": 3, "n": 2, "max_tokens": 8, "engine": "hf", "every": 1},
         "seeds": [0],
+        "target_reward": 0.5,
     },
-    "small": {
-        "train": {"task_size": 64, "max_steps": 6, "save_steps": 3, "save_total_limit": 1,
-                  "num_generations": 4, "per_device_train_batch_size": 8,
-                  "max_completion_length": 40, "rollout_engine": "vllm",
-                  "lora": {"r": 8, "lora_alpha": 16}, "learning_rate": 1e-4,
-                  "report_to": ["wandb"], "instruction": None},  # None: the '####' one
-        "eval": {"num_problems": 32, "n": 4, "max_tokens": 40, "engine": "vllm"},
+    "cpu": {
+        "train": {"task_size": 512, "max_steps": 16, "save_steps": 4, "save_total_limit": 1,
+                  "num_generations": 8, "per_device_train_batch_size": 8,
+                  "gradient_accumulation_steps": 4, "max_completion_length": 64,
+                  "gradient_checkpointing": False,
+                  "rollout_engine": "vllm", "learning_rate": 1e-5, "report_to": "none",
+                  "lr_scheduler_type": "constant", "beta": 0.0, "instruction": ""},
+        "eval": {"num_problems": 128, "n": 2, "max_tokens": 64, "engine": "vllm", "every": 4},
         "seeds": [0, 1, 2],
+        "target_reward": 0.4,
     },
     "medium": {
         "train": {"task_size": 2048, "max_steps": 200, "save_steps": 50,
@@ -68,8 +82,10 @@ BUDGETS = {
                   "per_device_train_batch_size": 64, "max_completion_length": 256,
                   "rollout_engine": "vllm", "learning_rate": 1e-6, "use_cpu": False,
                   "bf16": True, "dtype": "bfloat16", "report_to": ["wandb"]},
-        "eval": {"num_problems": 256, "n": 8, "max_tokens": 256, "engine": "vllm"},
+        "eval": {"num_problems": 256, "n": 8, "max_tokens": 256, "engine": "vllm",
+                 "every": 25},
         "seeds": [0, 1, 2],
+        "target_reward": 0.5,
     },
     "large": {
         "train": {"task_size": 8192, "max_steps": 1000, "save_steps": 100,
@@ -77,12 +93,13 @@ BUDGETS = {
                   "per_device_train_batch_size": 128, "max_completion_length": 512,
                   "rollout_engine": "vllm", "learning_rate": 1e-6, "use_cpu": False,
                   "bf16": True, "dtype": "bfloat16", "report_to": ["wandb"]},
-        "eval": {"num_problems": 1024, "n": 16, "max_tokens": 512, "engine": "vllm"},
+        "eval": {"num_problems": 1024, "n": 16, "max_tokens": 512, "engine": "vllm",
+                 "every": 100},
         "seeds": [0, 1, 2],
+        "target_reward": 0.5,
     },
 }
 EVAL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}  # those of `attnrl eval`
-
 
 # ---------------------------------------------------------------------------- planning
 
@@ -92,8 +109,16 @@ def run_name(strategy: str, seed: int) -> str:
 
 def plan(base_config: dict, eval_settings: dict, strategies, seeds, out_dir) -> list[dict]:
     """One entry per (seed, strategy), seed-major: {'strategy', 'seed', 'dir', 'config'}.
-    The config is the base with credit / seed / output_dir / run_name set."""
+    The config is the base with credit / seed / output_dir / run_name and the held-out
+    evaluation keys (learning curve every `eval_settings['every']` steps, final
+    evaluation with pass@k, no separate before-evaluation: that is the untrained run)."""
     from trainers.job import validate_config
+
+    heldout = {"eval_size": eval_settings["num_problems"], "eval_samples": eval_settings["n"],
+               "eval_max_tokens": eval_settings["max_tokens"],
+               "eval_temperature": eval_settings["temperature"],
+               "eval_every": eval_settings["every"], "eval_before": False, "eval_after": True,
+               "eval_seed": heldout_seed(base_config)}
 
     runs = []
     for seed in seeds:
@@ -102,7 +127,7 @@ def plan(base_config: dict, eval_settings: dict, strategies, seeds, out_dir) -> 
             config = {**base_config, "credit": strategy, "seed": int(seed),
                       "credit_seed": int(seed), "output_dir": str(run_dir),
                       "run_name": f"{Path(out_dir).name}-{run_name(strategy, seed)}",
-                      "resume": "auto"}
+                      "resume": "auto", **heldout}
             validate_config(config, source=f"run {run_name(strategy, seed)}")
             runs.append({"strategy": strategy, "seed": int(seed), "dir": run_dir,
                          "config": config, "eval": eval_settings})
@@ -174,64 +199,41 @@ def execute(run: dict, keep_checkpoints: bool = False) -> int:
     with open(run["dir"] / "log.txt", "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run_status(run)}\n")
         log.flush()
-        proc = subprocess.run([sys.executable, "-m", "attnrl.ablation", str(run["dir"])],
+        proc = subprocess.run([sys.executable, "-m", "trainers.ablation", str(run["dir"])],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                               check=False)
     return proc.returncode
 
 
 def _worker(run_dir: Path) -> None:
-    """Child process: train unless train_done.json exists (or the spec says no training:
-    the untrained model), then evaluate."""
+    """Child process: train unless train_done.json exists (the job evaluates the learning
+    curve and the final model on the held-out problems, heldout/), then copy the final
+    evaluation to eval.json. The untrained model (the spec says no training) is evaluated
+    with attnrl.evaluation on the same problems and settings."""
     spec = json.loads((run_dir / "run.json").read_text())
     config = spec["config"]
-    train = spec.get("train", True)
-    if train and not (run_dir / "train_done.json").exists():
-        from trainers.cli import run_job
+    if spec.get("train", True):
+        after = run_dir / "heldout" / "after.json"
+        if not (run_dir / "train_done.json").exists() or not after.exists():
+            from trainers.cli import run_job
 
-        start = time.perf_counter()
-        run_job(config)
-        _write_json(run_dir / "train_done.json",
-                    {"seconds": time.perf_counter() - start, "final": str(run_dir / "final")})
+            start = time.perf_counter()
+            run_job(config)
+            _write_json(run_dir / "train_done.json",
+                        {"seconds": time.perf_counter() - start,
+                         "final": str(run_dir / "final")})
         if not spec.get("keep_checkpoints"):
             for ckpt in run_dir.glob("checkpoint-*"):
                 shutil.rmtree(ckpt, ignore_errors=True)
-    if train:
-        model_dir = final_model_dir(run_dir, config)
+        result = json.loads(after.read_text())
+        result["models"][0]["model"] = str(run_dir / "final")
     else:
         from attnrl.models import resolve_model
 
-        model_dir = resolve_model(config.get("model", "smollm2"))
-    result = evaluate_run(model_dir, config, spec["eval"])
+        result = evaluate_run(resolve_model(config.get("model", "smollm2")), config,
+                              spec["eval"])
     _write_json(run_dir / "eval.json", result)
-    if model_dir.name == "final_merged" and not spec.get("keep_checkpoints"):
-        shutil.rmtree(model_dir)  # a full copy; final/ holds the adapter it came from
     print(f"eval: greedy accuracy {result['models'][0]['greedy_accuracy']:.3f}", flush=True)
-
-
-def final_model_dir(run_dir: Path, config: dict) -> Path:
-    """The trained model as a full HF directory: final/, or a merged copy of a LoRA
-    adapter saved there (final_merged/)."""
-    final = run_dir / "final"
-    if not (final / "adapter_config.json").exists():
-        return final
-    merged = run_dir / "final_merged"
-    if (merged / "config.json").exists():
-        return merged
-    import torch
-    from peft import PeftModel
-
-    from attnrl.models import load_model, load_tokenizer, resolve_model
-
-    base_dir = resolve_model(config.get("model", "smollm2"))
-    model = PeftModel.from_pretrained(load_model(base_dir, dtype=torch.float32),
-                                      str(final)).merge_and_unload()
-    tmp = run_dir / "final_merged.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    load_tokenizer(base_dir).save_pretrained(tmp)
-    tmp.rename(merged)
-    return merged
 
 
 def heldout_seed(config: dict) -> int:
@@ -245,6 +247,7 @@ def evaluate_run(model_dir: Path, config: dict, settings: dict) -> dict:
     from attnrl.evaluation import evaluate
 
     instruction = config.get("instruction")
+    settings = {k: v for k, v in settings.items() if k != "every"}
     return evaluate([str(model_dir)], config.get("task", "chain_sum"),
                     seed=heldout_seed(config), greedy=True,
                     task_kwargs=config.get("task_kwargs") or {},
@@ -280,39 +283,110 @@ def _std(values):
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def noise_verdict(values: list[float], base: list[float]) -> dict:
-    """Difference of mean `values` to mean `base` (per-seed accuracies), its standard
-    error and whether it is within seed noise (see NOISE_RULE)."""
-    diff = _mean(values) - _mean(base)
-    if len(values) < 2 or len(base) < 2:
-        return {"diff": diff, "se": None, "within_noise": None,
-                "verdict": "noise unknown (<2 seeds)"}
-    se = math.sqrt(_std(values) ** 2 / len(values) + _std(base) ** 2 / len(base))
-    overlap = min(values) <= max(base) and min(base) <= max(values)
-    within = abs(diff) < 2 * se or overlap
-    return {"diff": diff, "se": se, "within_noise": within, "ranges_overlap": overlap,
-            "verdict": "within seed noise" if within else "beyond seed noise"}
+# two-sided 95% quantiles of Student's t, df = 1..30 (t_{0.975, df})
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def paired_t_interval(diffs: list[float]) -> dict:
+    """Mean of paired differences (one per seed) with a 95% t interval:
+    mean +- t_{0.975, m-1} sd / sqrt(m), sd with ddof 1 (m > 30: the normal 1.96).
+    With fewer than 2 differences there is no interval (low = high = None)."""
+    m = len(diffs)
+    if m == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = _mean(diffs)
+    if m < 2:
+        return {"mean": mean, "low": None, "high": None, "n": 1}
+    half = (T975[m - 2] if m - 1 <= len(T975) else 1.959964) * _std(diffs) / math.sqrt(m)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": m}
+
+
+def curve_area(points: list[tuple[int, float]], last_step: int) -> float | None:
+    """Area under a held-out learning curve [(step, accuracy)] from step 0 to `last_step`
+    by trapezoids, divided by `last_step`: the mean accuracy over training. None unless
+    the curve has a step-0 point and a `last_step` point."""
+    points = sorted(points)
+    if not points or points[0][0] != 0 or points[-1][0] != last_step or last_step <= 0:
+        return None
+    area = sum((s1 - s0) * (a0 + a1) / 2
+               for (s0, a0), (s1, a1) in itertools.pairwise(points))
+    return area / last_step
+
+
+def steps_to_target(steps: list[int], rewards: list[float], target: float,
+                    window: int = SMOOTH_WINDOW) -> int | None:
+    """First step at which the trailing `window`-step mean training reward is >= target
+    (None: never)."""
+    from trainers.callbacks import smooth
+
+    for step, value in zip(steps, smooth(rewards, window)):
+        if value >= target:
+            return step
+    return None
 
 
 def read_heldout(run_dir: Path) -> dict:
     model = json.loads((run_dir / "eval.json").read_text())["models"][0]
     return {"greedy_accuracy": model["greedy_accuracy"], "pass_at_k": model["pass_at_k"],
-            "mean_reward": model["mean_reward"]}
+            "mean_reward": model["mean_reward"],
+            "greedy_correct": model.get("greedy_correct")}
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "heldout" / "curve.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["greedy_accuracy"])) for r in rows]
+
+
+def verdict(diff: dict, what: str, higher_is_better: bool = True) -> str:
+    if diff["n"] == 0:
+        return "no data"
+    if diff["low"] is None:
+        return f"{diff['n']} seed: no interval yet"
+    if diff["low"] > 0 or diff["high"] < 0:
+        better = (diff["low"] > 0) == higher_is_better
+        return f"{'better' if better else 'worse'} than uniform ({what})"
+    return f"no difference shown ({what})"
 
 
 def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -> dict:
-    """summary.json content from the runs' metrics.jsonl and eval.json files (and the
-    untrained model's eval.json when `untrained`, a base_run, has one)."""
+    """summary.json content from the runs' metrics.jsonl, heldout/curve.jsonl and
+    eval.json files and the untrained model's eval.json (the step-0 point)."""
+    max_steps = int(settings["base_config"].get("max_steps", 0))
+    target = float(settings.get("target_reward", 0.5))
+    reference = None
+    if untrained is not None and run_status(untrained) == "done":
+        reference = read_heldout(untrained["dir"])
     entries = []
     for run in runs:
         steps, rewards = read_rewards(run["dir"] / "metrics.jsonl")
         entry = {"strategy": run["strategy"], "seed": run["seed"], "status": run_status(run),
-                 "dir": str(run["dir"]), "steps": steps, "rewards": rewards, "heldout": None}
+                 "dir": str(run["dir"]), "steps": steps, "rewards": rewards, "heldout": None,
+                 "curve": read_curve(run["dir"]), "auc": None,
+                 "steps_to_target": steps_to_target(steps, rewards, target)}
         if entry["status"] == "done":
             entry["heldout"] = read_heldout(run["dir"])
+            if reference is not None:
+                points = [(0, reference["greedy_accuracy"]), *entry["curve"],
+                          (max_steps, entry["heldout"]["greedy_accuracy"])]
+                entry["auc"] = curve_area(points, max_steps)
         entries.append(entry)
     strategies = list(dict.fromkeys(r["strategy"] for r in runs))
     n = settings["eval"]["n"]
+    done = {(e["strategy"], e["seed"]): e for e in entries if e["heldout"]}
+    censored = max_steps + 1  # 'never reached' counts as one step past the budget
+
+    def metric(e, name):
+        if name == "final":
+            return e["heldout"]["greedy_accuracy"]
+        if name == "auc":
+            return e["auc"]
+        return censored if e["steps_to_target"] is None else e["steps_to_target"]
+
     curves, table = {}, []
     for strategy in strategies:
         mine = [e for e in entries if e["strategy"] == strategy and e["steps"]]
@@ -321,127 +395,166 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -
                     for s in steps]
         curves[strategy] = {"steps": steps, "mean": [_mean(v) for v in per_step],
                             "std": [_std(v) for v in per_step],
-                            "min": [min(v) for v in per_step], "max": [max(v) for v in per_step],
                             "seeds": [len(v) for v in per_step]}
-        done = [e for e in entries if e["strategy"] == strategy and e["heldout"]]
-        acc = [e["heldout"][PRIMARY_METRIC] for e in done]
-        row = {"strategy": strategy, "seeds_done": [e["seed"] for e in done],
-               "accuracy": acc, "mean": _mean(acc), "std": _std(acc),
-               "min": min(acc) if acc else None, "max": max(acc) if acc else None,
-               "pass@1": _mean([e["heldout"]["pass_at_k"]["1"] for e in done]),
-               f"pass@{n}": _mean([e["heldout"]["pass_at_k"][str(n)] for e in done])}
-        table.append(row)
-    base = next((r for r in table if r["strategy"] == BASELINE), None)
-    for row in table:
-        if base is None or not base["accuracy"] or not row["accuracy"]:
-            row.update(diff=None, se=None, within_noise=None, verdict="no data")
-        elif row is base:
-            row.update(diff=0.0, se=None, within_noise=None, verdict="baseline")
+        finished = [e for e in entries if e["strategy"] == strategy and e["heldout"]]
+        row = {"strategy": strategy, "seeds_done": [e["seed"] for e in finished],
+               "accuracy": [metric(e, "final") for e in finished],
+               "auc": [e["auc"] for e in finished],
+               "steps_to_target": [e["steps_to_target"] for e in finished],
+               "pass@1": _mean([e["heldout"]["pass_at_k"]["1"] for e in finished]),
+               f"pass@{n}": _mean([e["heldout"]["pass_at_k"][str(n)] for e in finished])}
+        row["mean"] = _mean(row["accuracy"])
+        row["std"] = _std(row["accuracy"])
+        row["auc_mean"] = _mean([v for v in row["auc"] if v is not None])
+        reached = [v for v in row["steps_to_target"] if v is not None]
+        row["steps_to_target_mean"] = _mean(reached)
+        row["target_reached"] = f"{len(reached)}/{len(finished)}"
+        # paired differences to uniform: same seed, both finished
+        pairs = [(done[(strategy, s)], done[(BASELINE, s)]) for s in row["seeds_done"]
+                 if (BASELINE, s) in done]
+        for name in ("final", "auc", "steps"):
+            diffs = [metric(a, name) - metric(b, name) for a, b in pairs
+                     if metric(a, name) is not None and metric(b, name) is not None]
+            row[f"diff_{name}"] = paired_t_interval(diffs)
+            row[f"diff_{name}_per_seed"] = diffs
+        if strategy == BASELINE:
+            row["verdict"] = "baseline"
         else:
-            row.update(noise_verdict(row["accuracy"], base["accuracy"]))
-        # paired by seed (same data order): the spread of the difference across seeds
-        base_by_seed = dict(zip(base["seeds_done"], base["accuracy"])) if base else {}
-        paired = [a - base_by_seed[s] for s, a in zip(row["seeds_done"], row["accuracy"])
-                  if s in base_by_seed]
-        row["diff_per_seed"] = paired
-        row["diff_std"] = _std(paired)
-    reference = None
-    if untrained is not None and run_status(untrained) == "done":
-        reference = read_heldout(untrained["dir"])
+            parts = [verdict(row["diff_final"], "final accuracy"),
+                     verdict(row["diff_auc"], "area under curve")]
+            row["verdict"] = "; ".join(dict.fromkeys(parts))
+        table.append(row)
+    learned = None
+    if reference is not None:
+        base_rows = [e for e in entries if e["strategy"] == BASELINE and e["heldout"]]
+        learned = paired_t_interval([e["heldout"]["greedy_accuracy"]
+                                     - reference["greedy_accuracy"] for e in base_rows])
+        if base_rows and reference.get("greedy_correct") and \
+                base_rows[0]["heldout"].get("greedy_correct"):
+            from attnrl.evaluation import paired_interval
+
+            # every seed's problems pooled: correctness of uniform vs untrained per problem
+            after = [c for e in base_rows for c in e["heldout"]["greedy_correct"]]
+            before = reference["greedy_correct"] * len(base_rows)
+            learned["per_problem"] = paired_interval(after, before)
     return {"settings": settings, "metric": PRIMARY_METRIC, "baseline": BASELINE,
-            "noise_rule": NOISE_RULE, "untrained": reference, "runs": entries,
-            "curves": curves, "table": table}
+            "interval": "95% t interval over seeds of paired differences (same seed = same "
+                        "data order, rollout seeds and held-out problems)",
+            "target_reward": target, "untrained": reference, "uniform_vs_untrained": learned,
+            "runs": entries, "curves": curves, "table": table}
+
+
+def _pct(value, fmt=".1f"):
+    return "-" if value is None else format(100 * value, fmt)
+
+
+def _ci(diff: dict, scale: float = 100.0, fmt: str = "+.1f") -> str:
+    if diff["mean"] is None:
+        return "-"
+    text = format(scale * diff["mean"], fmt)
+    if diff["low"] is None:
+        return f"{text} (1 seed)"
+    return f"{text} [{format(scale * diff['low'], fmt)}, {format(scale * diff['high'], fmt)}]"
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """The table's cells: strategy, seeds, final greedy %, AUC %, pass@1 %, steps to the
+    target reward, the three paired differences to uniform [95% CI], verdict."""
+    rows = []
+    for row in summary["table"]:
+        steps = "-" if row["steps_to_target_mean"] is None else \
+            f"{row['steps_to_target_mean']:.1f} ({row['target_reached']})"
+        is_base = row["strategy"] == BASELINE
+        rows.append([row["strategy"], str(len(row["accuracy"])), _pct(row["mean"]),
+                     _pct(row["auc_mean"]), _pct(row["pass@1"]), steps,
+                     "-" if is_base else _ci(row["diff_final"]),
+                     "-" if is_base else _ci(row["diff_auc"]),
+                     "-" if is_base else _ci(row["diff_steps"], 1.0, "+.1f"),
+                     row["verdict"]])
+    return rows
+
+
+HEADERS = ["strategy", "seeds", "final greedy %", "AUC %", "pass@1 %", "steps to target",
+           "diff final [95% CI]", "diff AUC [95% CI]", "diff steps [95% CI]", "verdict"]
 
 
 def format_table(summary: dict) -> str:
-    """The held-out accuracy table (percent) and a plain verdict line."""
-    n = summary["settings"]["eval"]["n"]
+    """A markdown table of table_rows with the untrained reference and the settings."""
     ev = summary["settings"]["eval"]
-    head = (f"{'strategy':<16}{'seeds':>6}{'greedy %':>10}{'± std':>7}{'range':>13}"
-            f"{'pass@1':>8}{f'pass@{n}':>8}{'diff vs uniform':>17}{'diff sd':>9}{'SE':>6}"
-            "  verdict")
     title = (f"# held-out {summary['settings']['task']} (task seed "
-             f"{summary['settings']['heldout_seed']}): {ev['num_problems']} problems, greedy + "
-             f"{n} samples at T={ev['temperature']}; values in percent")
-    lines = [title, head, "-" * len(head)]
-
-    def pct(value, fmt=".1f"):
-        return "-" if value is None else format(100 * value, fmt)
-
+             f"{summary['settings']['heldout_seed']}): {ev['num_problems']} problems, greedy "
+             f"(+ {ev['n']} samples at T={ev['temperature']} for pass@1); learning curve every "
+             f"{ev['every']} steps; target training reward {summary['target_reward']} "
+             f"({SMOOTH_WINDOW}-step average)")
+    lines = [title]
     ref = summary.get("untrained")
     if ref is not None:
-        lines.insert(1, f"# untrained model: greedy {pct(ref['greedy_accuracy'])}, pass@1 "
-                        f"{pct(ref['pass_at_k']['1'])}, pass@{n} {pct(ref['pass_at_k'][str(n)])}")
-
-    for row in summary["table"]:
-        rng = "-" if row["min"] is None else f"{pct(row['min'])}-{pct(row['max'])}"
-        diff = "-" if row["diff"] is None else f"{100 * row['diff']:+.1f}"
-        lines.append(f"{row['strategy']:<16}{len(row['accuracy']):>6}{pct(row['mean']):>10}"
-                     f"{pct(row['std']):>7}{rng:>13}{pct(row['pass@1']):>8}"
-                     f"{pct(row[f'pass@{n}']):>8}{diff:>17}{pct(row.get('diff_std')):>9}"
-                     f"{pct(row['se']):>6}  {row['verdict']}")
-    compared = [r for r in summary["table"] if r["within_noise"] is not None]
-    beyond = [r["strategy"] for r in compared if not r["within_noise"]]
-    if not compared:
-        verdict = "no strategy has >= 2 finished seeds next to uniform: seed noise is unknown"
-    elif not beyond:
-        verdict = "all differences to uniform are within seed noise"
-    else:
-        verdict = f"beyond seed noise: {', '.join(beyond)}; the rest are within it"
-    lines.append(f"# {verdict} ({NOISE_RULE})")
+        lines.append(f"# untrained model: greedy {_pct(ref['greedy_accuracy'])}%, pass@1 "
+                     f"{_pct(ref['pass_at_k']['1'])}%")
+    learned = summary.get("uniform_vs_untrained")
+    if learned and learned["mean"] is not None:
+        text = f"# uniform vs untrained: {_ci(learned)} points (over seeds)"
+        if "per_problem" in learned:
+            pp = learned["per_problem"]
+            text += (f"; per problem, seeds pooled: {100 * pp['mean']:+.1f} [{100 * pp['low']:+.1f},"
+                     f" {100 * pp['high']:+.1f}]")
+        lines.append(text)
+    lines.append("| " + " | ".join(HEADERS) + " |")
+    lines.append("|" + " --- |" * len(HEADERS))
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(summary)]
+    lines.append(f"# {summary['interval']}; steps never reached count as max_steps + 1")
     return "\n".join(lines)
 
 
 def plot_summary(summary: dict, path: Path) -> Path:
-    """Reward curves (mean ± std over seeds) per strategy above the accuracy table."""
+    """Training reward (mean over seeds) and held-out learning curves per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, tab) = plt.subplots(2, 1, figsize=(9, 7.5), dpi=110,
-                                  gridspec_kw={"height_ratios": [3, 2]})
+    from trainers.callbacks import smooth
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    colors = {}
     for strategy, curve in summary["curves"].items():
         if not curve["steps"]:
             continue
-        mean, std = curve["mean"], curve["std"]
-        line, = ax.plot(curve["steps"], mean, marker="o", markersize=3,
+        line, = ax.plot(curve["steps"], smooth(curve["mean"], SMOOTH_WINDOW),
                         label=f"{strategy} ({max(curve['seeds'])} seeds)")
-        ax.fill_between(curve["steps"], [m - s for m, s in zip(mean, std)],
-                        [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.1)
+        colors[strategy] = line.get_color()
+    ax.axhline(summary["target_reward"], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training reward (mean ± std over seeds)")
-    settings = summary["settings"]
-    ax.set_title(f"credit ablation: {Path(str(settings['model'])).name} on {settings['task']} "
-                 f"({settings['budget']} budget)", fontsize=10)
+    ax.set_ylabel(f"training reward ({SMOOTH_WINDOW}-step avg, mean over seeds)")
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, ncol=2)
-    n = settings["eval"]["n"]
-    cells = []
-    for row in summary["table"]:
-        def pct(value):
-            return "-" if value is None else f"{100 * value:.1f}"
-        cells.append([row["strategy"], str(len(row["accuracy"])),
-                      f"{pct(row['mean'])} ± {pct(row['std'])}", pct(row["pass@1"]),
-                      pct(row[f"pass@{n}"]),
-                      "-" if row["diff"] is None else f"{100 * row['diff']:+.1f}",
-                      pct(row.get("diff_std")), pct(row["se"]), row["verdict"]])
+        ax.legend(fontsize=7)
+    max_steps = int(summary["settings"]["base_config"].get("max_steps", 0))
     ref = summary.get("untrained")
-    if ref is not None:
-        cells.append(["untrained", "-", f"{100 * ref['greedy_accuracy']:.1f}",
-                      f"{100 * ref['pass_at_k']['1']:.1f}",
-                      f"{100 * ref['pass_at_k'][str(n)]:.1f}", "-", "-", "-", "reference"])
-    tab.axis("off")
-    table = tab.table(cellText=cells, loc="center", cellLoc="center",
-                      colLabels=["strategy", "seeds", "greedy % ± std", "pass@1",
-                                 f"pass@{n}", "diff vs uniform", "diff sd", "SE",
-                                 "verdict"])
-    table.auto_set_font_size(False)
-    table.set_fontsize(7)
-    table.auto_set_column_width(list(range(len(cells[0]))))
-    table.scale(1, 1.3)
-    tab.set_title("held-out accuracy (percent)", fontsize=9)
+    for strategy in summary["curves"]:
+        runs = [e for e in summary["runs"] if e["strategy"] == strategy and e["heldout"]]
+        if not runs or ref is None:
+            continue
+        steps = sorted({0, max_steps, *(s for e in runs for s, _ in e["curve"])})
+        values = []
+        for step in steps:
+            vals = []
+            for e in runs:
+                pts = dict([(0, ref["greedy_accuracy"]), *map(tuple, e["curve"]),
+                            (max_steps, e["heldout"]["greedy_accuracy"])])
+                if step in pts:
+                    vals.append(pts[step])
+            values.append(_mean(vals))
+        ax2.plot(steps, [100 * v for v in values], marker="o",
+                 color=colors.get(strategy), label=f"{strategy} ({len(runs)} seeds)")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("held-out greedy accuracy % (mean over seeds)")
+    ax2.grid(alpha=0.3)
+    if ax2.lines:
+        ax2.legend(fontsize=7)
+    settings = summary["settings"]
+    fig.suptitle(f"credit ablation: {Path(str(settings['model'])).name} on {settings['task']} "
+                 f"({settings['budget']} budget)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -452,15 +565,16 @@ def write_summary(runs, settings, out_dir: Path, untrained: dict | None = None) 
     summary = summarize(runs, settings, untrained)
     _write_json(out_dir / "summary.json", summary)
     plot_summary(summary, out_dir / "credit_ablation.png")
+    (out_dir / "table.md").write_text(format_table(summary) + "\n")
     return summary
 
 
 # ---------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--budget", choices=tuple(BUDGETS), default="small",
-                        help="preset: tiny (tests), small (2 CPU cores, ~1.5 h), "
-                             "medium / large (GPU nodes)")
+    parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu",
+                        help="preset: tiny (tests), cpu (SmolLM2 full fine-tune on 2 CPU "
+                             "cores, ~15 min per run), medium / large (GPU nodes)")
     parser.add_argument("--model", default=None,
                         help="model directory or 'smollm2' (default: the config's)")
     parser.add_argument("--task", default=None,
@@ -478,11 +592,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--eval-n", type=int, default=None, help="samples per problem")
     parser.add_argument("--eval-max-tokens", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="learning-curve interval in steps (default: the budget's)")
+    parser.add_argument("--target-reward", type=float, default=None,
+                        help="training reward for 'steps to target' (default: the budget's)")
     parser.add_argument("--out", default=None,
                         help="output directory (default benchmarks/results/credit_ablation_BUDGET)")
     parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep checkpoint-* dirs and the merged LoRA copy of finished "
-                             "runs (default: delete them; final/ is kept)")
+                        help="keep the checkpoint-* dirs of finished runs (default: delete "
+                             "them; final/ is kept)")
     parser.add_argument("--summary-only", action="store_true",
                         help="rebuild summary.json and the PNG from finished runs; train nothing")
 
@@ -521,8 +639,10 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
             args.task != load_config(args.config).get("task"):
         overrides["task_kwargs"] = {}  # the config's task_kwargs belong to its own task
     base = load_config(args.config, overrides)
-    for key in ("credit", "seed", "credit_seed", "output_dir", "run_name"):
-        base.pop(key, None)  # set per run
+    for key in ("credit", "seed", "credit_seed", "output_dir", "run_name", "eval_size",
+                "eval_seed", "eval_samples", "eval_temperature", "eval_max_tokens",
+                "eval_before", "eval_after", "eval_every", "eval_task", "reasoning_vector"):
+        base.pop(key, None)  # set per run (or not used by the ablation)
     if base.get("model") not in (None, "smollm2"):
         base["model"] = str(Path(base["model"]).resolve())
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -530,17 +650,20 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
     seeds = parse_seeds(args.seeds) if args.seeds else list(budget["seeds"])
     ev = {**EVAL_DEFAULTS, **budget["eval"]}
     for key, value in (("num_problems", args.eval_problems), ("n", args.eval_n),
-                       ("max_tokens", args.eval_max_tokens)):
+                       ("max_tokens", args.eval_max_tokens), ("every", args.eval_every)):
         if value is not None:
             ev[key] = value
-    if ev["num_problems"] < 1 or ev["n"] < 1 or ev["max_tokens"] < 1:
-        raise UserError("--eval-problems, --eval-n and --eval-max-tokens must be >= 1")
+    if ev["num_problems"] < 2 or ev["n"] < 1 or ev["max_tokens"] < 1 or ev["every"] < 0:
+        raise UserError("--eval-problems must be >= 2, --eval-n and --eval-max-tokens >= 1, "
+                        "--eval-every >= 0")
     out = Path(args.out or f"benchmarks/results/credit_ablation_{args.budget}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
     settings = {"budget": args.budget, "model": base.get("model", "smollm2"),
                 "task": base.get("task", "chain_sum"), "task_seed": base.get("task_seed", 0),
-                "heldout_seed": heldout_seed(base), "base_config": base, "eval": ev}
+                "heldout_seed": heldout_seed(base), "base_config": base, "eval": ev,
+                "target_reward": budget["target_reward"] if args.target_reward is None
+                else args.target_reward}
     runs = plan(base, ev, strategies, seeds, out)
     return runs, settings, out, base_run(base, ev, out)
 

@@ -1,7 +1,7 @@
 """Credit ablation: a miniature end-to-end ablation (tiny model, 2 strategies, 1 seed,
-2 steps, hf engine) whose summary and PNG agree with the per-run logs, that resumes
-without redoing finished work; the noise rule against a plain reference; the LoRA merge
-of a final adapter against W + (alpha / r) B A."""
+2 steps, hf engine) whose summary and PNG agree with the per-run logs (held-out learning
+curve, area, steps to target), that resumes without redoing finished work; the paired t
+interval, the curve area and steps-to-target against plain references."""
 
 import json
 import math
@@ -57,15 +57,30 @@ def test_miniature_ablation_end_to_end_and_resume(tmp_path, tiny_model_dir):
         assert result["task"] == summary["settings"]["task"]
         model = result["models"][0]
         assert model["model"] == str(run_dir / "final")
+        # the final evaluation is the job's own (heldout/after.json, the trained weights)
+        after = json.loads((run_dir / "heldout" / "after.json").read_text())["models"][0]
+        assert after["greedy_correct"] == model["greedy_correct"] and after["step"] == 2
         row = next(r for r in summary["table"] if r["strategy"] == strategy)
         assert row["accuracy"] == [model["greedy_accuracy"]]
         assert row["pass@1"] == model["pass_at_k"]["1"]
+        # learning curve: step 1 from the job, step 0 the untrained model, step 2 the end
+        curve_rows = [json.loads(x) for x in
+                      (run_dir / "heldout" / "curve.jsonl").read_text().splitlines()]
+        assert [c["step"] for c in curve_rows] == [1]
+        untrained_acc = json.loads((out / "untrained" / "eval.json").read_text()
+                                   )["models"][0]["greedy_accuracy"]
+        a0, a1, a2 = untrained_acc, curve_rows[0]["greedy_accuracy"], model["greedy_accuracy"]
+        assert entry["auc"] == pytest.approx(((a0 + a1) / 2 + (a1 + a2) / 2) / 2)
         config = json.loads((run_dir / "run.json").read_text())["config"]
         assert config["credit"] == strategy and config["output_dir"] == str(run_dir)
+        assert config["eval_every"] == 1 and config["eval_before"] is False
     rows = {r["strategy"]: r for r in summary["table"]}
-    assert rows["random"]["diff_per_seed"] == [rows["random"]["accuracy"][0]
-                                               - rows["uniform"]["accuracy"][0]]
-    assert rows["random"]["diff"] == pytest.approx(rows["random"]["diff_per_seed"][0])
+    assert rows["random"]["diff_final_per_seed"] == [rows["random"]["accuracy"][0]
+                                                     - rows["uniform"]["accuracy"][0]]
+    assert rows["random"]["diff_final"]["mean"] == pytest.approx(
+        rows["random"]["diff_final_per_seed"][0])
+    assert rows["random"]["diff_final"]["low"] is None  # one seed: no interval
+    assert "1 seed" in rows["random"]["verdict"]
     # the untrained model is evaluated once on the same split, as a reference
     untrained = json.loads((out / "untrained" / "eval.json").read_text())
     assert untrained["seed"] == summary["settings"]["task_seed"] + 10_000
@@ -80,7 +95,8 @@ def test_miniature_ablation_end_to_end_and_resume(tmp_path, tiny_model_dir):
     assert logged["uniform"][1]["credit/frac_amplified"] == 0
     assert logged["random"][1]["credit/frac_amplified"] > 0
     table_text = first.stdout[first.stdout.index("# held-out"):]
-    assert "uniform" in table_text and "random" in table_text and "seed noise" in table_text
+    assert "uniform" in table_text and "random" in table_text and "95% t interval" in table_text
+    assert (out / "table.md").read_text().startswith("# held-out")
 
     # re-run: finished runs are skipped; a run missing its evaluation is only evaluated
     uniform_dir, random_dir = out / "runs" / "uniform-seed0", out / "runs" / "random-seed0"
@@ -105,68 +121,53 @@ def test_miniature_ablation_end_to_end_and_resume(tmp_path, tiny_model_dir):
     assert third.returncode == 2 and "other settings" in third.stderr
 
 
-def reference_verdict(values, base):
-    """|mean diff| < 2 SE (Welch, sample stds) or overlapping [min, max] ranges."""
-    import statistics
-
-    diff = statistics.fmean(values) - statistics.fmean(base)
-    se = math.sqrt(statistics.variance(values) / len(values)
-                   + statistics.variance(base) / len(base))
-    overlap = not (max(values) < min(base) or max(base) < min(values))
-    return diff, se, abs(diff) < 2 * se or overlap
+def t_cdf(x, df, steps=20000):
+    """Student t CDF by Simpson integration of the density from 0 (plain reference)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    h = x / steps
+    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
 
 
-def test_noise_verdict_matches_reference():
-    from attnrl.ablation import noise_verdict
+def test_paired_t_interval_matches_reference():
+    from trainers.ablation import T975, paired_t_interval
 
+    for df, q in enumerate(T975, start=1):
+        assert t_cdf(q, df) == pytest.approx(0.975, abs=2e-5), df
     rng = random.Random(0)
-    outcomes = set()
-    for _ in range(500):
-        k_a, k_b = rng.randint(2, 5), rng.randint(2, 5)
-        shift = rng.choice([0.0, 0.05, 0.3])
-        spread = rng.choice([0.0, 0.01, 0.1])
-        base = [rng.choice([0.2, 0.25]) + rng.gauss(0, spread) for _ in range(k_b)]
-        values = [b + shift for b in
-                  (rng.choice([0.2, 0.25]) + rng.gauss(0, spread) for _ in range(k_a))]
-        diff, se, within = reference_verdict(values, base)
-        got = noise_verdict(values, base)
-        assert got["diff"] == pytest.approx(diff, abs=1e-12)
-        assert got["se"] == pytest.approx(se, abs=1e-12)
-        assert got["within_noise"] == within
-        outcomes.add(within)
-    assert outcomes == {True, False}  # the sweep exercises both verdicts
-    one_seed = noise_verdict([0.3], [0.2, 0.25])
-    assert one_seed["within_noise"] is None and "unknown" in one_seed["verdict"]
+    for _ in range(300):
+        m = rng.randint(2, 12)
+        diffs = [rng.gauss(0.05, 0.1) for _ in range(m)]
+        mean = sum(diffs) / m
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (m - 1))
+        half = T975[m - 2] * sd / math.sqrt(m)
+        got = paired_t_interval(diffs)
+        assert got["mean"] == pytest.approx(mean, abs=1e-12)
+        assert got["low"] == pytest.approx(mean - half, abs=1e-12)
+        assert got["high"] == pytest.approx(mean + half, abs=1e-12)
+    assert paired_t_interval([0.1])["low"] is None
 
 
-def test_lora_final_adapter_is_merged_for_evaluation(tmp_path, tiny_model_dir):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
+def test_curve_area_and_steps_to_target_match_reference():
+    import numpy as np
 
-    from attnrl.ablation import final_model_dir
-    from attnrl.models import load_model
+    from trainers.ablation import curve_area, steps_to_target
 
-    torch.manual_seed(0)
-    r, alpha = 4, 8
-    peft_model = get_peft_model(load_model(tiny_model_dir, dtype=torch.float32),
-                                LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj"]))
-    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_()
-    lora_a = layer.lora_A["default"].weight.detach().clone()
-    lora_b = layer.lora_B["default"].weight.detach().clone()
-    run_dir = tmp_path / "run"
-    peft_model.save_pretrained(run_dir / "final")
-
-    merged = final_model_dir(run_dir, {"model": str(tiny_model_dir)})
-    assert merged == run_dir / "final_merged" and (merged / "config.json").exists()
-    base = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))
-    weights = load_file(next(merged.glob("*.safetensors")))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    expected = base[name] + (alpha / r) * lora_b @ lora_a
-    assert not torch.allclose(expected, base[name])
-    torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-6)
-    other = "model.layers.0.self_attn.k_proj.weight"
-    torch.testing.assert_close(weights[other], base[other], rtol=0, atol=0)
-    assert final_model_dir(run_dir, {"model": str(tiny_model_dir)}) == merged  # cached
+    rng = random.Random(1)
+    for _ in range(100):
+        last = rng.randint(2, 40)
+        inner = sorted(rng.sample(range(1, last), rng.randint(0, min(5, last - 1))))
+        steps = [0, *inner, last]
+        accs = [rng.random() for _ in steps]
+        want = np.trapezoid(accs, steps) / last
+        assert curve_area(list(zip(steps, accs)), last) == pytest.approx(want, abs=1e-12)
+        rewards = [rng.random() for _ in range(last)]
+        target = rng.uniform(0.3, 0.7)
+        expected = None
+        for i in range(last):
+            window = rewards[max(0, i - 4):i + 1]
+            if sum(window) / len(window) >= target:
+                expected = i + 1
+                break
+        assert steps_to_target(list(range(1, last + 1)), rewards, target) == expected
+    assert curve_area([(1, 0.5), (4, 0.6)], 4) is None  # no step-0 point
