@@ -119,9 +119,9 @@ def test_paired_interval_matches_reference():
 
 @pytest.mark.parametrize("extra, message", [
     ({"eval_size": 8, "eval_seed": 0}, "eval_seed 0 equals task_seed"),
-    ({"eval_size": -1}, "eval_size must be an integer >= 0"),
+    ({"eval_size": -1}, "eval_size = -1 is out of range; eval_size takes an integer >= 0"),
     ({"eval_size": 8, "task": "data/x.jsonl"}, "give eval_task"),
-    ({"eval_before": "yes"}, "eval_before must be true or false"),
+    ({"eval_before": "yes"}, "eval_before takes true or false"),
     ({"reasoning_vector": {"alpha": 1.0}}, "at least target"),
     ({"reasoning_vector": {"target": "x", "alpah": 1.0}}, "unknown keys ['alpah']"),
 ])
