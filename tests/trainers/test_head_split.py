@@ -81,9 +81,10 @@ def test_two_ranks_hold_the_split_of_the_union_of_their_data(tiny_model_dir, tmp
     saved = json.loads((out / "checkpoint-1" / STATE_FILE).read_text())
     assert saved["layers"] == LAYERS
     assert all(torch.equal(a, b) for a, b in zip(as_tensors(saved), union))
-    # not vacuous: split on its own micro-batch, each rank would have chosen other heads
+    # not vacuous: split on its own micro-batch, at least one rank would have chosen other
+    # heads (a rank-local calibration fails the equality above on that rank)
     own = [reference_split(model, [b]) for b in batches]
-    assert not any(all(torch.equal(a, b) for a, b in zip(o, union)) for o in own)
+    assert not all(all(torch.equal(a, b) for a, b in zip(o, union)) for o in own)
 
 
 @pytest.mark.slow
