@@ -98,6 +98,17 @@ _KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false",
 
 
 # ------------------------------------------------------------------ checks of single keys
+def _engine_default(expected):
+    """A sampling option attnrl's engines do not apply: only its neutral value is accepted
+    (anything else would be silently ignored, and the log-probs would not match)."""
+    def check(value) -> str | None:
+        if value != expected:
+            return ("would be ignored: attnrl's rollout engines sample with temperature and "
+                    "top_p only")
+        return None
+    return check
+
+
 def _check_reasoning_vector(value) -> str | None:
     from trainers.heldout_keys import vector_settings
 
@@ -361,7 +372,17 @@ TRL_KEYS = [
     Key("max_completion_length", "int|null", 512, "completion tokens at most", ge=1),
     Key("temperature", "float", 1.0, "sampling temperature", gt=0),
     Key("top_p", "float", 1.0, "nucleus sampling mass", gt=0, le=1),
-    Key("top_k", "int", 0, "top-k sampling (0 = off)", ge=0),
+    Key("top_k", "int", 0, "top-k sampling: attnrl's engines sample with temperature and "
+        "top-p only, so 0 (off)", check=_engine_default(0),
+        allowed="0"),
+    Key("min_p", "float|null", None, "min-p sampling: not applied by attnrl's engines (null)",
+        check=_engine_default(None), allowed="null"),
+    Key("repetition_penalty", "float", 1.0, "repetition penalty: not applied by attnrl's "
+        "engines (1.0)", check=_engine_default(1.0),
+        allowed="1.0"),
+    Key("generation_kwargs", "dict|null", None, "extra sampling arguments: not used by "
+        "attnrl's engines (null)", check=_engine_default(None),
+        allowed="null"),
     Key("beta", "float", 0.0, "KL coefficient", ge=0),
     Key("epsilon", "float", 0.2, "PPO clip range", gt=0),
     Key("num_iterations", "int", 1, "optimisation passes over each generated batch", ge=1),

@@ -56,6 +56,9 @@ BAD_INPUTS = [
     (["train", "--config", "{batch.yaml}"], ("num_generations 3 does not divide the "
                                             "generation batch 8")),
     (["train", "--num_generations", "3"], "command line: num_generations 3 does not divide"),
+    (["train", "--top_k", "50"], "top_k = 50 would be ignored: attnrl's rollout engines sample "
+                                 "with temperature and top_p only; top_k takes 0"),
+    (["train", "--repetition_penalty", "1.2"], "repetition_penalty = 1.2 would be ignored"),
     (["train", "--temperature", "-1"], ("command line: temperature = -1 is out of range; "
                                        "temperature takes a number > 0")),
     (["train", "--max_completion_length", "0"], "max_completion_length = 0 is out of range"),
