@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from attnrl.errors import UserError
-
-from trainers.heldout_keys import (  # noqa: E402,F401  (re-exported)
+from trainers.heldout_keys import (  # noqa: F401  (re-exported)
     EVAL_TOP_P,
     HELDOUT_SEED_OFFSET,
     HeldoutSettings,

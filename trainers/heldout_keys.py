@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnrl.errors import UserError
-from attnrl.evaluation import HELDOUT_SEED_OFFSET  # noqa: F401  (one rule: task_seed + 10000)
+from attnrl.evaluation import HELDOUT_SEED_OFFSET
 
 EVAL_TOP_P = 0.95
 HELDOUT_INPUTS = ("eval_size", "eval_task", "eval_seed", "eval_samples", "eval_temperature",

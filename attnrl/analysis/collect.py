@@ -81,6 +81,7 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
 
 def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sample], list]:
     """Samples from a responses JSONL (module docstring). Bad lines -> UserError."""
+    from attnrl.data import jsonl_rows
     from attnrl.models import load_tokenizer
     from attnrl.rollout import encode_prompts
     from rewards import math_reward
@@ -91,39 +92,32 @@ def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sam
                         "'prompt' and 'response' (and 'correct', 'reward' or 'answer') per line")
     tokenizer = load_tokenizer(model)
     rows, groups = [], {}
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("response"), str):
-                raise UserError(f"{path}:{lineno}: needs string fields 'prompt' and 'response'")
-            if "correct" in row:
-                correct, reward = bool(row["correct"]), float(bool(row["correct"]))
-            elif "reward" in row:
-                reward = float(row["reward"])
-                correct = reward >= CORRECT_THRESHOLD
-            elif "answer" in row:
-                reward = math_reward([""], [row["response"]], answer=[str(row["answer"])])[0]
-                correct = reward >= CORRECT_THRESHOLD
-            else:
-                raise UserError(f"{path}:{lineno}: no label: add 'correct' (true/false), "
-                                "'reward' or a gold 'answer'")
-            key = json.dumps(row.get("group", row["prompt"]))
-            group = groups.setdefault(key, len(groups))
-            prompt_ids = encode_prompts(tokenizer, [row["prompt"]])[0]
-            response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-            if not response_ids or not prompt_ids:
-                raise UserError(f"{path}:{lineno}: empty prompt or response")
-            rows.append(Sample(prompt_ids, response_ids, group=group, correct=correct,
-                               reward=reward, spans=sentence_spans_of(tokenizer, response_ids),
-                               text=row["response"]))
-            if limit is not None and len(rows) >= limit:
-                break
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("response"), str):
+            raise UserError(f"{path}:{lineno}: needs string fields 'prompt' and 'response'")
+        if "correct" in row:
+            correct, reward = bool(row["correct"]), float(bool(row["correct"]))
+        elif "reward" in row:
+            reward = float(row["reward"])
+            correct = reward >= CORRECT_THRESHOLD
+        elif "answer" in row:
+            reward = math_reward([""], [row["response"]], answer=[str(row["answer"])])[0]
+            correct = reward >= CORRECT_THRESHOLD
+        else:
+            raise UserError(f"{path}:{lineno}: no label: add 'correct' (true/false), "
+                            "'reward' or a gold 'answer'")
+        key = json.dumps(row.get("group", row["prompt"]))
+        group = groups.setdefault(key, len(groups))
+        prompt_ids = encode_prompts(tokenizer, [row["prompt"]])[0]
+        response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        if not response_ids or not prompt_ids:
+            raise UserError(f"{path}:{lineno}: empty prompt or response")
+        rows.append(Sample(prompt_ids, response_ids, group=group, correct=correct,
+                           reward=reward, spans=sentence_spans_of(tokenizer, response_ids),
+                           text=row["response"]))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise UserError(f"{path} holds no responses")
     return rows, []

@@ -45,6 +45,20 @@ def gsm8k_final_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
+def jsonl_rows(path):
+    """(line number, parsed object) for each non-blank line of a JSONL file; a line that is
+    not JSON is a UserError naming the file and line."""
+    with open(path) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must "
+                                "be one JSON object") from None
+
+
 def load_jsonl(path, limit: int | None = None) -> list[PromptRecord]:
     """GSM8K-format JSONL: one object per line with 'question' and 'answer' (a solution
     ending in '#### x', or a bare answer)."""
@@ -53,25 +67,17 @@ def load_jsonl(path, limit: int | None = None) -> list[PromptRecord]:
         raise UserError(f"prompt file {str(path)!r} does not exist: give a JSONL file with "
                         "'question' and 'answer' fields, or a reasoning-gym task name")
     records = []
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must "
-                                "be one JSON object") from None
-            if not isinstance(row, dict) or "question" not in row:
-                raise UserError(f"{path}:{lineno}: line has no 'question' field; each line "
-                                "needs 'question' (and 'answer' for rewards)")
-            raw = str(row.get("answer", ""))
-            gold = gsm8k_final_answer(raw) if "####" in raw else raw.strip()
-            records.append(PromptRecord(question=str(row["question"]), answer=gold,
-                                        source=str(path), index=len(records),
-                                        metadata={"solution": raw}))
-            if limit is not None and len(records) >= limit:
-                break
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row, dict) or "question" not in row:
+            raise UserError(f"{path}:{lineno}: line has no 'question' field; each line "
+                            "needs 'question' (and 'answer' for rewards)")
+        raw = str(row.get("answer", ""))
+        gold = gsm8k_final_answer(raw) if "####" in raw else raw.strip()
+        records.append(PromptRecord(question=str(row["question"]), answer=gold,
+                                    source=str(path), index=len(records),
+                                    metadata={"solution": raw}))
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise UserError(f"{path} holds no prompts")
     return records
