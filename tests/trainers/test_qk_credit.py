@@ -282,7 +282,7 @@ def test_killed_run_resumes_with_identical_qk_metrics(tmp_path, tiny_model_dir):
             "max_completion_length": 16, "learning_rate": 1e-3, "signal_h_lo": 2,
             "signal_h_hi": 8, "gradient_checkpointing": False, "bf16": False,
             "rewards": {"format": 1.0}, "gradient_accumulation_steps": 1,
-                "eval_size": 0, "reward_options": {"format": {"pattern": "[A-Z]"}}}
+            "eval_size": 0, "reward_options": {"format": {"pattern": "[A-Z]"}}}
 
     def run(out, stop_at=0):
         env = dict(os.environ, STOP_AT=str(stop_at), PYTHONPATH=str(Path(__file__).parents[2]))
