@@ -65,13 +65,9 @@ def check_stats(name, got, expect, response, n, results):
 
 
 def padded_mask(B, n, pads, sliding=None):
-    keep = torch.ones(B, n, dtype=torch.bool)
-    for b, pad in enumerate(pads):
-        keep[b, :pad] = False
-    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    allowed = (s <= t) & keep[:, None, None, :]
-    if sliding is not None:
-        allowed &= t - s < sliding
+    from attnrl.signals.reference import padded_causal_mask
+
+    allowed, keep = padded_causal_mask(B, n, pads, sliding)
     return allowed.to(DEVICE), keep
 
 

@@ -33,6 +33,19 @@ def attention_maps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return {l: out.attentions[l].float() for l in layers}
 
 
+def padded_causal_mask(batch: int, n: int, pads, sliding: int | None = None):
+    """A transformers-style (B, 1, n, n) bool mask, causal, with pads[b] left-padding keys
+    and optionally a sliding window of `sliding` keys; and the (B, n) bool of real tokens."""
+    keep = torch.ones(batch, n, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        keep[b, :pad] = False
+    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (s <= t) & keep[:, None, None, :]
+    if sliding is not None:
+        allowed &= t - s < sliding
+    return allowed, keep
+
+
 def distances(n: int) -> torch.Tensor:
     """(N, N) float: t - s below and on the diagonal, 0 above it."""
     t = torch.arange(n)[:, None]

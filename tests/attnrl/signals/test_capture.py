@@ -483,19 +483,6 @@ def assert_stats_close(got, expect, response, span_terms):
     assert_close(got[1][rk], fai_sum[rk])
 
 
-def padded_mask(B, n, pads, sliding=None):
-    """A transformers-style (B, 1, n, n) bool mask: causal, left padding of pads[b] keys,
-    optionally a sliding window; and the (B, n) bool of real tokens."""
-    keep = torch.ones(B, n, dtype=torch.bool)
-    for b, pad in enumerate(pads):
-        keep[b, :pad] = False
-    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    allowed = (s <= t) & keep[:, None, None, :]
-    if sliding is not None:
-        allowed &= t - s < sliding
-    return allowed, keep
-
-
 @pytest.mark.parametrize("path", ["blockwise", "kernel"])
 @pytest.mark.parametrize("mask_kind", ["causal", "padding", "sliding"])
 def test_bfloat16_statistics_under_autocast_equal_float64(path, mask_kind):
@@ -510,7 +497,7 @@ def test_bfloat16_statistics_under_autocast_equal_float64(path, mask_kind):
     q = (torch.randn(B, H, n, d, generator=gen) * 0.6).bfloat16()
     k = (torch.randn(B, h_kv, n, d, generator=gen) * 0.6).bfloat16()
     mask, keep = (None, torch.ones(B, n, dtype=torch.bool)) if mask_kind == "causal" else \
-        padded_mask(B, n, [0, 37], sliding=24 if mask_kind == "sliding" else None)
+        ref.padded_causal_mask(B, n, [0, 37], sliding=24 if mask_kind == "sliding" else None)
     response = keep & (torch.rand(B, n, generator=gen) < 0.8)
     scaling, window, h_lo, h_hi = d ** -0.5, 10, 3, 40
     expect = float64_stats(q, k, mask, scaling, response, window, h_lo, h_hi)
