@@ -163,6 +163,13 @@ def fig_coupling(report, path):
     ax2.set_xlabel("layer (dotted: sampled layers)")
     ax2.set_ylabel("ratio to chance (95% CI)")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    """Lay out, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -199,9 +206,7 @@ def fig_heads(report, path):
     _mark(ax, h["global_heads"], "red", "o", "global (trainer's split)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2,
               frameon=True, facecolor="#8c8c8c", edgecolor="none")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_qk(report, path):
@@ -214,9 +219,7 @@ def fig_qk(report, path):
           "family-wise p < 0.05 (permutation)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2,
               frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_receivers(report, path):
@@ -227,9 +230,7 @@ def fig_receivers(report, path):
     _mark(ax, r["top_heads"], "cyan", "o", f"top {len(r['top_heads'])} receiver heads")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1,
               frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def fig_outcome(report, path):
@@ -256,9 +257,7 @@ def fig_outcome(report, path):
     axes[3].set_xlabel("relative position in response")
     axes[3].set_ylabel("share of anchors", fontsize=9)
     axes[3].legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ HTML
