@@ -15,6 +15,10 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
    A_{i,t} = gamma_t * A_i.
 4. QK-score credit (`qk_tokens`, `qk_consistency`, `qk_premise`): the answer query's QK-scores come from
    the same forward (trainers/qk_heads.py: head selection from rollouts, checkpointed).
+5. Resumable data order: the prompt order of epoch e is a function of (seed, e)
+   (`EpochSeededRepeatSampler`), so a run resumed in a later epoch sees the prompts an
+   uninterrupted run would; TRL's sampler continues one generator across epochs, which a
+   resumed process cannot restore.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import RepeatSampler
 
 from attnrl.advantages import compute_advantages, estimator_options
 from attnrl.credit import (
@@ -149,6 +154,23 @@ class AttnGRPOConfig(GRPOConfig):
         return {k: v for k, v in wanted.items() if k in accepted}
 
 
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler (same indices, same repeats) whose shuffle restarts from
+    hash(seed, epoch) at every epoch; epoch 0 is TRL's own order (generator seeded with
+    `seed`). The trainer calls `set_epoch` before each epoch, also when resuming."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed if self.epoch == 0 else
+                                       (self.seed * 1_000_003 + self.epoch) % (1 << 63))
+        return super().__iter__()
+
+
 class AttnGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with attnrl rollouts, estimators and attention-guided credit.
 
@@ -177,6 +199,12 @@ class AttnGRPOTrainer(GRPOTrainer):
             if needs_qk(self.credit_inputs) else None
         self._generation_calls = {}  # phase -> (global_step, generation calls in that step)
         self._check_is_correction()
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if type(sampler) is RepeatSampler:  # same state, per-epoch seeding
+            sampler.__class__ = EpochSeededRepeatSampler
+        return sampler
 
     # ------------------------------------------------------------------ TRL's IS correction
     def _check_is_correction(self) -> None:

@@ -248,3 +248,33 @@ def test_importance_sampling_ratio_weights_the_loss(tmp_path, dataset):
     scaled, _ = loss_and_grads(trainer, {**inputs, "importance_sampling_ratio": 0.5 * ones})
     torch.testing.assert_close(same, plain)
     torch.testing.assert_close(scaled, 0.5 * plain)
+
+
+def test_prompt_order_of_each_epoch_depends_only_on_seed_and_epoch(tmp_path, dataset):
+    """Epoch 0 is TRL's own order; a fresh sampler set to epoch e (a resumed run) yields the
+    order an uninterrupted one reaches at epoch e (TRL's continues one generator, so its
+    fresh copy repeats epoch 0's order)."""
+    from trl.trainer.utils import RepeatSampler
+
+    from trainers.grpo import EpochSeededRepeatSampler
+
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset,
+                           model=build_tiny_model("llama", num_layers=1))
+    sampler = trainer._get_train_sampler()
+    assert type(sampler) is EpochSeededRepeatSampler
+    kwargs = dict(data_source=dataset, mini_repeat_count=4, batch_size=1, repeat_count=1,
+                  seed=0)
+    trl = RepeatSampler(**kwargs)
+    trl_epochs = [list(trl) for _ in range(3)]
+    assert list(sampler) == trl_epochs[0]
+    uninterrupted = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        uninterrupted.append(list(sampler))
+    assert len({tuple(e) for e in uninterrupted}) > 1  # the order changes between epochs
+    for epoch in (1, 2):
+        resumed = trainer._get_train_sampler()
+        resumed.set_epoch(epoch)
+        assert list(resumed) == uninterrupted[epoch]
+    # why: a fresh TRL sampler (a resumed process) restarts at epoch 0's order
+    assert list(RepeatSampler(**kwargs)) == trl_epochs[0] != trl_epochs[1]

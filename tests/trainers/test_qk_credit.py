@@ -268,7 +268,10 @@ def test_one_training_step_saves_and_resumes_the_selection(tmp_path, dataset, st
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_qk_metrics(tmp_path, tiny_model_dir):
     """A run killed after its step-2 checkpoint, resumed, logs the same step-3/4 metrics as
-    an uninterrupted run: the EMA and the selection (re-selected at step 2) come back."""
+    an uninterrupted run: the EMA and the selection (re-selected at step 2) come back.
+    4 accumulated micro-batches of 8 = 8 of the 16 prompts per step: the checkpoint ends
+    epoch 0, so the resumed run must also draw epoch 1's prompt order as the whole run did
+    (TRL's sampler alone gave step-3 loss -0.018 instead of -0.029 here)."""
     import os
     import subprocess
     import sys
@@ -281,7 +284,7 @@ def test_killed_run_resumes_with_identical_qk_metrics(tmp_path, tiny_model_dir):
             "per_device_train_batch_size": 8, "num_generations": 4,
             "max_completion_length": 16, "learning_rate": 1e-3, "signal_h_lo": 2,
             "signal_h_hi": 8, "gradient_checkpointing": False, "bf16": False,
-            "rewards": {"format": 1.0}, "gradient_accumulation_steps": 1,
+            "rewards": {"format": 1.0}, "gradient_accumulation_steps": 4,
             "eval_size": 0, "reward_options": {"format": {"pattern": "[A-Z]"}}}
 
     def run(out, stop_at=0):
@@ -304,7 +307,8 @@ def test_killed_run_resumes_with_identical_qk_metrics(tmp_path, tiny_model_dir):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = metrics("whole"), metrics("crashed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    keys = ("loss", "credit/gamma_mean", "qk/auc_mean", "qk/frac_damped")
+    keys = ("reward", "loss", "grad_norm", "credit/gamma_mean", "qk/auc_mean",
+            "qk/frac_damped")
     for step in (3, 4):
         for key in keys:
             assert key in a[step], (step, key)
