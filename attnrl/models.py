@@ -178,9 +178,10 @@ def build_tiny_tokenizer(vocab_size: int = 512):
 def tiny_config(arch: str = "llama", num_heads: int = 4, num_kv_heads: int | None = None,
                 num_layers: int = 4, head_dim: int = 32, vocab_size: int = 512,
                 rope_theta: float = 10000.0, rope_scaling: dict | None = None,
-                max_position_embeddings: int = 4096, intermediate_size: int = 256):
+                max_position_embeddings: int = 4096, intermediate_size: int = 256,
+                tie_word_embeddings: bool = False):
     """A transformers config for a tiny decoder. arch: 'llama' or 'qwen2'. head_dim 32 is
-    the smallest that vLLM's CPU attention accepts."""
+    the smallest that vLLM's CPU attention accepts; tie_word_embeddings as SmolLM2 / Qwen."""
     from transformers import LlamaConfig, Qwen2Config
 
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
@@ -190,7 +191,7 @@ def tiny_config(arch: str = "llama", num_heads: int = 4, num_kv_heads: int | Non
         vocab_size=vocab_size, hidden_size=num_heads * head_dim, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=3,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=0, eos_token_id=2, pad_token_id=3,
     )
     rope = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling:

@@ -506,6 +506,12 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _legend(ax) -> None:
+    """A legend when some curve has a label (none before the first finished run)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_summary(summary: dict, path: Path) -> Path:
     """Training reward (mean over seeds) and held-out learning curves per strategy."""
     import matplotlib
@@ -527,8 +533,7 @@ def plot_summary(summary: dict, path: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training reward ({SMOOTH_WINDOW}-step avg, mean over seeds)")
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
+    _legend(ax)
     max_steps = int(summary["settings"]["base_config"].get("max_steps", 0))
     ref = summary.get("untrained")
     for strategy in summary["curves"]:
@@ -550,8 +555,7 @@ def plot_summary(summary: dict, path: Path) -> Path:
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("held-out greedy accuracy % (mean over seeds)")
     ax2.grid(alpha=0.3)
-    if ax2.lines:
-        ax2.legend(fontsize=7)
+    _legend(ax2)
     settings = summary["settings"]
     fig.suptitle(f"credit ablation: {Path(str(settings['model'])).name} on {settings['task']} "
                  f"({settings['budget']} budget)", fontsize=10)

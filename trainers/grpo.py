@@ -206,6 +206,19 @@ class AttnGRPOTrainer(GRPOTrainer):
             sampler.__class__ = EpochSeededRepeatSampler
         return sampler
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers warns "missing keys ['lm_head.weight']" on every resume of a model
+        with tied embeddings (the tied copy is not saved; loading its twin fills it). Drop
+        the missing keys that share their tensor with a loaded parameter; warn on the rest."""
+        groups: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        missing = set(load_result.missing_keys)
+        tied = {name for names in groups.values() if any(n not in missing for n in names)
+                for name in names}
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
     # ------------------------------------------------------------------ TRL's IS correction
     def _check_is_correction(self) -> None:
         config: AttnGRPOConfig = self.args

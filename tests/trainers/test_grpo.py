@@ -278,3 +278,26 @@ def test_prompt_order_of_each_epoch_depends_only_on_seed_and_epoch(tmp_path, dat
         assert list(resumed) == uninterrupted[epoch]
     # why: a fresh TRL sampler (a resumed process) restarts at epoch 0's order
     assert list(RepeatSampler(**kwargs)) == trl_epochs[0] != trl_epochs[1]
+
+
+def test_resume_does_not_warn_about_the_tied_output_embedding(tmp_path, dataset, caplog):
+    """A tied lm_head is not saved, so every resume reported it missing; a key that is
+    really missing still warns."""
+    import logging
+
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    model = build_tiny_model("llama", num_layers=1, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer = make_trainer(AttnGRPOTrainer, AttnGRPOConfig, tmp_path, dataset, model=model)
+    state = {k: v for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"}
+    result = trainer.model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["lm_head.weight"]
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer._issue_warnings_after_load(result)
+    assert "missing keys" not in caplog.text
+    del state["model.norm.weight"]
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer._issue_warnings_after_load(trainer.model.load_state_dict(state, strict=False))
+    assert "missing keys" in caplog.text and "model.norm.weight" in caplog.text
+    assert "lm_head" not in caplog.text
