@@ -262,8 +262,8 @@ def test_prompt_order_of_each_epoch_depends_only_on_seed_and_epoch(tmp_path, dat
                            model=build_tiny_model("llama", num_layers=1))
     sampler = trainer._get_train_sampler()
     assert type(sampler) is EpochSeededRepeatSampler
-    kwargs = dict(data_source=dataset, mini_repeat_count=4, batch_size=1, repeat_count=1,
-                  seed=0)
+    kwargs = {"data_source": dataset, "mini_repeat_count": 4, "batch_size": 1,
+              "repeat_count": 1, "seed": 0}
     trl = RepeatSampler(**kwargs)
     trl_epochs = [list(trl) for _ in range(3)]
     assert list(sampler) == trl_epochs[0]
@@ -284,8 +284,6 @@ def test_resume_does_not_warn_about_the_tied_output_embedding(tmp_path, dataset,
     """A tied lm_head is not saved, so every resume reported it missing; a key that is
     really missing still warns."""
     import logging
-
-    from torch.nn.modules.module import _IncompatibleKeys
 
     model = build_tiny_model("llama", num_layers=1, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
