@@ -22,7 +22,15 @@ Composition: a name joined with '+' ('coupled+random') multiplies the strategies
 token by token (a per-response gamma scales every token of its response), then clips the
 product to [0, gamma_max] (gamma_max defaults to max(gamma_amp, 1)): combining can
 redistribute or shrink credit but never exceed one strategy's bonus. A single strategy is
-never clipped.
+never clipped. A strategy registered with `signed=True` (a negative gamma, e.g. `sign_flip`)
+cannot be composed: the clip would turn its -1 into 0; it is refused with a UserError.
+
+`sign_flip` is a positive control for ablations: it flips the sign of a random
+`flip_fraction` of the responses' advantages (gamma = -1 on every token of a flipped
+response), so the expected advantage is (1 - 2 flip_fraction) A at unchanged magnitude:
+less learning signal at the same noise, known in advance to learn more slowly than
+`uniform`. (A constant scale of the advantages would not do: Adam's update is invariant to
+it, and gradient clipping keeps its direction.)
 
 QK strategies (methods.md section 2; formulas in attnrl.signals.qk_select): `qk_tokens`
 reads extras['qk_token_scores'] (B, N); `qk_premise` reads extras['qk_premise_scores']
@@ -77,11 +85,15 @@ class CreditConfig:
     """Signal settings. Its `q` is the top fraction of every strategy here, its `alpha` the
     coupled strategy's transfer fraction; pass the same object to the signal code."""
     seed: int = 0
-    """Seed of the `random` strategy when the caller passes no generator [D]."""
+    """Seed of the `random` and `sign_flip` strategies when the caller passes no generator
+    [D]."""
     gamma_max: float | None = None
     """Upper clip of a '+'-combined gamma; None = max(gamma_amp, 1) [D]."""
     qk_damp: float = 0.5
     """qk_consistency: the largest damping of an advantage, factor in [1 - qk_damp, 1] [D]."""
+    flip_fraction: float = 0.25
+    """sign_flip: probability that a response's advantage is flipped, in [0, 1]; the expected
+    advantage is (1 - 2 flip_fraction) A, half of uniform's at 0.25 [D]."""
 
     def __post_init__(self):
         if isinstance(self.signals, dict):
@@ -104,6 +116,9 @@ class CreditConfig:
             raise UserError(f"gamma_max must be > 0 or None, got {self.gamma_max}")
         if not 0.0 <= self.qk_damp <= 1.0:
             raise UserError(f"qk_damp must be in [0, 1] (0.5 by default), got {self.qk_damp}")
+        if not 0.0 <= self.flip_fraction <= 1.0:
+            raise UserError(f"flip_fraction must be in [0, 1] (0.25 by default), got "
+                            f"{self.flip_fraction}")
         strategy_parts(self.strategy)
 
     @property
@@ -128,34 +143,43 @@ class CreditInputs:
 class CreditStrategy:
     fn: Callable[[CreditInputs], torch.Tensor]
     requires: frozenset[str]
+    signed: bool = False
+    """True if its gamma can be negative: it cannot be composed with '+'."""
 
 
 CREDIT_STRATEGIES: dict[str, CreditStrategy] = {}
 """Registered strategies by name."""
 
 
-def register_credit(name: str, requires=()):
+def register_credit(name: str, requires=(), signed: bool = False):
     """Decorator: register `fn(inputs: CreditInputs) -> gamma` under `name`. `requires`:
-    the inputs it reads ('signals', 'entropy', or the name of an extra tensor)."""
+    the inputs it reads ('signals', 'entropy', or the name of an extra tensor); `signed`:
+    its gamma can be negative (never composed, since composition clips at 0)."""
     if "+" in name:
         raise ValueError(f"credit strategy names cannot contain '+': {name!r}")
 
     def decorator(fn):
         if name in CREDIT_STRATEGIES and CREDIT_STRATEGIES[name].fn is not fn:
             raise ValueError(f"credit strategy {name!r} is already registered")
-        CREDIT_STRATEGIES[name] = CreditStrategy(fn, frozenset(requires))
+        CREDIT_STRATEGIES[name] = CreditStrategy(fn, frozenset(requires), bool(signed))
         return fn
     return decorator
 
 
 def strategy_parts(strategy: str) -> list[str]:
-    """Split a possibly '+'-joined strategy name, checking every part is registered."""
+    """Split a possibly '+'-joined strategy name, checking every part is registered and
+    that no signed strategy is composed."""
     parts = [p.strip() for p in str(strategy).split("+")]
     for part in parts:
         if part not in CREDIT_STRATEGIES:
             raise UserError(f"unknown credit strategy {part!r}"
                             f"{nearest(part, CREDIT_STRATEGIES)}; registered: "
                             f"{', '.join(sorted(CREDIT_STRATEGIES))} (join several with '+')")
+    signed = [p for p in parts if CREDIT_STRATEGIES[p].signed]
+    if signed and len(parts) > 1:
+        raise UserError(f"credit strategy {signed[0]!r} gives negative gamma and cannot be "
+                        f"composed ({strategy!r}): '+' clips gamma to [0, gamma_max], which "
+                        "would turn its flips into zeros; run it alone")
     return parts
 
 
@@ -167,8 +191,8 @@ def required_inputs(strategy: str | CreditConfig) -> set[str]:
 
 
 def make_generator(config: CreditConfig) -> torch.Generator:
-    """A CPU generator seeded with config.seed; keep one per run for the `random`
-    strategy so each step draws fresh tokens reproducibly."""
+    """A CPU generator seeded with config.seed; keep one per run for the `random` and
+    `sign_flip` strategies so each step draws afresh, reproducibly."""
     return torch.Generator().manual_seed(int(config.seed))
 
 
@@ -183,7 +207,8 @@ def compute_gamma(config: CreditConfig, signals: TokenSignals | None,
     """Per-token credit weights gamma (B, N) float32, 1.0 outside the response.
 
     signals / entropy / extras are needed only by the strategies that read them
-    (`required_inputs`); `generator` drives `random` (None: a fresh one from config.seed).
+    (`required_inputs`); `generator` drives `random` and `sign_flip` (None: a fresh one
+    from config.seed).
     """
     parts = strategy_parts(config.strategy)
     response_mask = _check_mask(response_mask)
@@ -249,13 +274,14 @@ def token_advantages(config: CreditConfig, advantages: torch.Tensor,
 
 
 def credit_metrics(gamma: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
-    """Summary of gamma over response tokens: mean/min/max, fraction amplified (gamma > 1)
-    and damped (gamma < 1), mean amplified tokens per response. Zeros for no tokens."""
+    """Summary of gamma over response tokens: mean/min/max, fraction amplified (gamma > 1),
+    damped (gamma < 1, negatives included) and negative (gamma < 0: flipped advantages),
+    mean amplified tokens per response. Zeros for no tokens."""
     mask = _check_mask(response_mask)
     values = gamma.detach()[mask].to(torch.float32)
     if values.numel() == 0:
         return {k: 0.0 for k in ("gamma_mean", "gamma_min", "gamma_max", "frac_amplified",
-                                 "frac_damped", "amplified_per_response")}
+                                 "frac_damped", "frac_negative", "amplified_per_response")}
     amplified = (gamma.detach() > 1) & mask
     return {
         "gamma_mean": values.mean().item(),
@@ -263,6 +289,7 @@ def credit_metrics(gamma: torch.Tensor, response_mask: torch.Tensor) -> dict[str
         "gamma_max": values.max().item(),
         "frac_amplified": (values > 1).float().mean().item(),
         "frac_damped": (values < 1).float().mean().item(),
+        "frac_negative": (values < 0).float().mean().item(),
         "amplified_per_response": amplified.sum(-1).float().mean().item(),
     }
 
@@ -336,6 +363,21 @@ def random_tokens(inputs: CreditInputs) -> torch.Tensor:
         generator = make_generator(inputs.config)
     scores = torch.rand(resp.shape, generator=generator, device=generator.device)
     return bonus(inputs.config, top_q_mask(scores.to(resp.device), resp, inputs.config.q))
+
+
+@register_credit("sign_flip", signed=True)
+def sign_flip(inputs: CreditInputs) -> torch.Tensor:
+    """Positive control: per response, gamma = -1 (its advantage flipped) with probability
+    flip_fraction, else +1; drawn from the credit generator like `random`. Expected
+    advantage (1 - 2 flip_fraction) A at unchanged magnitude: it must learn more slowly than
+    uniform."""
+    resp = inputs.response_mask
+    generator = inputs.generator
+    if generator is None:
+        generator = make_generator(inputs.config)
+    draws = torch.rand(resp.shape[0], generator=generator, device=generator.device)
+    flipped = draws.to(resp.device) < inputs.config.flip_fraction
+    return torch.where(flipped, -1.0, 1.0).to(torch.float32)
 
 
 @register_credit("entropy", requires=("entropy",))

@@ -94,10 +94,19 @@ def heldout_prompts(task: str, num_problems: int, seed: int, tokenizer,
                     system_prompt: str | None = None):
     """(records, prompt token ids) of `num_problems` problems of `task` generated from
     `seed`, formatted as a training job formats them (`instruction` None: the default)."""
-    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
-    from attnrl.rollout import encode_prompts
+    from attnrl.data import load_prompts
 
     base = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
+    return format_prompts(base, tokenizer, instruction, system_prompt)
+
+
+def format_prompts(base, tokenizer, instruction: str | None = None,
+                   system_prompt: str | None = None):
+    """(records, prompt token ids): copies of `base` PromptRecords formatted as a training
+    job formats them (`instruction` None: the default one)."""
+    from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template
+    from attnrl.rollout import encode_prompts
+
     records = apply_chat_template([dataclasses.replace(r, metadata=dict(r.metadata))
                                    for r in base], tokenizer,
                                   instruction=DEFAULT_INSTRUCTION if instruction is None
@@ -162,14 +171,17 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
              correct_threshold: float = CORRECT_THRESHOLD, engine_kwargs: dict | None = None,
              keep_texts: bool = False, task_kwargs: dict | None = None,
              instruction: str | None = None, system_prompt: str | None = None,
-             notice: str | None = None) -> dict:
+             notice: str | None = None, pool=None) -> dict:
     """Sample `n` completions per problem from each model, score them, and return
     {settings..., 'ks', 'models': [{'model', 'label', 'pass_at_k' {str(k): value},
     'correct' [problem][sample] 0/1, 'rewards', 'tokens', 'greedy_accuracy', ...}]}.
     Engines run one at a time; each is closed before the next model loads.
     `task_kwargs` go to the task generator; `instruction` (None: the default one) and
     `system_prompt` format the prompts as a training job does. `notice` is printed to
-    stderr once the inputs are checked, before the first engine starts."""
+    stderr once the inputs are checked, before the first engine starts. `pool` (an
+    attnrl.data.unseen.TrainingPool): evaluate held-out problems, the first `num_problems`
+    distinct ones whose questions are not in that training pool ('heldout' in the result
+    says what was dropped); None: the task's first `num_problems` problems as generated."""
     from attnrl.data import load_prompts
     from attnrl.models import load_tokenizer, resolve_model
     from attnrl.rollout import ENGINES, make_engine
@@ -182,6 +194,11 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
     for model in models:  # fail on a bad path before any engine starts
         resolve_model(model)
     probe = load_prompts(task, size=1, seed=seed, **(task_kwargs or {}))
+    draw = None
+    if pool is not None:  # refuses (UserError) before any engine when too few are unseen
+        from attnrl.data.unseen import draw_unseen
+
+        draw = draw_unseen(task, num_problems, seed, task_kwargs, pool, what="--num-problems")
     if notice:
         import sys
 
@@ -191,8 +208,10 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
                            reward="gym" if "entry" in probe[0].metadata else "math")
     for model, label in zip(models, model_labels(models)):
         tokenizer = load_tokenizer(model)
-        records, prompt_ids = heldout_prompts(task, num_problems, seed, tokenizer, task_kwargs,
-                                              instruction, system_prompt)
+        records, prompt_ids = (
+            format_prompts(draw.records, tokenizer, instruction, system_prompt) if draw else
+            heldout_prompts(task, num_problems, seed, tokenizer, task_kwargs, instruction,
+                            system_prompt))
         result["num_problems"] = len(records)
         kwargs = dict(engine_kwargs or {})
         if engine == "vllm":
@@ -211,6 +230,8 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         entry.pop("_rows")
         entry.pop("_greedy_rows")
         result["models"].append({"model": str(model), "label": label, **entry})
+    if draw is not None:
+        result["heldout"] = draw.summary()
     return result
 
 
@@ -301,7 +322,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="a training config (e.g. OUTPUT_DIR/config.yaml): evaluate its "
                         "task with its task_kwargs, instruction and system prompt, on held-out "
-                        f"problems (seed task_seed + {HELDOUT_SEED_OFFSET})")
+                        f"problems (seed task_seed + {HELDOUT_SEED_OFFSET}), none of whose "
+                        "questions is in the run's training pool")
     parser.add_argument("--task", default=None,
                         help="reasoning-gym task name or a GSM8K-style .jsonl file (default: "
                         "the config's, else chain_sum)")
@@ -335,12 +357,13 @@ def _dtype_kwargs(name: str | None) -> dict:
 
 def task_settings(config_path: str | None, task: str | None, task_kwargs: str | None,
                   seed: int | None) -> dict:
-    """The task to evaluate: a training config's task keys (its problems held out by
-    seed task_seed + HELDOUT_SEED_OFFSET), overridden by --task / --task_kwargs / --seed."""
+    """The task to evaluate: a training config's task keys, its held-out problems (seed
+    eval_seed or task_seed + HELDOUT_SEED_OFFSET; 'pool': its training pool, whose questions
+    are never evaluated), overridden by --task / --task_kwargs / --seed."""
     import yaml
 
     settings = {"task": "chain_sum", "task_kwargs": None, "instruction": None,
-                "system_prompt": None, "seed": 0}
+                "system_prompt": None, "seed": 0, "pool": None}
     if config_path:
         path = Path(config_path)
         if path.is_dir():
@@ -356,7 +379,14 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
         if not isinstance(config, dict):
             raise UserError(f"--config {path}: a config must be a mapping of keys to values")
         settings.update({k: config[k] for k in TASK_KEYS if config.get(k) is not None})
-        settings["seed"] = int(settings.pop("task_seed", 0)) + HELDOUT_SEED_OFFSET
+        from attnrl.data.unseen import TrainingPool
+
+        task_seed = int(settings.pop("task_seed", 0))
+        settings["seed"] = task_seed + HELDOUT_SEED_OFFSET if config.get("eval_seed") is None \
+            else int(config["eval_seed"])
+        settings["pool"] = TrainingPool(task=str(config.get("task", "chain_sum")),
+                                        size=int(config.get("task_size") or 64), seed=task_seed,
+                                        kwargs=dict(config.get("task_kwargs") or {}))
     if task is not None:
         settings["task"] = task
     if task_kwargs is not None:
@@ -402,7 +432,8 @@ def run(args) -> int:
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
                       keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype),
                       task_kwargs=settings["task_kwargs"], instruction=settings["instruction"],
-                      system_prompt=settings["system_prompt"], notice=note)
+                      system_prompt=settings["system_prompt"], notice=note,
+                      pool=settings["pool"])
     result["task_kwargs"] = settings["task_kwargs"]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as handle:

@@ -19,8 +19,17 @@ Per run: held-out greedy accuracy at the end, the area under the held-out learni
 (greedy accuracy at step 0 = the untrained model, every `eval_every` steps, and at the
 end; trapezoids, divided by the step count: the mean accuracy over training) and the
 first step at which the training reward's trailing 5-step average reaches the target
-reward. Per strategy: the paired differences to uniform over seeds (same seed = same data
-order, rollout seeds and held-out problems) with a t interval (see `paired_t_interval`).
+reward (None = never: censored, see `censored_steps` and `paired_steps`). Per strategy:
+the paired differences to uniform over seeds with a t interval (`paired_t_interval`); the
+seed is the unit (same seed = same data order, rollout seeds and held-out problems), no
+interval pools problems across seeds.
+
+The positive control `sign_flip` (attnrl.credit: a quarter of the responses' advantages
+flipped) is known in advance to learn more slowly than uniform. If its interval excludes 0
+in that direction, 'no difference' verdicts of the other arms are stated as such; if not,
+the table says that this budget cannot decide and how many seeds would (`power_check`).
+`--until-half-width H --max-seeds N` adds seeds one round at a time until every paired
+interval on final accuracy is narrower than +-H points or N seeds are spent (`stop_rule`).
 """
 
 from __future__ import annotations
@@ -37,8 +46,23 @@ from pathlib import Path
 
 from attnrl.errors import UserError
 
-DEFAULT_STRATEGIES = ("uniform", "random", "coupled", "local_chunk", "global_anchor")
+DEFAULT_STRATEGIES = ("uniform", "coupled", "random", "sign_flip")
 BASELINE = "uniform"
+POSITIVE_CONTROL = "sign_flip"  # attnrl.credit.sign_flip: expected advantage (1 - 2f) A
+POSITIVE_CONTROL_LABEL = "positive control (expected: slower than uniform)"
+CONTROL_DIRECTION = -1  # expected sign of (control - uniform) on final accuracy and area
+DEFAULT_TARGET_HALF_WIDTH = 5.0  # points: the half-width seeds are estimated for [D]
+SEQUENTIAL_MIN_SEEDS = 3  # --until-half-width stops no earlier (an sd from 2 seeds is luck) [D]
+ABLATION_FORMAT = 2  # ablation.json of format 1 (pooled intervals; held-out set that
+#   overlapped the training pool) are refused: those runs are not mixed with new ones
+METRIC_TEXT = {"final": "final accuracy", "auc": "area under curve"}
+INTERVAL_TEXT = ("95% t interval over seeds of paired differences (the seed is the unit: same "
+                 "seed = same data order, rollout seeds and held-out problems; no interval "
+                 "pools problems across seeds; no multiplicity correction)")
+CENSORING_TEXT = ("steps to target: a run that never reached the target reward by max_steps "
+                  "is censored: it counts in 'reached k/n' and ranks last in the median, never "
+                  "as a number; the steps interval uses only the pairs where both runs "
+                  "reached it (count shown), the earlier/later/tied/neither counts every pair")
 HELDOUT_SEED_OFFSET = 10_000
 PRIMARY_METRIC = "greedy_accuracy"
 SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the training reward
@@ -50,8 +74,8 @@ SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the tra
 # cpu: SmolLM2-135M full fine-tune on 2 CPU cores, sized from the measured recipe (uniform
 #   credit, lr 1e-5, 4 prompts x 8 samples, 64 tokens: held-out greedy 34% -> 71% after 40
 #   steps); 16 steps put uniform between the start and the ceiling. Micro-batches of 8
-#   (4 accumulated) keep the peak near 5 GB. ~15-25 min per run on 2 idle cores (far more
-#   on shared ones), 5 strategies x 3 seeds in several hours.
+#   (4 accumulated) keep the peak near 5 GB. ~11 min per run on 2 idle cores (far more
+#   on shared ones): 4 strategies x 3 seeds in about 2 h 15 min, x 5 seeds in about 3 h 45.
 # medium / large: GPU nodes.
 BUDGETS = {
     "tiny": {
@@ -66,7 +90,7 @@ BUDGETS = {
         "target_reward": 0.5,
     },
     "cpu": {
-        "train": {"task_size": 512, "max_steps": 16, "save_steps": 4, "save_total_limit": 1,
+        "train": {"max_steps": 16, "save_steps": 4, "save_total_limit": 1,
                   "num_generations": 8, "per_device_train_batch_size": 8,
                   "gradient_accumulation_steps": 4, "max_completion_length": 64,
                   "gradient_checkpointing": False,
@@ -154,6 +178,9 @@ def record_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
         flat_old, flat_new = _flatten(old), _flatten(settings)
         diff = sorted(k for k in set(flat_old) | set(flat_new)
                       if flat_old.get(k) != flat_new.get(k))
+        if "ablation_format" in diff:
+            raise UserError(f"{out_dir} holds an ablation of an older format (its held-out "
+                            "problems and intervals are not comparable); give a new --out")
         if diff:
             raise UserError(f"{out_dir} holds an ablation with other settings ({', '.join(diff)} "
                             "differ); resume it with the same options or give a new --out")
@@ -240,11 +267,22 @@ def heldout_seed(config: dict) -> int:
     return int(config.get("task_seed", 0)) + HELDOUT_SEED_OFFSET
 
 
+def heldout_draw(config: dict, eval_settings: dict):
+    """The runs' held-out problems (attnrl.data.unseen.UnseenDraw): task seed +
+    HELDOUT_SEED_OFFSET, none in the training pool; UserError when too few exist."""
+    from trainers.heldout_keys import heldout_settings
+
+    return heldout_settings({**config, "eval_size": eval_settings["num_problems"],
+                             "eval_seed": heldout_seed(config)}).draw()
+
+
 def evaluate_run(model_dir: Path, config: dict, settings: dict) -> dict:
-    """`attnrl eval` of one checkpoint on the held-out split (same task and task kwargs,
-    task seed + HELDOUT_SEED_OFFSET), prompts formatted as in training, greedy included."""
+    """`attnrl eval` of one checkpoint on the held-out problems the trained runs evaluate
+    (same task and task kwargs, task seed + HELDOUT_SEED_OFFSET, none in the training pool),
+    prompts formatted as in training, greedy included."""
     from attnrl.data import DEFAULT_INSTRUCTION
     from attnrl.evaluation import evaluate
+    from trainers.heldout_keys import heldout_settings
 
     instruction = config.get("instruction")
     settings = {k: v for k, v in settings.items() if k != "every"}
@@ -252,7 +290,8 @@ def evaluate_run(model_dir: Path, config: dict, settings: dict) -> dict:
                     seed=heldout_seed(config), greedy=True,
                     task_kwargs=config.get("task_kwargs") or {},
                     instruction=DEFAULT_INSTRUCTION if instruction is None else instruction,
-                    system_prompt=config.get("system_prompt"), **settings)
+                    system_prompt=config.get("system_prompt"),
+                    pool=heldout_settings(config).pool, **settings)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -287,20 +326,46 @@ def _std(values):
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+Z80 = 0.8416  # the normal 80% quantile: seeds for ~80% power (normal approximation)
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}: T975 up to 30 degrees of freedom, past it the normal quantile with
+    the first three terms of the Cornish-Fisher expansion in 1/df (error < 1e-5)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def paired_t_interval(diffs: list[float]) -> dict:
-    """Mean of paired differences (one per seed) with a 95% t interval:
-    mean +- t_{0.975, m-1} sd / sqrt(m), sd with ddof 1 (m > 30: the normal 1.96).
-    With fewer than 2 differences there is no interval (low = high = None)."""
+    """Mean of paired differences (one per seed: the seed is the unit) with a 95% t
+    interval: mean +- t_{0.975, m-1} sd / sqrt(m) (`t975`), sd with ddof 1; also the
+    half-width and sd. With fewer than 2 differences there is no interval
+    (low = high = half_width = sd = None)."""
     m = len(diffs)
-    if m == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    mean = _mean(diffs)
     if m < 2:
-        return {"mean": mean, "low": None, "high": None, "n": 1}
-    half = (T975[m - 2] if m - 1 <= len(T975) else 1.959964) * _std(diffs) / math.sqrt(m)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": m}
+        return {"mean": _mean(diffs), "low": None, "high": None, "half_width": None,
+                "sd": None, "n": m}
+    mean, sd = _mean(diffs), _std(diffs)
+    half = t975(m - 1) * sd / math.sqrt(m)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half,
+            "sd": sd, "n": m}
+
+
+def seeds_needed(sd: float | None, half_width: float | None, power_z: float = 0.0,
+                 limit: int = 1000) -> int | None:
+    """Smallest number of seeds n >= 2 with (t_{0.975, n-1} + power_z) sd / sqrt(n) <=
+    half_width. power_z 0: the expected 95% half-width reaches `half_width`; power_z Z80:
+    an effect of size `half_width` excludes 0 in about 80% of ablations. None when sd or
+    half_width is unknown or half_width <= 0, or past `limit`."""
+    if sd is None or half_width is None or not half_width > 0:
+        return None
+    for n in range(2, limit + 1):
+        if (t975(n - 1) + power_z) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
 
 
 def curve_area(points: list[tuple[int, float]], last_step: int) -> float | None:
@@ -318,13 +383,50 @@ def curve_area(points: list[tuple[int, float]], last_step: int) -> float | None:
 def steps_to_target(steps: list[int], rewards: list[float], target: float,
                     window: int = SMOOTH_WINDOW) -> int | None:
     """First step at which the trailing `window`-step mean training reward is >= target
-    (None: never)."""
+    (None: never, i.e. censored at the last step)."""
     from trainers.callbacks import smooth
 
     for step, value in zip(steps, smooth(rewards, window)):
         if value >= target:
             return step
     return None
+
+
+def censored_steps(values: list[int | None], max_steps: int) -> dict:
+    """Steps to target of one strategy's runs, None = never reached by `max_steps`
+    (censored: no number is made up for it). runs, reached, censored, `steps` of the runs
+    that reached it (sorted), and the median with the censored runs ranked after every
+    step: None with median_censored True when the median falls on a censored run."""
+    reached = sorted(v for v in values if v is not None)
+    n = len(values)
+    ordered = reached + [math.inf] * (n - len(reached))
+    median = _mean(ordered[(n - 1) // 2:n // 2 + 1]) if n else None
+    censored_median = median is not None and math.isinf(median)
+    return {"runs": n, "reached": len(reached), "censored": n - len(reached),
+            "steps": reached, "median": None if censored_median else median,
+            "median_censored": censored_median, "censored_at": max_steps}
+
+
+def paired_steps(pairs: list[tuple[int | None, int | None]]) -> dict:
+    """Paired steps to target, (strategy, uniform) per seed, None = censored.
+    `both`: paired_t_interval of strategy minus uniform over the pairs where both runs
+    reached the target (its n says how many; a censored run never enters it).
+    Sign count over every pair: `earlier` / `later` / `tied` (the strategy reached it
+    first / last / at the same step; a run that reached it is earlier than one that did
+    not), `neither` (both censored: order unknown)."""
+    both = [a - b for a, b in pairs if a is not None and b is not None]
+    counts = {"earlier": 0, "later": 0, "tied": 0, "neither": 0}
+    for a, b in pairs:
+        if a is None and b is None:
+            counts["neither"] += 1
+        elif b is None or (a is not None and a < b):
+            counts["earlier"] += 1
+        elif a is None or a > b:
+            counts["later"] += 1
+        else:
+            counts["tied"] += 1
+    return {"both": paired_t_interval(both), "both_per_seed": both, "pairs": len(pairs),
+            **counts}
 
 
 def read_heldout(run_dir: Path) -> dict:
@@ -342,20 +444,96 @@ def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["greedy_accuracy"])) for r in rows]
 
 
-def verdict(diff: dict, what: str, higher_is_better: bool = True) -> str:
+def _side(diff: dict) -> int:
+    """+1 / -1 when the interval lies above / below 0, 0 when it holds 0 or is missing."""
+    if diff is None or diff["low"] is None:
+        return 0
+    return 1 if diff["low"] > 0 else -1 if diff["high"] < 0 else 0
+
+
+def power_check(diff: dict | None, target_half_width: float) -> dict:
+    """What the positive control's paired interval against uniform (one metric) says about
+    the power of the ablation. status: 'detected' (it excludes 0 in the expected
+    direction, CONTROL_DIRECTION), 'not detected' (it holds 0), 'opposite' (it excludes 0
+    the other way: the setup is suspect), 'no interval' (< 2 paired seeds), 'absent' (the
+    control was not run). Unless detected, from the control's paired sd: `seeds_needed`
+    (the expected half-width reaches its observed effect, when that has the expected
+    sign), `seeds_needed_80` (about 80% power for that effect) and `seeds_for_target`
+    (half-width `target_half_width`)."""
+    if diff is None or diff["n"] == 0:
+        return {"status": "absent" if diff is None else "no interval", "diff": diff}
+    if diff["low"] is None:
+        return {"status": "no interval", "diff": diff}
+    side = _side(diff)
+    status = ("detected" if side == CONTROL_DIRECTION else
+              "opposite" if side == -CONTROL_DIRECTION else "not detected")
+    out = {"status": status, "diff": diff}
+    if status != "detected":
+        effect = abs(diff["mean"]) if diff["mean"] * CONTROL_DIRECTION > 0 else None
+        out.update(effect=effect, seeds_needed=seeds_needed(diff["sd"], effect),
+                   seeds_needed_80=seeds_needed(diff["sd"], effect, Z80),
+                   target_half_width=target_half_width,
+                   seeds_for_target=seeds_needed(diff["sd"], target_half_width))
+    return out
+
+
+def verdict(diff: dict, what: str, power: dict | None = None) -> str:
+    """Verdict of one arm on one metric; 'no difference' is stated as such only when the
+    positive control was detected on that metric (`power`, from power_check)."""
     if diff["n"] == 0:
         return "no data"
     if diff["low"] is None:
         return f"{diff['n']} seed: no interval yet"
-    if diff["low"] > 0 or diff["high"] < 0:
-        better = (diff["low"] > 0) == higher_is_better
-        return f"{'better' if better else 'worse'} than uniform ({what})"
-    return f"no difference shown ({what})"
+    side = _side(diff)
+    if side:
+        return f"{'better' if side > 0 else 'worse'} than uniform ({what})"
+    status = "absent" if power is None else power["status"]
+    if status == "no interval":
+        return f"no difference shown ({what}; power not known yet: the positive control has no interval)"
+    if status == "detected":
+        return f"no difference ({what}; the positive control was detected at this budget)"
+    if status == "absent":
+        return f"no difference shown ({what}; power unknown: no positive control run)"
+    return f"cannot decide at this budget ({what}: the positive control was not detected)"
 
 
-def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -> dict:
+def control_verdict(diff: dict, what: str, power: dict) -> str:
+    """Verdict of the positive control's own row on one metric."""
+    status = power["status"]
+    if status in ("no interval", "absent"):
+        return "no data" if diff["n"] == 0 else f"{diff['n']} seed: no interval yet"
+    if status == "detected":
+        return f"detected: slower than uniform, as expected ({what})"
+    if status == "opposite":
+        return (f"faster than uniform ({what}): opposite to the expected direction, check "
+                "the setup; this budget cannot decide")
+    text = f"NOT detected ({what}): this budget cannot decide"
+    if power.get("seeds_needed"):
+        text += f"; ~{power['seeds_needed']} seeds for a half-width at its effect"
+    return text
+
+
+def stop_rule(summary: dict, half_width: float, max_seeds: int, seeds_spent: int) -> str | None:
+    """The sequential option's rule after a round of seeds: 'half-width' when every
+    strategy's paired 95% interval against uniform on final held-out greedy accuracy has a
+    half-width below `half_width` (in points) and at least SEQUENTIAL_MIN_SEEDS seeds are
+    spent; else 'max-seeds' when `seeds_spent` >= max_seeds; else None (another round).
+    A strategy without an interval (fewer than 2 paired seeds) is not narrow."""
+    rows = [r for r in summary["table"] if r["strategy"] != BASELINE]
+    widths = [r["diff_final"]["half_width"] for r in rows]
+    if seeds_spent >= SEQUENTIAL_MIN_SEEDS and rows and \
+            all(w is not None and 100 * w < half_width for w in widths):
+        return "half-width"
+    if seeds_spent >= max_seeds:
+        return "max-seeds"
+    return None
+
+
+def summarize(runs: list[dict], settings: dict, untrained: dict | None = None,
+              sequential: dict | None = None) -> dict:
     """summary.json content from the runs' metrics.jsonl, heldout/curve.jsonl and
-    eval.json files and the untrained model's eval.json (the step-0 point)."""
+    eval.json files and the untrained model's eval.json (the step-0 point). Every interval
+    is over seeds; `sequential` (the state of --until-half-width) is recorded as given."""
     max_steps = int(settings["base_config"].get("max_steps", 0))
     target = float(settings.get("target_reward", 0.5))
     reference = None
@@ -378,14 +556,9 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -
     strategies = list(dict.fromkeys(r["strategy"] for r in runs))
     n = settings["eval"]["n"]
     done = {(e["strategy"], e["seed"]): e for e in entries if e["heldout"]}
-    censored = max_steps + 1  # 'never reached' counts as one step past the budget
 
     def metric(e, name):
-        if name == "final":
-            return e["heldout"]["greedy_accuracy"]
-        if name == "auc":
-            return e["auc"]
-        return censored if e["steps_to_target"] is None else e["steps_to_target"]
+        return e["heldout"]["greedy_accuracy"] if name == "final" else e["auc"]
 
     curves, table = {}, []
     for strategy in strategies:
@@ -398,6 +571,7 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -
                             "seeds": [len(v) for v in per_step]}
         finished = [e for e in entries if e["strategy"] == strategy and e["heldout"]]
         row = {"strategy": strategy, "seeds_done": [e["seed"] for e in finished],
+               "positive_control": strategy == POSITIVE_CONTROL,
                "accuracy": [metric(e, "final") for e in finished],
                "auc": [e["auc"] for e in finished],
                "steps_to_target": [e["steps_to_target"] for e in finished],
@@ -406,80 +580,145 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None) -
         row["mean"] = _mean(row["accuracy"])
         row["std"] = _std(row["accuracy"])
         row["auc_mean"] = _mean([v for v in row["auc"] if v is not None])
-        reached = [v for v in row["steps_to_target"] if v is not None]
-        row["steps_to_target_mean"] = _mean(reached)
-        row["target_reached"] = f"{len(reached)}/{len(finished)}"
+        row["target"] = censored_steps(row["steps_to_target"], max_steps)
         # paired differences to uniform: same seed, both finished
         pairs = [(done[(strategy, s)], done[(BASELINE, s)]) for s in row["seeds_done"]
                  if (BASELINE, s) in done]
-        for name in ("final", "auc", "steps"):
+        for name in ("final", "auc"):
             diffs = [metric(a, name) - metric(b, name) for a, b in pairs
                      if metric(a, name) is not None and metric(b, name) is not None]
             row[f"diff_{name}"] = paired_t_interval(diffs)
             row[f"diff_{name}_per_seed"] = diffs
-        if strategy == BASELINE:
-            row["verdict"] = "baseline"
-        else:
-            parts = [verdict(row["diff_final"], "final accuracy"),
-                     verdict(row["diff_auc"], "area under curve")]
-            row["verdict"] = "; ".join(dict.fromkeys(parts))
+        row["diff_steps"] = paired_steps([(a["steps_to_target"], b["steps_to_target"])
+                                          for a, b in pairs])
         table.append(row)
+    target_half = (sequential["half_width"] if sequential else DEFAULT_TARGET_HALF_WIDTH) / 100
+    rows = {r["strategy"]: r for r in table}
+    control = rows.get(POSITIVE_CONTROL)
+    power = {"control": POSITIVE_CONTROL, "expected": POSITIVE_CONTROL_LABEL,
+             **{name: power_check(None if control is None else control[f"diff_{name}"],
+                                  target_half) for name in ("final", "auc")}}
+    for row in table:
+        if row["strategy"] == BASELINE:
+            row["verdict"] = "baseline"
+            continue
+        judge = control_verdict if row["positive_control"] else verdict
+        parts = {}  # one verdict per metric; the same words for both metrics are merged
+        for name in ("final", "auc"):
+            text = judge(row[f"diff_{name}"], "{what}", power[name])
+            parts.setdefault(text, []).append(METRIC_TEXT[name])
+        row["verdict"] = "; ".join(text.replace("{what}", " and ".join(whats))
+                                   for text, whats in parts.items())
     learned = None
-    if reference is not None:
-        base_rows = [e for e in entries if e["strategy"] == BASELINE and e["heldout"]]
+    if reference is not None:  # the untrained model is one fixed reference: seeds vary
         learned = paired_t_interval([e["heldout"]["greedy_accuracy"]
-                                     - reference["greedy_accuracy"] for e in base_rows])
-        if base_rows and reference.get("greedy_correct") and \
-                base_rows[0]["heldout"].get("greedy_correct"):
-            from attnrl.evaluation import paired_interval
-
-            # every seed's problems pooled: correctness of uniform vs untrained per problem
-            after = [c for e in base_rows for c in e["heldout"]["greedy_correct"]]
-            before = reference["greedy_correct"] * len(base_rows)
-            learned["per_problem"] = paired_interval(after, before)
+                                     - reference["greedy_accuracy"] for e in entries
+                                     if e["strategy"] == BASELINE and e["heldout"]])
     return {"settings": settings, "metric": PRIMARY_METRIC, "baseline": BASELINE,
-            "interval": "95% t interval over seeds of paired differences (same seed = same "
-                        "data order, rollout seeds and held-out problems)",
+            "interval": INTERVAL_TEXT, "censoring": CENSORING_TEXT,
             "target_reward": target, "untrained": reference, "uniform_vs_untrained": learned,
-            "runs": entries, "curves": curves, "table": table}
+            "power": power, "sequential": sequential, "runs": entries, "curves": curves,
+            "table": table}
 
 
 def _pct(value, fmt=".1f"):
     return "-" if value is None else format(100 * value, fmt)
 
 
-def _ci(diff: dict, scale: float = 100.0, fmt: str = "+.1f") -> str:
+def _ci(diff: dict, scale: float = 100.0, fmt: str = "+.1f", unit: str = "seed") -> str:
     if diff["mean"] is None:
         return "-"
     text = format(scale * diff["mean"], fmt)
     if diff["low"] is None:
-        return f"{text} (1 seed)"
+        return f"{text} (1 {unit})"
     return f"{text} [{format(scale * diff['low'], fmt)}, {format(scale * diff['high'], fmt)}]"
 
 
+def _target_cell(target: dict) -> str:
+    """'2/3 (median 9)': runs that reached the target of those finished, and the median
+    step with the censored runs ranked last ('>16' when it falls on one)."""
+    text = f"{target['reached']}/{target['runs']}"
+    if target["median"] is not None:
+        return text + f" (median {target['median']:g})"
+    if target["median_censored"]:
+        return text + f" (median >{target['censored_at']})"
+    return text
+
+
+def _steps_cell(diff: dict) -> str:
+    both = diff["both"]
+    head = _ci(both, 1.0, unit="pair")
+    return (f"{head} ({both['n']}/{diff['pairs']} pairs both reached); "
+            f"{diff['earlier']}/{diff['later']}/{diff['tied']}/{diff['neither']}")
+
+
 def table_rows(summary: dict) -> list[list[str]]:
-    """The table's cells: strategy, seeds, final greedy %, AUC %, pass@1 %, steps to the
-    target reward, the three paired differences to uniform [95% CI], verdict."""
+    """The table's cells: strategy (the positive control labelled), seeds, final greedy %,
+    AUC %, pass@1 %, runs that reached the target (median steps), the paired differences
+    to uniform [95% CI over seeds] (steps: over the pairs that both reached it, then the
+    earlier/later/tied/neither counts), verdict."""
     rows = []
     for row in summary["table"]:
-        steps = "-" if row["steps_to_target_mean"] is None else \
-            f"{row['steps_to_target_mean']:.1f} ({row['target_reached']})"
         is_base = row["strategy"] == BASELINE
-        rows.append([row["strategy"], str(len(row["accuracy"])), _pct(row["mean"]),
-                     _pct(row["auc_mean"]), _pct(row["pass@1"]), steps,
+        name = row["strategy"]
+        if row.get("positive_control"):
+            name += f": {POSITIVE_CONTROL_LABEL}"
+        rows.append([name, str(len(row["accuracy"])), _pct(row["mean"]),
+                     _pct(row["auc_mean"]), _pct(row["pass@1"]), _target_cell(row["target"]),
                      "-" if is_base else _ci(row["diff_final"]),
                      "-" if is_base else _ci(row["diff_auc"]),
-                     "-" if is_base else _ci(row["diff_steps"], 1.0, "+.1f"),
+                     "-" if is_base else _steps_cell(row["diff_steps"]),
                      row["verdict"]])
     return rows
 
 
-HEADERS = ["strategy", "seeds", "final greedy %", "AUC %", "pass@1 %", "steps to target",
-           "diff final [95% CI]", "diff AUC [95% CI]", "diff steps [95% CI]", "verdict"]
+HEADERS = ["strategy", "seeds", "final greedy %", "AUC %", "pass@1 %",
+           "reached target (median step)", "diff final [95% CI]", "diff AUC [95% CI]",
+           "diff steps, pairs both reached [95% CI]; earlier/later/tied/neither", "verdict"]
+
+
+def power_lines(summary: dict) -> list[str]:
+    """The positive control's statement about this budget's power, for the table's text."""
+    power = summary["power"]
+    name, final = power["control"], power["final"]
+    if final["status"] == "absent":
+        return [(f"# POWER UNKNOWN: the positive control {name} was not run (add it to "
+                 "--strategies); 'no difference shown' is no evidence of no effect")]
+    if final["status"] == "no interval":
+        return [(f"# power not known yet: the positive control {name} has fewer than 2 "
+                 "seeds paired with uniform")]
+    diff = final["diff"]
+    if final["status"] == "detected":
+        lines = [(f"# positive control {name} detected on final accuracy ({_ci(diff)} "
+                  "points, expected < 0): this budget shows an effect of that size; 'no "
+                  "difference' verdicts beside it are stated as such")]
+    else:
+        how = ("was not detected" if final["status"] == "not detected"
+               else "went the opposite way (check the setup)")
+        text = (f"# THIS BUDGET CANNOT DECIDE: the positive control {name} (expected: slower "
+                f"than uniform) {how} on final accuracy ({_ci(diff)} points)")
+        sd = 100 * diff["sd"]
+        if final.get("seeds_needed"):
+            text += (f"; from its paired sd ({sd:.1f} points) about {final['seeds_needed']} "
+                     f"seeds would bring the 95% half-width down to its observed effect "
+                     f"({100 * final['effect']:.1f} points; ~{final['seeds_needed_80']} "
+                     "seeds for 80% power)")
+        elif final.get("effect") is not None:
+            text += f"; its effect ({100 * final['effect']:.1f} points) needs > 1000 seeds"
+        if final.get("seeds_for_target"):
+            text += (f"; about {final['seeds_for_target']} seeds for a half-width of "
+                     f"{100 * final['target_half_width']:g} points")
+        lines = [text]
+    auc = power["auc"]
+    if auc["status"] in ("detected", "not detected", "opposite"):
+        lines.append(f"# positive control on the area under the curve: {auc['status']} "
+                     f"({_ci(auc['diff'])} points)")
+    return lines
 
 
 def format_table(summary: dict) -> str:
-    """A markdown table of table_rows with the untrained reference and the settings."""
+    """A markdown table of table_rows with the untrained reference, the settings, the
+    censoring and power statements and the sequential stop."""
     ev = summary["settings"]["eval"]
     title = (f"# held-out {summary['settings']['task']} (task seed "
              f"{summary['settings']['heldout_seed']}): {ev['num_problems']} problems, greedy "
@@ -493,16 +732,24 @@ def format_table(summary: dict) -> str:
                      f"{_pct(ref['pass_at_k']['1'])}%")
     learned = summary.get("uniform_vs_untrained")
     if learned and learned["mean"] is not None:
-        text = f"# uniform vs untrained: {_ci(learned)} points (over seeds)"
-        if "per_problem" in learned:
-            pp = learned["per_problem"]
-            text += (f"; per problem, seeds pooled: {100 * pp['mean']:+.1f} [{100 * pp['low']:+.1f},"
-                     f" {100 * pp['high']:+.1f}]")
-        lines.append(text)
+        lines.append(f"# uniform vs untrained: {_ci(learned)} points (t interval over "
+                     f"{learned['n']} seeds; the untrained model is one fixed reference)")
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + " --- |" * len(HEADERS))
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(summary)]
-    lines.append(f"# {summary['interval']}; steps never reached count as max_steps + 1")
+    lines.append(f"# {summary['interval']}")
+    lines.append(f"# {summary['censoring']}")
+    lines += power_lines(summary)
+    seq = summary.get("sequential")
+    if seq:
+        why = {"half-width": f"every half-width below {seq['half_width']:g} points",
+               "max-seeds": f"--max-seeds {seq['max_seeds']} spent",
+               "round failed": "every run of the last round failed",
+               "no finished runs": "no further finished runs (--summary-only)",
+               None: "not stopped yet"}[seq.get("stopped")]
+        lines.append(f"# sequential: {len(seq['seeds'])} seeds ({why}); target half-width "
+                     f"{seq['half_width']:g} points on final accuracy, at most "
+                     f"{seq['max_seeds']} seeds")
     return "\n".join(lines)
 
 
@@ -550,8 +797,11 @@ def plot_summary(summary: dict, path: Path) -> Path:
                 if step in pts:
                     vals.append(pts[step])
             values.append(_mean(vals))
+        label = f"{strategy} ({len(runs)} seeds)"
+        if strategy == POSITIVE_CONTROL:
+            label += ", positive control"
         ax2.plot(steps, [100 * v for v in values], marker="o",
-                 color=colors.get(strategy), label=f"{strategy} ({len(runs)} seeds)")
+                 color=colors.get(strategy), label=label)
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("held-out greedy accuracy % (mean over seeds)")
     ax2.grid(alpha=0.3)
@@ -565,8 +815,9 @@ def plot_summary(summary: dict, path: Path) -> Path:
     return Path(path)
 
 
-def write_summary(runs, settings, out_dir: Path, untrained: dict | None = None) -> dict:
-    summary = summarize(runs, settings, untrained)
+def write_summary(runs, settings, out_dir: Path, untrained: dict | None = None,
+                  sequential: dict | None = None) -> dict:
+    summary = summarize(runs, settings, untrained, sequential)
     _write_json(out_dir / "summary.json", summary)
     plot_summary(summary, out_dir / "credit_ablation.png")
     (out_dir / "table.md").write_text(format_table(summary) + "\n")
@@ -578,7 +829,7 @@ def write_summary(runs, settings, out_dir: Path, untrained: dict | None = None) 
 def add_arguments(parser) -> None:
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu",
                         help="preset: tiny (tests), cpu (SmolLM2 full fine-tune on 2 CPU "
-                             "cores, ~15 min per run), medium / large (GPU nodes)")
+                             "cores, ~11 min per run), medium / large (GPU nodes)")
     parser.add_argument("--model", default=None,
                         help="model directory or 'smollm2' (default: the config's)")
     parser.add_argument("--task", default=None,
@@ -587,9 +838,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="base job YAML (default: configs/default.yaml)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                        help="comma-separated credit strategies (any registered name)")
+                        help="comma-separated credit strategies (any registered name; "
+                             f"default {','.join(DEFAULT_STRATEGIES)}, {POSITIVE_CONTROL} being "
+                             "the positive control)")
     parser.add_argument("--seeds", default=None,
-                        help="comma-separated seeds (default: the budget's, 0,1,2)")
+                        help="comma-separated seeds (default: the budget's, 0,1,2); with "
+                             "--until-half-width: the first seeds, continued by the next "
+                             "integers")
+    parser.add_argument("--until-half-width", type=float, default=None, metavar="H",
+                        help="sequential: add one seed of every strategy at a time until every "
+                             "paired 95%% interval against uniform on final held-out accuracy "
+                             f"has a half-width below H points (after >= {SEQUENTIAL_MIN_SEEDS} "
+                             "seeds), or --max-seeds are spent")
+    parser.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                        help="sequential: at most N seeds (needed with --until-half-width)")
     parser.add_argument("--steps", type=int, default=None, help="override max_steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job config key (YAML value); repeatable")
@@ -619,9 +881,37 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def sequential_seeds(first: list[int], max_seeds: int) -> list[int]:
+    """The sequential seed order: `first`, then the integers after max(first), `max_seeds`
+    seeds in all."""
+    if len(first) > max_seeds:
+        raise UserError(f"--max-seeds {max_seeds} is below the {len(first)} seeds given by "
+                        "--seeds (or the budget); raise it or give fewer seeds")
+    nxt = max(first) + 1
+    return [*first, *range(nxt, nxt + max_seeds - len(first))]
+
+
+def check_sequential(args, strategies) -> None:
+    """--until-half-width and --max-seeds come together, with uniform and another arm."""
+    half, most = getattr(args, "until_half_width", None), getattr(args, "max_seeds", None)
+    if half is None and most is None:
+        return
+    if half is None or most is None:
+        raise UserError("--until-half-width H and --max-seeds N go together (e.g. "
+                        "--until-half-width 5 --max-seeds 10)")
+    if not (math.isfinite(half) and half > 0):
+        raise UserError(f"--until-half-width must be a number of points > 0, got {half}")
+    if most < SEQUENTIAL_MIN_SEEDS:
+        raise UserError(f"--max-seeds must be >= {SEQUENTIAL_MIN_SEEDS} (the rule stops no "
+                        f"earlier), got {most}")
+    if BASELINE not in strategies or len(strategies) < 2:
+        raise UserError(f"--until-half-width needs {BASELINE} and at least one other strategy "
+                        "in --strategies (it narrows the intervals against uniform)")
+
+
 def build(args) -> tuple[list[dict], dict, Path, dict]:
     """(runs, settings, out_dir, untrained run) from parsed arguments; validates before
-    anything runs."""
+    anything runs. With --until-half-width the runs cover --max-seeds seeds, seed-major."""
     from trainers.job import load_config, parse_overrides
 
     budget = BUDGETS[args.budget]
@@ -651,7 +941,10 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
         base["model"] = str(Path(base["model"]).resolve())
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     check_strategies(strategies)
+    check_sequential(args, strategies)
     seeds = parse_seeds(args.seeds) if args.seeds else list(budget["seeds"])
+    if getattr(args, "max_seeds", None) is not None:
+        seeds = sequential_seeds(seeds, args.max_seeds)
     ev = {**EVAL_DEFAULTS, **budget["eval"]}
     for key, value in (("num_problems", args.eval_problems), ("n", args.eval_n),
                        ("max_tokens", args.eval_max_tokens), ("every", args.eval_every)):
@@ -663,44 +956,103 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
     out = Path(args.out or f"benchmarks/results/credit_ablation_{args.budget}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
-    settings = {"budget": args.budget, "model": base.get("model", "smollm2"),
+    settings = {"ablation_format": ABLATION_FORMAT,
+                "budget": args.budget, "model": base.get("model", "smollm2"),
                 "task": base.get("task", "chain_sum"), "task_seed": base.get("task_seed", 0),
                 "heldout_seed": heldout_seed(base), "base_config": base, "eval": ev,
                 "target_reward": budget["target_reward"] if args.target_reward is None
                 else args.target_reward}
+    settings["heldout"] = heldout_draw(base, ev).summary()  # refuses before any run
     runs = plan(base, ev, strategies, seeds, out)
     return runs, settings, out, base_run(base, ev, out)
 
 
 def run(args) -> int:
+    """Run (or, --summary-only, only summarise) the ablation seed by seed: every strategy of
+    a seed is one round. With --until-half-width, stop_rule decides after each round
+    whether to go on; a re-run replays the rounds on the finished runs and so reaches the
+    same decision."""
     runs, settings, out, untrained = build(args)
-    failed = []
     record_settings(out, settings, write=not args.summary_only)
+    sequential = None
+    if getattr(args, "until_half_width", None) is not None:
+        sequential = {"half_width": args.until_half_width, "max_seeds": args.max_seeds,
+                      "min_seeds": SEQUENTIAL_MIN_SEEDS, "seeds": [], "stopped": None,
+                      "half_widths": {}}
+    failed = []
     if not args.summary_only:
-        for i, item in enumerate([untrained, *runs]):
-            name = "untrained" if i == 0 else run_name(item["strategy"], item["seed"])
-            status = run_status(item)
-            if status == "done":
-                print(f"[{i}/{len(runs)}] skip {name}: finished (eval.json exists)", flush=True)
-                continue
-            what = "evaluating" if status == "evaluate" else "training + evaluating"
-            print(f"[{i}/{len(runs)}] {time.strftime('%H:%M:%S')} {name}: {what} "
-                  f"(log: {item['dir'] / 'log.txt'})", flush=True)
-            start = time.perf_counter()
-            code = execute(item, keep_checkpoints=args.keep_checkpoints)
-            if code != 0:
-                failed.append(name)
-                print(f"    {name} FAILED (exit {code}); see {item['dir'] / 'log.txt'}",
-                      flush=True)
-                continue
-            print(f"    {name} done in {time.perf_counter() - start:.0f} s", flush=True)
-            write_summary(runs, settings, out, untrained)
-    summary = write_summary(runs, settings, out, untrained)
+        failed += _execute_all([untrained], 0, len(runs), args)
+    rounds = {}
+    for item in runs:
+        rounds.setdefault(item["seed"], []).append(item)
+    done = []
+    for k, (seed, group) in enumerate(rounds.items(), start=1):
+        if sequential is None:
+            if not args.summary_only:
+                failed += _execute_all(group, len(done) + 1, len(runs), args,
+                                       lambda: write_summary(runs, settings, out, untrained))
+            done += group
+            continue
+        if args.summary_only and not any(run_status(r) == "done" for r in group):
+            sequential["stopped"] = "no finished runs"
+            break
+        failures = []
+        if not args.summary_only:
+            so_far = [*done, *group]
+            failures = _execute_all(group, len(done) + 1, len(runs), args,
+                                    lambda so_far=so_far: write_summary(
+                                        so_far, settings, out, untrained, sequential))
+            failed += failures
+        done += group
+        sequential["seeds"].append(seed)
+        summary = summarize(done, settings, untrained, sequential)
+        sequential["half_widths"] = {
+            r["strategy"]: None if r["diff_final"]["half_width"] is None
+            else 100 * r["diff_final"]["half_width"]
+            for r in summary["table"] if r["strategy"] != BASELINE}
+        widths = ", ".join(f"{name} {'-' if w is None else format(w, '.1f')}"
+                           for name, w in sequential["half_widths"].items())
+        print(f"# after seed {seed} ({k} seeds): half-widths on final accuracy vs uniform "
+              f"(points): {widths}; target < {sequential['half_width']:g}", flush=True)
+        reason = stop_rule(summary, sequential["half_width"], sequential["max_seeds"], k)
+        if reason is None and failures and len(failures) == len(group):
+            reason = "round failed"
+        if reason is not None:
+            sequential["stopped"] = reason
+            print(f"# sequential: stop ({reason})", flush=True)
+            break
+    summary = write_summary(done, settings, out, untrained, sequential)
     print(f"# wrote {out / 'summary.json'}, {out / 'credit_ablation.png'}")
     if failed:
         print(f"# failed runs: {', '.join(failed)} (re-run the same command to retry)")
     print(format_table(summary))
     return 1 if failed else 0
+
+
+def _execute_all(items, first_index: int, total: int, args, after=None) -> list[str]:
+    """Run the unfinished `items` one after another (finished ones are skipped); `after()`
+    once after each run that succeeded. Returns the names of the failed runs."""
+    failed = []
+    for i, item in enumerate(items, start=first_index):
+        name = "untrained" if item["seed"] is None else run_name(item["strategy"], item["seed"])
+        status = run_status(item)
+        if status == "done":
+            print(f"[{i}/{total}] skip {name}: finished (eval.json exists)", flush=True)
+            continue
+        what = "evaluating" if status == "evaluate" else "training + evaluating"
+        print(f"[{i}/{total}] {time.strftime('%H:%M:%S')} {name}: {what} "
+              f"(log: {item['dir'] / 'log.txt'})", flush=True)
+        start = time.perf_counter()
+        code = execute(item, keep_checkpoints=args.keep_checkpoints)
+        if code != 0:
+            failed.append(name)
+            print(f"    {name} FAILED (exit {code}); see {item['dir'] / 'log.txt'}",
+                  flush=True)
+            continue
+        print(f"    {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        if after is not None:
+            after()
+    return failed
 
 
 def _flatten(settings: dict) -> dict:

@@ -67,10 +67,15 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     Returns the trainer."""
     from attnrl import quiet
     from trainers import run_dir
+    from trainers.heldout_keys import heldout_settings
     from trainers.schema import ATTNRL_DEFAULT_TRL, JOB_KEY_NAMES, check_paths, resolve
 
     resolved = resolve(config)
     check_paths(resolved)
+    heldout = heldout_settings(resolved)
+    # held-out problems never in the training pool: drawn (or refused) before anything is
+    # written or loaded
+    heldout_draw = heldout.draw() if heldout.enabled else None
     resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
     quiet.configure(verbose)
     if run_dir._rank0():
@@ -89,12 +94,7 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         model_card,
         plot_reward_curve,
     )
-    from trainers.heldout import (
-        HeldoutCallback,
-        HeldoutEvaluator,
-        heldout_settings,
-        vector_settings,
-    )
+    from trainers.heldout import HeldoutCallback, HeldoutEvaluator, vector_settings
     from trainers.heldout import summarize as heldout_summary
     from trainers.job import trainer_config_class
     from trainers.reasoning_vector import apply_reasoning_vector, evaluate_merged
@@ -143,11 +143,10 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     else:
         from trainers.grpo import AttnGRPOTrainer as Trainer
     callbacks = [StepPrinterCallback(), RecordConfigCallback(resolved), *(callbacks or [])]
-    heldout = heldout_settings(resolved)
     heldout_callback = None
     if heldout.enabled:
         heldout_callback = HeldoutCallback(HeldoutEvaluator(
-            heldout, tokenizer, args.output_dir, args.rollout_engine))
+            heldout, tokenizer, args.output_dir, args.rollout_engine, draw=heldout_draw))
         callbacks.append(heldout_callback)
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))

@@ -55,11 +55,15 @@ class AttnGRPOConfig(GRPOConfig):
     # ---- credit (methods.md 1.5)
     credit: str = field(default="uniform", metadata={"help": (
         "Credit strategy: uniform | local_chunk | global_anchor | coupled | random | entropy "
-        "| bottom_q | qk_tokens | qk_consistency | qk_premise (join with '+' to compose).")})
+        "| bottom_q | qk_tokens | qk_consistency | qk_premise | sign_flip (join with '+' to "
+        "compose; sign_flip, the ablation's positive control, does not compose).")})
     gamma_amp: float = field(default=1.5, metadata={"help": "Amplification of marked tokens."})
     credit_apply_to: str = field(default="both", metadata={
         "help": "Shape advantages of this sign: both | positive | negative."})
     credit_seed: int = field(default=0, metadata={"help": "Seed of the `random` strategy."})
+    credit_flip_fraction: float = field(default=0.25, metadata={"help": (
+        "`sign_flip` (positive control): fraction of responses whose advantage sign is "
+        "flipped; expected advantage (1 - 2 f) A [D].")})
     # ---- signals (methods.md 1.1-1.4)
     signal_layers: list[int] | None = field(default=None, metadata={
         "help": "Sampled layers; None = five evenly spaced in the middle third."})
@@ -144,7 +148,7 @@ class AttnGRPOConfig(GRPOConfig):
             tau_waad=self.tau_waad, tau_delta=self.tau_delta)
         return CreditConfig(strategy=self.credit, gamma_amp=self.gamma_amp,
                             apply_to=self.credit_apply_to, signals=signals, seed=self.credit_seed,
-                            qk_damp=self.qk_damp)
+                            qk_damp=self.qk_damp, flip_fraction=self.credit_flip_fraction)
 
     def estimator_kwargs(self) -> dict:
         wanted = {"eps": self.advantage_eps, "scale_std": self.scale_rewards,

@@ -6,14 +6,19 @@ The job keys of this feature are parsed in trainers/heldout_keys.py (declared in
 trainers/schema.py); the
 evaluation itself is attnrl.evaluation's, run on the trainer's own rollout engine (synced to
 the current weights) so no second engine starts. Files, under OUTPUT_DIR/heldout/:
-    before.json, after.json   attnrl.evaluation result dicts (one model each)
+    before.json, after.json   attnrl.evaluation result dicts (one model each), with the
+                              draw's counts ('heldout') and every problem's greedy answer
+    problems.jsonl            per problem: question, gold, greedy answer and correctness
+                              before and after
     curve.jsonl               {"step", "greedy_accuracy"} per learning-curve point
     merged.json               the reasoning-vector merge's evaluation (if configured)
     summary.json              the before/after line, the paired interval, the settings
 
-The summary interval is a normal interval on paired per-problem differences (greedy
-correctness after - before on each held-out problem; mean +- 1.96 SE), see
-attnrl.evaluation.paired_interval.
+Held-out problems are never in the training pool (attnrl.data.unseen: compared by question
+text, deduplicated); the draw happens before any model loads. The summary interval is a
+normal interval on paired per-problem differences (greedy correctness after - before on each
+held-out problem; mean +- 1.96 SE, attnrl.evaluation.paired_interval): it covers problem
+sampling for this one run; training seeds spread more (see the ablation).
 """
 
 from __future__ import annotations
@@ -42,15 +47,16 @@ class HeldoutEvaluator:
     """Evaluates the trainer's current policy on the held-out problems through the
     trainer's rollout engine (rank 0 generates; every rank syncs, as ZeRO-3 gathers)."""
 
-    def __init__(self, settings: HeldoutSettings, tokenizer, out_dir, engine_name: str):
-        from attnrl.evaluation import heldout_prompts
+    def __init__(self, settings: HeldoutSettings, tokenizer, out_dir, engine_name: str,
+                 draw=None):
+        from attnrl.evaluation import format_prompts
 
         self.settings = settings
         self.dir = Path(out_dir) / "heldout"
         self.engine_name = engine_name
-        self.records, self.prompt_ids = heldout_prompts(
-            settings.task, settings.size, settings.seed, tokenizer, settings.task_kwargs,
-            settings.instruction, settings.system_prompt)
+        self.draw = settings.draw() if draw is None else draw
+        self.records, self.prompt_ids = format_prompts(
+            self.draw.records, tokenizer, settings.instruction, settings.system_prompt)
 
     def header(self, samples: int) -> dict:
         from attnrl.evaluation import result_header
@@ -77,7 +83,10 @@ class HeldoutEvaluator:
         entry.pop("_greedy_rows")
         result["models"].append({"model": label, "label": label, **entry,
                                  "step": trainer.state.global_step})
+        result["heldout"] = self.draw.summary()
         result["samples"] = texts[:8]  # a few examples to read
+        result["problems"] = [{"index": t["index"], "question": t["question"],
+                               "gold": t["gold"], "greedy": t["greedy"]} for t in texts]
         return result
 
 
@@ -166,12 +175,32 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def accuracy_line(comparison: dict, what: str = "held-out accuracy") -> str:
-    """'held-out accuracy 23.4% -> 61.0% (+37.6 points, 95% CI +29.1 to +46.1, greedy,
-    128 problems)'."""
+    """'held-out accuracy 23.4% -> 61.0% on 128 unseen problems (+37.6 points, greedy; 95% CI
+    +29.1 to +46.1 over problems, this run)'. The interval covers the sampling of problems
+    for one training run, not the spread between training seeds."""
     d = comparison["greedy_diff"]
     return (f"{what} {100 * comparison['greedy_before']:.1f}% -> "
-            f"{100 * comparison['greedy_after']:.1f}% ({100 * d['mean']:+.1f} points, 95% CI "
-            f"{100 * d['low']:+.1f} to {100 * d['high']:+.1f}, greedy, {d['items']} problems)")
+            f"{100 * comparison['greedy_after']:.1f}% on {d['items']} unseen problems "
+            f"({100 * d['mean']:+.1f} points, greedy; 95% CI {100 * d['low']:+.1f} to "
+            f"{100 * d['high']:+.1f} over problems, this run)")
+
+
+def problem_rows(before: dict, after: dict) -> list[dict]:
+    """Per held-out problem: question, gold answer, greedy answer and correctness before and
+    after (from before.json / after.json), so anyone can recheck the summary line."""
+    if "problems" not in before or "problems" not in after:
+        return []
+    rows = []
+    for b, a, cb, ca in zip(before["problems"], after["problems"],
+                            before["models"][0]["greedy_correct"],
+                            after["models"][0]["greedy_correct"]):
+        if b["question"] != a["question"]:
+            raise UserError("before.json and after.json hold different held-out problems; "
+                            "evaluate both on the same run settings")
+        rows.append({"index": b["index"], "question": b["question"], "gold": b["gold"],
+                     "greedy_before": b["greedy"], "correct_before": cb,
+                     "greedy_after": a["greedy"], "correct_after": ca})
+    return rows
 
 
 def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
@@ -183,8 +212,16 @@ def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
     if "before" not in data or "after" not in data:
         return None
     summary = {"settings": asdict(settings),
-               "interval": "normal 95% interval on paired per-problem differences",
+               "heldout": data["after"].get("heldout"),
+               "interval": "normal 95% interval on paired per-problem differences: it covers "
+                           "the sampling of held-out problems for this one training run, not "
+                           "the spread between training seeds",
                "trained": compare(data["before"], data["after"])}
+    rows = problem_rows(data["before"], data["after"])
+    if rows:
+        with open(folder / "problems.jsonl.tmp", "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        (folder / "problems.jsonl.tmp").replace(folder / "problems.jsonl")
     lines = [accuracy_line(summary["trained"])]
     t = summary["trained"]
     if "pass1_diff" in t:

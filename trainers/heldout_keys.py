@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnrl.data.unseen import TrainingPool, is_file_task
 from attnrl.errors import UserError
 from attnrl.evaluation import HELDOUT_SEED_OFFSET
 
 EVAL_TOP_P = 0.95
 HELDOUT_INPUTS = ("eval_size", "eval_task", "eval_seed", "eval_samples", "eval_temperature",
                   "eval_max_tokens", "eval_before", "eval_after", "eval_every", "task",
-                  "task_seed", "task_kwargs", "instruction", "system_prompt",
+                  "task_size", "task_seed", "task_kwargs", "instruction", "system_prompt",
                   "max_completion_length")
 """The config keys `heldout_settings` reads."""
 
@@ -32,10 +33,20 @@ class HeldoutSettings:
     task_kwargs: dict
     instruction: str | None
     system_prompt: str | None
+    pool: TrainingPool
+    """The job's training pool: held-out problems are never among its questions."""
 
     @property
     def enabled(self) -> bool:
         return self.size > 0
+
+    def draw(self):
+        """The held-out problems (attnrl.data.unseen.UnseenDraw): the first `size` distinct
+        problems of the evaluation task whose questions are not in the training pool; a
+        UserError when there are fewer. Generates prompts only (no model)."""
+        from attnrl.data.unseen import draw_unseen
+
+        return draw_unseen(self.task, self.size, self.seed, self.task_kwargs, self.pool)
 
 
 @dataclass
@@ -62,10 +73,6 @@ def _bool(config, key, default):
     return value
 
 
-def _is_jsonl(task: str) -> bool:
-    return task == "gsm8k" or task.startswith("gsm8k:") or task.endswith(".jsonl") or "/" in task
-
-
 def heldout_settings(config: dict) -> HeldoutSettings:
     """The held-out evaluation of a flat job config (raises UserError on a bad value)."""
     size = _int(config, "eval_size", 0, 0)
@@ -75,20 +82,14 @@ def heldout_settings(config: dict) -> HeldoutSettings:
     if eval_task is None:
         if task in ("gsm8k", "gsm8k:train"):
             eval_task = "gsm8k:test"
-        elif _is_jsonl(task) and size:
+        elif is_file_task(task) and size:
             raise UserError(f"eval_size {size} with the JSONL task {task!r}: give eval_task "
                             "(a held-out .jsonl or gsm8k:test), or eval_size: 0")
         else:
             eval_task = task
     eval_task = str(eval_task)
+    # any seed is allowed: held-out problems are kept apart from training by question text
     seed = _int(config, "eval_seed", task_seed + HELDOUT_SEED_OFFSET, -2**31)
-    if size and eval_task == task:
-        if _is_jsonl(task):
-            raise UserError(f"eval_task {eval_task!r} is the training file: give a held-out "
-                            "one (e.g. gsm8k:test)")
-        if seed == task_seed:
-            raise UserError(f"eval_seed {seed} equals task_seed: held-out problems need "
-                            "another seed (default task_seed + 10000)")
     temperature = config.get("eval_temperature")
     temperature = 0.6 if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -102,7 +103,9 @@ def heldout_settings(config: dict) -> HeldoutSettings:
         before=_bool(config, "eval_before", True), after=_bool(config, "eval_after", True),
         every=_int(config, "eval_every", 0, 0),
         task_kwargs=dict(config.get("task_kwargs") or {}) if eval_task == task else {},
-        instruction=config.get("instruction"), system_prompt=config.get("system_prompt"))
+        instruction=config.get("instruction"), system_prompt=config.get("system_prompt"),
+        pool=TrainingPool(task=task, size=_int(config, "task_size", 64, 1), seed=task_seed,
+                          kwargs=dict(config.get("task_kwargs") or {})))
 
 
 def vector_settings(config: dict) -> VectorSettings | None:

@@ -37,7 +37,8 @@ def evaluate_merged(merged_dir, settings: HeldoutSettings, engine: str, output_d
                       max_tokens=settings.max_tokens,
                       engine="hf" if engine == "hf" else "vllm", seed=settings.seed,
                       greedy=True, task_kwargs=settings.task_kwargs,
-                      instruction=settings.instruction, system_prompt=settings.system_prompt)
+                      instruction=settings.instruction, system_prompt=settings.system_prompt,
+                      pool=settings.pool)
     folder = Path(output_dir) / "heldout"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "merged.json", result)

@@ -38,7 +38,8 @@ from trainers.trl_fields import TRL_FIELDS
 # Registries of the heavy modules, by name (tests/trainers/test_schema.py keeps them equal
 # to attnrl.credit.CREDIT_STRATEGIES, attnrl.advantages.ESTIMATORS, rewards.REWARDS).
 CREDIT_STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled", "random", "entropy",
-                     "bottom_q", "qk_tokens", "qk_consistency", "qk_premise")
+                     "bottom_q", "qk_tokens", "qk_consistency", "qk_premise", "sign_flip")
+SIGNED_CREDIT = ("sign_flip",)  # registered with signed=True: never composed
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "psr", "nsr", "w_reinforce")
 REWARDS = ("math", "gym", "answer", "format", "overlong")
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
@@ -120,11 +121,15 @@ def _check_reasoning_vector(value) -> str | None:
 
 
 def _check_credit(value) -> str | None:
-    for part in (p.strip() for p in str(value).split("+")):
+    parts = [p.strip() for p in str(value).split("+")]
+    for part in parts:
         if part not in CREDIT_STRATEGIES:
             return (f"unknown credit strategy {part!r}{nearest(part, CREDIT_STRATEGIES)}; "
                     f"registered: {', '.join(sorted(CREDIT_STRATEGIES))} (join several "
                     "with '+')")
+        if part in SIGNED_CREDIT and len(parts) > 1:
+            return (f"{part!r} (a negative gamma) cannot be composed with '+': the product is "
+                    f"clipped at 0; use {part} alone")
     return None
 
 
@@ -268,9 +273,12 @@ JOB_KEYS = [
     Key("eval_size", "int", 0, "held-out problems evaluated before / after training (0 = no "
         "held-out evaluation; configs/default.yaml sets 128)", ge=0),
     Key("eval_task", "str|null", None, "task of the held-out problems (null: the training task; "
-        "gsm8k / gsm8k:train -> gsm8k:test; another JSONL task needs one)"),
+        "gsm8k / gsm8k:train -> gsm8k:test; another JSONL task needs one); its problems are "
+        "never in the training pool (compared by question text; too few unseen ones: refused "
+        "before the model loads)"),
     Key("eval_seed", "int|null", None, "task seed of the held-out problems (null: task_seed + "
-        "10000; must differ from task_seed on the training task)"),
+        "10000); whatever the seed, held-out problems whose question is in the training pool "
+        "are dropped (attnrl/data/unseen.py)"),
     Key("eval_samples", "int", 4, "samples per held-out problem at eval_temperature (pass@k)",
         ge=1),
     Key("eval_temperature", "float", 0.6, "temperature of those samples (top-p 0.95)", gt=0),
@@ -296,6 +304,8 @@ ATTNRL_KEYS = [
     Key("credit_apply_to", "str", "both", "shape advantages of this sign",
         choices=("both", "positive", "negative")),
     Key("credit_seed", "int", 0, "seed of the `random` strategy", ge=0),
+    Key("credit_flip_fraction", "float", 0.25, "`sign_flip` (the ablation's positive "
+        "control): fraction of responses whose advantage sign is flipped", ge=0, le=1),
     # ---- signals (methods.md 1.1-1.4)
     Key("signal_layers", "int_list|null", None, "sampled layers; null = five evenly spaced in "
         "the middle third"),

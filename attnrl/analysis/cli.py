@@ -5,7 +5,8 @@ Samples K responses per problem with a rollout engine (or reads prompt / respons
 scores them with the task's reward (sampled responses are kept in samples.jsonl, readable
 again with --responses), runs batched capture forwards (attnrl.analysis.forward)
 and writes report.json (every number), report.html (figures, tables, example responses)
-and prints a short summary with verdicts. Statistics: attnrl.analysis.stats.
+and prints a short summary with verdicts. Statistics: attnrl.analysis.coupling (peak
+coupling), attnrl.analysis.auc (QK heads and baselines), attnrl.analysis.stats (shared).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnrl.analysis.coupling import POSITION_BINS
 from attnrl.errors import UserError
 from attnrl.models import DEFAULT_MODEL
 
@@ -39,6 +41,9 @@ def add_arguments(parser) -> None:
     stat.add_argument("--peak-fraction", type=float, default=0.1,
                       help="p: top fraction of a response's tokens that are peaks (0.1 = 10%%)")
     stat.add_argument("--k", type=int, default=3, help="FAI peak within k tokens after a peak")
+    stat.add_argument("--position-bins", type=int, default=POSITION_BINS,
+                      help="structured coupling null: target peaks rotated within this many "
+                           "bins of relative position per response (1: whole response)")
     stat.add_argument("--permutations", type=int, default=10000, help="permutation-null draws")
     stat.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     stat.add_argument("--qk-top-k", type=int, default=4, help="QK heads selected (held-out)")
@@ -53,8 +58,8 @@ def add_arguments(parser) -> None:
     sig.add_argument("--q", type=float, default=0.4, help="top fraction of the token sets")
     sig.add_argument("--head-quantile", type=float, default=0.3, help="local / global fraction")
     stat.add_argument("--receiver-responses", type=int, default=64,
-                      help="receiver heads: at most this many responses with >= 6 sentences "
-                           "(each costs one extra blockwise pass per layer)")
+                      help="receiver heads: at most this many responses with >= 14 sentences "
+                           "(10 vertical scores; each costs one extra blockwise pass per layer)")
     parser.add_argument("--batch-tokens", type=int, default=4096,
                         help="padded tokens per analysis forward")
     parser.add_argument("--device", default="cpu")
@@ -75,7 +80,7 @@ def _check(args) -> None:
         raise UserError("give exactly one of --task NAME (responses are sampled) or "
                         "--responses FILE.jsonl")
     for name in ("num_problems", "samples", "max_tokens", "permutations", "bootstrap",
-                 "qk_top_k", "batch_tokens", "receiver_responses"):
+                 "qk_top_k", "batch_tokens", "receiver_responses", "position_bins"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.peak_fraction <= 1:
@@ -116,6 +121,7 @@ def analyse(args) -> dict:
     from attnrl.analysis import report_data
     from attnrl.analysis.collect import read_responses, sample_task
     from attnrl.analysis.forward import analyse_samples
+    from attnrl.analysis.summary import FORMAT
     from attnrl.models import load_model, load_tokenizer, resolve_model
 
     _check(args)
@@ -174,7 +180,8 @@ def analyse(args) -> dict:
     t_forward = time.perf_counter()
     labels = np.array([s.correct for s in samples])
     groups = np.array([s.group for s in samples])
-    report = {"model": str(args.model), "task": args.task, "responses_file": args.responses,
+    report = {"format": FORMAT,
+              "model": str(args.model), "task": args.task, "responses_file": args.responses,
               "problems": len(set(groups.tolist())), "responses": len(samples),
               "correct": int(labels.sum()), "accuracy": float(labels.mean()),
               "mean_response_tokens": float(np.mean([len(s.response_ids) for s in samples])),
@@ -188,27 +195,24 @@ def analyse(args) -> dict:
     report["heads"] = heads
     report["coupling"], signals, mask = report_data.coupling_section(
         results, groups, sampled, split, config, args.peak_fraction, args.k, args.permutations,
-        args.bootstrap, args.seed, n_layers, config.head_quantile)
+        args.bootstrap, args.seed, n_layers, config.head_quantile, args.position_bins)
     report["outcome"] = report_data.outcome_section(signals, mask, labels, groups, args.seed)
     both = labels.any() and not labels.all()
-    qk = None
     if both:
-        try:
-            qk = report_data.qk_section(results, labels, groups, n_heads, args.qk_top_k,
-                                        min(args.permutations, 2000), args.bootstrap, args.seed)
-        except UserError as err:
-            report["qk"] = {"skipped": str(err)}
+        qk = report_data.qk_section(results, labels, groups, n_heads, args.qk_top_k,
+                                    min(args.permutations, 2000), args.bootstrap, args.seed)
+        report["qk_premise"] = report_data.premise_section(
+            results, signals, mask, labels, groups, qk, n_heads, config.q, args.k, args.seed,
+            min(args.permutations, 2000), args.bootstrap, args.position_bins)
+        qk.pop("_order")
+        report["qk"] = qk
     else:
         report["qk"] = {"skipped": f"{int(labels.sum())} of {labels.size} responses correct: "
                                    "AUC needs both correct and incorrect responses"}
-    if qk is not None:
-        report["qk_premise"] = report_data.premise_section(
-            results, signals, mask, labels, groups, qk, n_heads, config.q, args.k, args.seed,
-            min(args.permutations, 2000), args.bootstrap)
-        qk.pop("_order")
-        report["qk"] = qk
-    selected = report.get("qk", {}).get("held_out", {}).get("selected", [])
-    report["receivers"] = report_data.receiver_section(results, heads["global_heads"], selected)
+    selected = report["qk"].get("held_out", {}).get("selected", [])
+    report["receivers"] = report_data.receiver_section(
+        [r.receiver for r in results], [r.extra.get("vertical_scores", 0) for r in results],
+        heads["global_heads"], selected)
     report["examples"] = example_records(tokenizer, samples, results, signals, mask)
     report["seconds"] = {"sample": round(t_sample - t0, 1),
                          "forward": round(t_forward - t_sample, 1),
@@ -225,7 +229,8 @@ def _replace(config, **changes):
 
 
 def run(args) -> int:
-    from attnrl.analysis.report import render_report, summary_lines
+    from attnrl.analysis.report import render_report
+    from attnrl.analysis.summary import summary_lines
 
     start = time.perf_counter()
     report = analyse(args)

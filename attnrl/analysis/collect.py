@@ -15,13 +15,15 @@ from pathlib import Path
 
 from attnrl.analysis.forward import Sample
 from attnrl.errors import UserError
+from attnrl.signals.receiver import min_sentences
 
 CORRECT_THRESHOLD = 1.0
-MIN_SENTENCES = 6            # receiver heads: proximity_ignore (4) + 2 sentences
+MIN_SENTENCES = min_sentences()   # receiver heads: proximity_ignore (4) + 10 vertical scores
 
 
 def sentence_spans_of(tokenizer, response_ids: list[int]):
-    """Sentence spans of a response (receiver heads), or None with < MIN_SENTENCES."""
+    """Sentence spans of a response (receiver heads), or None with < MIN_SENTENCES (too
+    few vertical scores for a kurtosis that means anything)."""
     from attnrl.signals.receiver import sentence_spans
 
     spans = sentence_spans([tokenizer.decode([t]) for t in response_ids])
@@ -71,7 +73,6 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
                 continue
             out.append(Sample(list(completion.prompt_ids), list(completion.token_ids), group=p,
                               correct=reward >= CORRECT_THRESHOLD, reward=float(reward),
-                              logprobs=list(completion.logprobs) or None,
                               spans=sentence_spans_of(tokenizer, completion.token_ids),
                               text=completion.text))
     info = {"generate_seconds": seconds, "reward": "gym" if "entry" in records[0].metadata

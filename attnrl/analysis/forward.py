@@ -12,8 +12,10 @@ In one no-grad forward of a right-padded batch (prompt + response per row):
   * receiver heads (methods.md 5) for rows with sentence spans: the sentence matrix
     M[i, j] = mean over tokens of sentence i (queries) and j (keys) of A_ts, accumulated
     one query block at a time (a (B, H, rows, t1) block of one layer, never (N, N));
-- the model's log-probability of each response token (the QK paper's baseline), from the
-  last hidden state at the response positions only (or the rollout engine's values).
+- the model's log-probability of each response token at temperature 1 (the QK paper's
+  baseline), from the last hidden state at the response positions only. Always from this
+  forward, never the rollout engine's values (those are after temperature and top-p), so
+  sampled runs and `--responses` files share one baseline.
 
 Right padding keeps every real row's causal keys real, so the recorder needs no mask.
 """
@@ -41,7 +43,6 @@ class Sample:
     group: int
     correct: bool
     reward: float = 0.0
-    logprobs: list[float] | None = None
     spans: list[tuple[int, int]] | None = None     # sentence spans in the response (receivers)
     text: str = ""
 
@@ -55,9 +56,9 @@ class SampleResult:
     span: np.ndarray             # (L_all, H) mean attention distance over response tokens
     answer_score: np.ndarray     # (L_all, H) r_{i,h}
     premise: np.ndarray          # (L_all, H, n) q_t . mean prompt key
-    logprobs: np.ndarray         # (n,)
+    logprobs: np.ndarray         # (n,) log p(token | prefix) at temperature 1
     receiver: np.ndarray | None  # (L_all, H) vertical-score kurtosis, or None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # answer_index, vertical_scores
 
 
 class HeadRecorder(QKCapture):
@@ -184,14 +185,12 @@ def analyse_samples(model, samples: list[Sample], signal_config, eos_token_ids,
         capture = SignalCapture(model, signal_config, response_mask=response,
                                 attention_mask=attention)
         recorder = HeadRecorder(model, answer, key_mask, prompt, spans)
-        need_logprobs = any(s.logprobs is None for s in items)
         with torch.no_grad(), capture, recorder:
             hidden = base(input_ids=input_ids.to(device),
                           attention_mask=attention.long().to(device),
                           use_cache=False).last_hidden_state
         stats = capture.head_stats()
-        logprobs = _response_logprobs(model, hidden, input_ids, response) if need_logprobs \
-            else None
+        logprobs = _response_logprobs(model, hidden, input_ids, response)
         del hidden
         layers = sorted(recorder.answer_score)
         answer_score = torch.stack([recorder.answer_score[l] for l in layers], 1).cpu()
@@ -199,18 +198,17 @@ def analyse_samples(model, samples: list[Sample], signal_config, eos_token_ids,
         for row, (index, s) in enumerate(zip(batch, items)):
             p, n = len(s.prompt_ids), len(s.response_ids)
             sl = slice(p, p + n)
-            receiver = None
+            receiver, extra = None, {"answer_index": int(answer[row]) - p}
             if s.spans is not None:
                 receiver = torch.stack([recorder.receiver[l][row] for l in layers]).numpy()
-            lp = np.asarray(s.logprobs, dtype=np.float32) if s.logprobs is not None \
-                else logprobs[row, sl].numpy()
+                extra["vertical_scores"] = max(0, len(s.spans) - recorder.proximity_ignore)
             results[index] = SampleResult(
                 waad_heads=stats.waad[row, :, :, sl].cpu().numpy(),
                 fai_heads=stats.fai_sum[row, :, :, sl].cpu().numpy(),
                 span=stats.span[row, :, :, sl].mean(-1).cpu().numpy(),
                 answer_score=answer_score[row].numpy(),
-                premise=premise[row, :, :, sl].numpy(), logprobs=lp, receiver=receiver,
-                extra={"answer_index": int(answer[row]) - p})
+                premise=premise[row, :, :, sl].numpy(), logprobs=logprobs[row, sl].numpy(),
+                receiver=receiver, extra=extra)
         if progress is not None:
             progress(number + 1, len(batches))
     return results

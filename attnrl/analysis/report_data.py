@@ -7,9 +7,14 @@ Choices where the method is silent:
   own heads with the same quantile.
 - Peaks: top p of WAAD and of Delta among response tokens, of FAI among tokens with a
   non-empty future window; 'FAI peak follows a source peak' = a source peak at 0..k tokens
-  before it (attnrl.analysis.stats.coupling).
-- QK heads are ranked by AUC with high score = correct (the rule of qk_tokens /
-  qk_consistency); the held-out split is by problem.
+  before it (attnrl.analysis.coupling: uniform and structured null, verdict from the
+  stricter).
+- QK heads: AUC within problems (primary) and across problems (attnrl.analysis.auc); heads
+  are selected by within-problem AUC with high score = correct (the rule of qk_tokens /
+  qk_consistency) on half of the problems and tested on the other half, against two
+  baselines: the model's mean log-prob of the response at temperature 1 (from the analysis
+  forward, in both modes) and the response length in tokens.
+- Receiver heads: only responses with >= MIN_SENTENCE_SCORES vertical scores.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ import math
 import numpy as np
 import torch
 
-from attnrl.analysis import stats
+from attnrl.analysis import auc, stats
+from attnrl.analysis.coupling import POSITION_BINS, coupling, peak_mask
 from attnrl.analysis.forward import pooled_span, response_signals
+from attnrl.errors import UserError
 from attnrl.signals.aggregate import select_heads, token_sets
-from attnrl.signals.receiver import select_receiver_heads
+from attnrl.signals.receiver import MIN_SENTENCE_SCORES, select_receiver_heads
+
+LAYER_KEYS = ("observed", "observed_ci", "chance", "ratio", "ratio_ci", "excess", "excess_ci",
+              "p_value", "chance_from", "p_from")
 
 
 def _heads_list(mask: torch.Tensor, layers: list[int]) -> list[list[int]]:
@@ -57,27 +67,28 @@ def head_section(results, groups, sampled: list[int], quantile: float, seed: int
 
 
 def peaks(signals, mask, p: float):
-    return {"waad": stats.peak_mask(signals.waad, mask, p),
-            "delta": stats.peak_mask(signals.delta, mask, p),
-            "fai": stats.peak_mask(signals.fai, signals.fai_valid, p)}
+    return {"waad": peak_mask(signals.waad, mask, p),
+            "delta": peak_mask(signals.delta, mask, p),
+            "fai": peak_mask(signals.fai, signals.fai_valid, p)}
 
 
 def coupling_section(results, groups, sampled, split, config, p, k, permutations, bootstrap,
-                     seed, n_layers, quantile):
+                     seed, n_layers, quantile, bins=POSITION_BINS):
     signals, mask = response_signals(results, sampled, split, config)
     top = peaks(signals, mask, p)
-    out = {"p": p, "k": k}
+    out = {"p": p, "k": k, "bins": bins}
     for source in ("waad", "delta"):
-        out[f"fai_after_{source}"] = stats.coupling(
-            top["fai"], top[source], signals.fai_valid, k, permutations, bootstrap, seed, groups)
+        out[f"fai_after_{source}"] = coupling(
+            top["fai"], top[source], signals.fai_valid, k, permutations, bootstrap, seed, groups,
+            bins)
     # the trainer's own sets (top q): anchors after preplan tokens, preplan_by delta / waad
     by = {}
     for rank_by in ("delta", "waad"):
         cfg = _replace(config, preplan_by=rank_by)
         _, preplan, anchor, _, _ = token_sets(signals.waad, signals.fai, signals.fai_valid,
                                               mask, cfg)
-        by[rank_by] = stats.coupling(anchor, preplan, signals.fai_valid, k, permutations,
-                                     bootstrap, seed, groups)
+        by[rank_by] = coupling(anchor, preplan, signals.fai_valid, k, permutations, bootstrap,
+                               seed, groups, bins)
     out["anchors_after_preplan_by"] = by
     per_layer = []
     all_spans = pooled_span(results)
@@ -88,10 +99,9 @@ def coupling_section(results, groups, sampled, split, config, p, k, permutations
         t = peaks(sig, m, p)
         row = {"layer": layer}
         for source in ("waad", "delta"):
-            c = stats.coupling(t["fai"], t[source], sig.fai_valid, k, max(1000, permutations // 5),
-                               max(200, bootstrap // 5), seed, groups)
-            row[source] = {key: c[key] for key in ("observed", "observed_ci", "chance", "ratio",
-                                                    "ratio_ci", "p_value")}
+            c = coupling(t["fai"], t[source], sig.fai_valid, k, max(1000, permutations // 5),
+                         max(200, bootstrap // 5), seed, groups, bins)
+            row[source] = {key: c[key] for key in LAYER_KEYS}
         per_layer.append(row)
     out["per_layer"] = per_layer
     return out, signals, mask
@@ -130,77 +140,110 @@ def outcome_section(signals, mask, labels, groups, seed) -> dict:
     return out
 
 
+def _attempt(compute, *args, **kwargs):
+    """compute(...), or {'skipped': reason} when the data cannot answer it (UserError)."""
+    try:
+        return compute(*args, **kwargs)
+    except UserError as err:
+        return {"skipped": str(err)}
+
+
+NULLS = (("within", "within"), ("across", "block"))      # report key, auc_permutation null
+NULL_TEXT = {"within": "labels permuted within problems",
+             "block": "whole problems' label vectors permuted across problems of one size"}
+
+
+def _auc_test(scores, labels, groups, permutations, rng, null, n_heads=None) -> dict:
+    """auc_permutation as (layer, head) grids with the best head (n_heads given), or as
+    scalars (one column)."""
+    result = auc.auc_permutation(scores, labels, groups, permutations, rng, null)
+    extra = {key: result[key] for key in ("mixed_problems", "pairs") if key in result}
+    if n_heads is None:
+        return {"auc": result["auc"][0], "p": result["p"][0], "null": NULL_TEXT[null], **extra}
+    heads = [[i // n_heads, i % n_heads] for i in range(len(result["auc"]))]
+    grid = {key: np.array(result[key]).reshape(-1, n_heads).tolist()
+            for key in ("auc", "p", "p_fwer")}
+    best = int(np.argmax(np.abs(np.array(result["auc"]) - 0.5)))
+    return {**grid, "null": NULL_TEXT[null], **extra, "best_head": heads[best],
+            "best_auc": result["auc"][best], "best_p_fwer": result["p_fwer"][best],
+            "significant_heads_fwer_0.05": [heads[i] for i, p in enumerate(result["p_fwer"])
+                                            if p < 0.05]}
+
+
 def qk_section(results, labels, groups, n_heads, top_k, permutations, draws, seed) -> dict:
+    """QK answer-score AUCs: within problems (primary), across problems (block null), the
+    held-out selection with its baselines (T = 1 mean log-prob, length)."""
     scores = np.stack([r.answer_score.reshape(-1) for r in results])        # (R, L*H)
-    logprob = np.array([float(np.mean(r.logprobs)) for r in results])
+    baselines = {"logprob": np.array([float(np.mean(r.logprobs)) for r in results]),
+                 "length": np.array([float(r.waad_heads.shape[-1]) for r in results])}
     rng = np.random.default_rng(seed)
-    full = stats.auc_permutation(scores, labels, permutations, rng)
-    held = stats.held_out_selection(scores, labels, top_k, groups, seed, draws)
-    base_full = stats.auc_permutation(logprob, labels, permutations, rng)
-    _, hold = stats.split_groups(groups, labels.size, seed)
-    hold_groups = np.asarray(groups)[hold]
-    base_held = float(stats.auc_columns(logprob[hold][:, None], labels[hold])[0])
-    base_held_ci = stats.auc_bootstrap(logprob[hold], labels[hold], hold_groups, draws, rng)[0]
-    heads = [[i // n_heads, i % n_heads] for i in range(scores.shape[1])]
-    best = int(np.argmax(np.abs(np.array(full["auc"]) - 0.5)))
-    return {"auc": np.array(full["auc"]).reshape(-1, n_heads).tolist(),
-            "p": np.array(full["p"]).reshape(-1, n_heads).tolist(),
-            "p_fwer": np.array(full["p_fwer"]).reshape(-1, n_heads).tolist(),
-            "permutations": permutations,
-            "best_head": heads[best], "best_auc": full["auc"][best],
-            "best_p_fwer": full["p_fwer"][best],
-            "significant_heads_fwer_0.05": [heads[i] for i, p in enumerate(full["p_fwer"])
-                                            if p < 0.05],
-            "held_out": {**held, "selected": [heads[i] for i in held["selected"]]},
-            "logprob_baseline": {"auc": base_full["auc"][0], "p": base_full["p"][0],
-                                 "held_out_auc": base_held, "held_out_ci": base_held_ci},
-            "top_k": top_k, "_order": np.argsort(-np.array(full["auc"]), kind="stable")}
+    out = {"permutations": permutations, "top_k": top_k}
+    for key, null in NULLS:
+        out[key] = _attempt(_auc_test, scores, labels, groups, permutations, rng, null, n_heads)
+    out["baselines"] = {name: {key: _attempt(_auc_test, values, labels, groups, permutations,
+                                             rng, null) for key, null in NULLS}
+                        for name, values in baselines.items()}
+    held = _attempt(auc.held_out_selection, scores, labels, top_k, groups, seed, draws,
+                    baselines=baselines)
+    if "selected" in held:
+        held["selected"] = [[i // n_heads, i % n_heads] for i in held["selected"]]
+    out["held_out"] = held
+    across = np.array(auc.auc_columns(scores, labels))
+    out["_order"] = np.argsort(-across, kind="stable")       # the trainer's rule (all pairs)
+    return out
 
 
 def premise_section(results, signals, mask, labels, groups, qk, n_heads, q, k, seed,
-                    permutations, draws) -> dict:
+                    permutations, draws, bins=POSITION_BINS) -> dict:
     """qk_premise: the response tokens most aligned with the prompt keys on the QK heads
-    (top-k by AUC on all responses, the trainer's rule): do they coincide with anchors /
-    preplan tokens, and does the response-mean alignment predict correctness (heads chosen
-    on the selection half, AUC on the held-out half)?"""
+    (top-k by AUC over all responses, the trainer's rule): do they coincide with anchors /
+    preplan tokens (k = 0: the same token), and does the response-mean alignment predict
+    correctness (heads chosen by within-problem AUC on the selection half; their mean
+    z-scored alignment's within-problem AUC on the held-out half)?"""
     chosen = qk["_order"][:qk["top_k"]]
-    n_max = mask.shape[1]
     per_token = torch.zeros(mask.shape)
     for i, r in enumerate(results):
         flat = r.premise.reshape(-1, r.premise.shape[-1])
         per_token[i, :flat.shape[1]] = torch.from_numpy(flat[chosen].mean(0))
-    top = stats.peak_mask(per_token, mask, q)
+    top = peak_mask(per_token, mask, q)
     out = {"heads": [[int(i) // n_heads, int(i) % n_heads] for i in chosen], "q": q}
-    out["anchors"] = stats.coupling(top, signals.anchor_mask, mask, 0, permutations, draws,
-                                    seed, groups)
-    out["preplan"] = stats.coupling(top, signals.preplan_mask, mask, 0, permutations, draws,
-                                    seed, groups)
-    select, hold = stats.split_groups(groups, labels.size, seed)
+    out["anchors"] = coupling(top, signals.anchor_mask, mask, 0, permutations, draws, seed,
+                              groups, bins)
+    out["preplan"] = coupling(top, signals.preplan_mask, mask, 0, permutations, draws, seed,
+                              groups, bins)
     means = np.stack([r.premise.reshape(-1, r.premise.shape[-1]).mean(-1) for r in results])
-    if labels[select].any() and not labels[select].all() and labels[hold].any() \
-            and not labels[hold].all():
-        fit = stats.auc_columns(means[select], labels[select])
-        heads = np.argsort(-fit, kind="stable")[:qk["top_k"]]
-        value = means[hold][:, heads].mean(-1)
-        out["held_out_auc"] = float(stats.auc_columns(value[:, None], labels[hold])[0])
-        out["held_out_ci"] = stats.auc_bootstrap(value, labels[hold],
-                                                 np.asarray(groups)[hold], draws,
-                                                 np.random.default_rng(seed))[0]
-        out["held_out_heads"] = [[int(i) // n_heads, int(i) % n_heads] for i in heads]
-    del n_max
+    held = _attempt(auc.held_out_selection, means, labels, qk["top_k"], groups, seed, draws)
+    if "selected" in held:
+        out.update(held_out_auc=held["combined_auc"], held_out_ci=held["combined_ci"],
+                   held_out_heads=[[int(i) // n_heads, int(i) % n_heads]
+                                   for i in held["selected"]])
+    else:
+        out["held_out_skipped"] = held["skipped"]
     return out
 
 
-def receiver_section(results, global_heads, qk_selected, top_k=20) -> dict:
-    rows = [r.receiver for r in results if r.receiver is not None]
+def receiver_section(kurtoses, score_counts, global_heads, qk_selected, top_k=20,
+                     min_scores=MIN_SENTENCE_SCORES) -> dict:
+    """Receiver heads from the responses with at least `min_scores` vertical scores.
+    kurtoses: per response (L, H) array or None; score_counts: per response, its number of
+    vertical scores (sentences - proximity_ignore). With fewer scores the kurtosis is
+    degenerate (2 scores: always -2), so such responses are left out; with none left the
+    section says 'not measurable at this length'."""
+    rows = [np.asarray(k_) for k_, c in zip(kurtoses, score_counts)
+            if k_ is not None and c >= min_scores]
+    base = {"min_sentence_scores": min_scores,
+            "responses_with_sentences": sum(k_ is not None for k_ in kurtoses)}
     if not rows:
-        return {"responses": 0, "note": "no response has 6 or more sentences"}
+        return {**base, "responses": 0, "measurable": False,
+                "note": f"not measurable at this length: no response has >= {min_scores} "
+                        "vertical scores (sentences beyond the proximity window)"}
     stacked = torch.from_numpy(np.stack(rows))
     heads = select_receiver_heads(stacked, min(top_k, stacked.shape[1] * stacked.shape[2]))
     mean = stacked.nanmean(0)
     heads_set = {tuple(h) for h in heads}
     global_set = {tuple(h) for h in global_heads}
-    return {"responses": len(rows), "top_heads": [list(h) for h in heads],
+    return {**base, "responses": len(rows), "measurable": True,
+            "top_heads": [list(h) for h in heads],
             "top_kurtosis": [float(mean[l, h]) for l, h in heads],
             "mean_kurtosis": torch.nan_to_num(mean, nan=math.nan).tolist(),
             "overlap_with_global_heads": len(heads_set & global_set),

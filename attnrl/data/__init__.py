@@ -92,6 +92,12 @@ def gym_task_names() -> list[str]:
 
 def load_gym_task(name: str, size: int = 64, seed: int = 0, **task_kwargs) -> list[PromptRecord]:
     """Prompts from a reasoning-gym generator (offline). The entry is kept in metadata."""
+    return list(iter_gym_task(name, size, seed, **task_kwargs))
+
+
+def iter_gym_task(name: str, size: int = 64, seed: int = 0, **task_kwargs):
+    """The records of `load_gym_task`, generated one at a time (item i comes from seed + i,
+    so a consumer that stops early has generated only what it read)."""
     import reasoning_gym
 
     names = gym_task_names()
@@ -99,12 +105,11 @@ def load_gym_task(name: str, size: int = 64, seed: int = 0, **task_kwargs) -> li
         raise UserError(f"reasoning-gym has no task {name!r}{nearest(name, names)}; "
                         f"examples: chain_sum, basic_arithmetic, countdown, gsm_symbolic")
     dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **task_kwargs)
-    records = []
-    for i, entry in enumerate(dataset):
-        records.append(PromptRecord(question=entry["question"], answer=str(entry["answer"]),
-                                    source=name, index=i,
-                                    metadata={"entry": _jsonable(entry), "task": name}))
-    return records
+    for i in range(size):
+        entry = dataset[i]
+        yield PromptRecord(question=entry["question"], answer=str(entry["answer"]),
+                           source=name, index=i,
+                           metadata={"entry": _jsonable(entry), "task": name})
 
 
 def _jsonable(entry: dict) -> dict:

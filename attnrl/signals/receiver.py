@@ -10,6 +10,11 @@ population moments, m4 / m2^2 - 3, as scipy.stats.kurtosis(fisher=True, bias=Tru
 NaN when fewer than two sentences have a vertical score or when vert is constant.
 Scores are averaged over responses (NaN-skipping) and the top 20 heads are receiver heads.
 
+A kurtosis of a handful of values says nothing about tails: of 2 values it is always -2,
+and of n values it cannot exceed n - 5 + 1 / (n - 1) (-1.5 for 3, 0.25 for 5, 5.1 for 10).
+So a response is scored only with at least MIN_SENTENCE_SCORES vertical scores, i.e. at
+least MIN_SENTENCE_SCORES + proximity_ignore sentences (14 with the default 4).
+
 This is an analysis tool: it runs eager attention on one unpadded sequence at a time and
 reduces each layer's (H, N, N) map to (H, S, S) right after that layer, so memory peaks at
 one layer's map, not all layers'.
@@ -22,6 +27,12 @@ import torch
 from attnrl.errors import UserError
 
 SENTENCE_END_CHARS = "!?\n"
+MIN_SENTENCE_SCORES = 10      # vertical scores a response needs for its kurtosis to count
+
+
+def min_sentences(proximity_ignore: int = 4, min_scores: int = MIN_SENTENCE_SCORES) -> int:
+    """Sentences a response needs for `min_scores` vertical scores (S - proximity_ignore)."""
+    return proximity_ignore + min_scores
 
 
 def sentence_spans(token_texts: list[str]) -> list[tuple[int, int]]:
@@ -181,22 +192,26 @@ def select_receiver_heads(kurtoses: torch.Tensor, top_k: int = 20,
 
 def find_receiver_heads(model, tokenizer, sequences: list[tuple[list[int], list[int]]],
                         top_k: int = 20, layers: list[int] | None = None,
-                        proximity_ignore: int = 4) -> tuple[list[tuple[int, int]], torch.Tensor]:
+                        proximity_ignore: int = 4, min_scores: int = MIN_SENTENCE_SCORES,
+                        ) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Receiver heads from (prompt_ids, response_ids) pairs: sentences are split in each
     response by `sentence_spans` on the decoded tokens. Responses with fewer than
-    proximity_ignore + 2 sentences cannot score a head and are skipped.
+    `min_scores` vertical scores (proximity_ignore + min_scores sentences) are skipped.
     Returns (heads, mean kurtosis (L, H))."""
+    if min_scores < 2:
+        raise UserError(f"min_scores must be >= 2 (a kurtosis needs 2 values), got {min_scores}")
+    needed = min_sentences(proximity_ignore, min_scores)
     layers = sorted(_attention_modules(model)) if layers is None else list(layers)
     per_response = []
     for prompt_ids, response_ids in sequences:
         texts = [tokenizer.decode([t]) for t in response_ids]
         spans = [(a + len(prompt_ids), b + len(prompt_ids)) for a, b in sentence_spans(texts)]
-        if len(spans) < proximity_ignore + 2:
+        if len(spans) < needed:
             continue
         ids = torch.tensor(list(prompt_ids) + list(response_ids))
         per_response.append(receiver_kurtosis(model, ids, spans, layers, proximity_ignore))
     if not per_response:
-        raise UserError(f"no response has at least {proximity_ignore + 2} sentences; give longer "
-                        "responses or a smaller proximity_ignore")
+        raise UserError(f"no response has at least {needed} sentences ({min_scores} vertical "
+                        "scores); give longer responses")
     stacked = torch.stack(per_response)
     return select_receiver_heads(stacked, top_k, layers), stacked.nanmean(0)

@@ -211,7 +211,8 @@ def test_random_differs_by_seed_and_step_and_is_uniform():
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "local_chunk", "global_anchor", "coupled",
-                                      "random", "entropy", "bottom_q", "coupled+random"])
+                                      "random", "entropy", "bottom_q", "coupled+random",
+                                      "sign_flip"])
 def test_gamma_is_one_outside_the_response(strategy):
     resp, sig, entropy = random_case(7, 4, 40)
     # signals that are (wrongly) non-zero outside the response must not leak into gamma
@@ -221,6 +222,93 @@ def test_gamma_is_one_outside_the_response(strategy):
         gamma = compute_gamma(config(strategy), signals, resp, entropy + 5 * ~resp)
         assert torch.equal(gamma[~resp], torch.ones(int((~resp).sum())))
         assert gamma.dtype == torch.float32 and gamma.shape == resp.shape
+
+
+# ---- sign_flip (positive control) ---------------------------------------------------------
+
+def test_sign_flip_is_per_response_and_reproducible():
+    resp, _, _ = random_case(3, 6, 20)
+    cfg = config("sign_flip", seed=5)
+    gamma = compute_gamma(cfg, None, resp)
+    assert torch.equal(gamma[~resp], torch.ones(int((~resp).sum())))
+    for b in range(6):  # one sign per response, on every one of its tokens
+        assert set(gamma[b][resp[b]].tolist()) in ({-1.0}, {1.0})
+    assert torch.equal(compute_gamma(cfg, None, resp), gamma)  # same seed, same flips
+    gen_a, gen_b = make_generator(cfg), make_generator(cfg)
+    draws_a = [compute_gamma(cfg, None, resp, generator=gen_a) for _ in range(5)]
+    draws_b = [compute_gamma(cfg, None, resp, generator=gen_b) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(draws_a, draws_b))
+    assert torch.equal(draws_a[0], gamma)  # the generator draws the way `random` does
+    big = torch.ones(64, 3, dtype=torch.bool)
+    assert not torch.equal(compute_gamma(config("sign_flip", seed=1), None, big),
+                           compute_gamma(config("sign_flip", seed=2), None, big))
+    assert required_inputs("sign_flip") == set()
+
+
+@pytest.mark.parametrize("flip", [0.1, 0.25, 0.5])
+def test_sign_flip_fraction_matches_flip_fraction(flip):
+    cfg = config("sign_flip", seed=11, flip_fraction=flip)
+    resp = torch.ones(16, 4, dtype=torch.bool)
+    gen = make_generator(cfg)
+    flipped = torch.stack([compute_gamma(cfg, None, resp, generator=gen)[:, 0] < 0
+                           for _ in range(500)])
+    n = flipped.numel()  # 8000 responses: binomial(n, flip), tolerance 4 sd
+    assert abs(int(flipped.sum()) - n * flip) <= 4 * math.sqrt(n * flip * (1 - flip))
+    # every response position is flipped at the same rate (no position is favoured)
+    per_row = flipped.float().mean(0)
+    assert (per_row - flip).abs().max().item() <= 4 * math.sqrt(flip * (1 - flip) / 500)
+    for edge in (0.0, 1.0):
+        gamma = compute_gamma(config("sign_flip", flip_fraction=edge), None, resp)
+        assert torch.equal(gamma, torch.full_like(gamma, 1.0 - 2.0 * edge))
+
+
+@pytest.mark.parametrize("flip", [0.25, 0.4])
+def test_sign_flip_expected_advantage_is_one_minus_two_f(flip):
+    cfg = config("sign_flip", seed=3, flip_fraction=flip)
+    resp, _, _ = random_case(4, 8, 12)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(9))
+    gen = make_generator(cfg)
+    draws = 4000
+    total = torch.zeros(8, 12)
+    for _ in range(draws):
+        shaped, _ = token_advantages(cfg, adv, resp, generator=gen)
+        assert torch.equal(shaped.abs(), (adv.abs()[:, None] * resp))  # magnitude unchanged
+        total += shaped
+    mean = total / draws
+    expected = (1 - 2 * flip) * adv[:, None] * resp
+    # sd of the mean of +-A over `draws` independent flips: 2 |A| sqrt(f (1 - f) / draws)
+    tol = 4.5 * 2 * adv.abs()[:, None] * math.sqrt(flip * (1 - flip) / draws) + 1e-6
+    assert ((mean - expected).abs() <= tol).all()
+
+
+def test_sign_flip_refuses_composition_and_bad_fraction():
+    resp, sig, _ = random_case(0, 2, 10)
+    for name in ("coupled+sign_flip", "sign_flip+random", "sign_flip+sign_flip"):
+        with pytest.raises(UserError, match="cannot be composed"):
+            CreditConfig(strategy=name)
+        with pytest.raises(UserError, match="cannot be composed"):
+            required_inputs(name)
+    cfg = config("random")
+    cfg.strategy = "random+sign_flip"  # changed after validation: compute_gamma refuses too
+    with pytest.raises(UserError, match="cannot be composed"):
+        compute_gamma(cfg, sig, resp)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match="flip_fraction"):
+            CreditConfig(strategy="sign_flip", flip_fraction=bad)
+
+
+def test_sign_flip_metrics_count_negative_gamma():
+    cfg = config("sign_flip", seed=0, flip_fraction=0.5)
+    resp = torch.ones(40, 5, dtype=torch.bool)
+    resp[:, 4] = False
+    gamma = compute_gamma(cfg, None, resp)
+    metrics = credit_metrics(gamma, resp)
+    flipped = float((gamma[:, 0] < 0).float().mean())
+    assert 0 < flipped < 1
+    assert metrics["frac_negative"] == pytest.approx(flipped)
+    assert metrics["frac_damped"] == pytest.approx(flipped)
+    assert metrics["gamma_min"] == -1.0 and metrics["frac_amplified"] == 0.0
+    assert metrics["gamma_mean"] == pytest.approx(1 - 2 * flipped)
 
 
 # ---- apply_to, shaping --------------------------------------------------------------------
@@ -364,6 +452,7 @@ def test_credit_metrics_match_loop(seed):
     assert metrics["frac_amplified"] == pytest.approx(
         sum(v > 1 for v in values) / len(values))
     assert metrics["frac_damped"] == pytest.approx(sum(v < 1 for v in values) / len(values))
+    assert metrics["frac_negative"] == 0.0
     per_response = [sum(float(gamma[b, t]) > 1 and bool(resp[b, t]) for t in range(30))
                     for b in range(5)]
     assert metrics["amplified_per_response"] == pytest.approx(sum(per_response) / 5)

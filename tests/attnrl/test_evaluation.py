@@ -7,6 +7,7 @@ from math import comb
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -159,9 +160,13 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     default = task_settings(str(repo / "configs" / "default.yaml"), None, None, None)
+    config = yaml.safe_load((repo / "configs" / "default.yaml").read_text())
+    pool = default.pop("pool")
     assert default == {"task": "chain_sum", "instruction": "", "system_prompt": None,
-                       "task_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1,
-                                       "max_digits": 1}, "seed": HELDOUT_SEED_OFFSET}
+                       "task_kwargs": config["task_kwargs"], "seed": HELDOUT_SEED_OFFSET}
+    # the run's training pool, whose questions are never evaluated
+    assert (pool.task, pool.size, pool.seed, pool.kwargs) == \
+        ("chain_sum", config["task_size"], 0, config["task_kwargs"])
     (tmp_path / "config.yaml").write_text("task: gsm8k:test\ntask_seed: 3\n")
     assert task_settings(str(tmp_path), None, None, None)["seed"] == 3 + HELDOUT_SEED_OFFSET
     mixed = task_settings(str(tmp_path), "chain_sum", "{min_terms: 3}", 7)

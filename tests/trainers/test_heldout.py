@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attnrl.data import load_prompts
+from attnrl.data.unseen import TrainingPool, normalize_question
 from attnrl.errors import UserError
 from trainers.job import CONFIG_DIR, load_config
 
@@ -47,12 +49,22 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     merged = json.loads((held / "merged.json").read_text())
     summary = json.loads((held / "summary.json").read_text())
 
-    # the held-out problems are another seed of the training task, 4 of them, same for all
+    # the held-out problems are another seed of the training task, 4 of them, same for all,
+    # none of them a training question; problems.jsonl has one row per problem
     for result in (before, after, merged):
         assert result["seed"] == config["task_seed"] + 10_000
         assert result["num_problems"] == 4 and result["n"] == 2
+        assert result["heldout"]["problems"] == 4
     assert [s["question"] for s in before["samples"]] == \
         [s["question"] for s in after["samples"]]
+    pool = {normalize_question(r.question) for r in load_prompts(
+        config["task"], size=config["task_size"], seed=config["task_seed"],
+        **config["task_kwargs"])}
+    rows = [json.loads(x) for x in (held / "problems.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [p["question"] for p in before["problems"]]
+    assert not {normalize_question(r["question"]) for r in rows} & pool
+    assert [r["correct_after"] for r in rows] == after["models"][0]["greedy_correct"]
+    assert summary["heldout"]["dropped_seen"] == before["heldout"]["dropped_seen"]
     # the learning curve has the step-1 point (step 2 is the final evaluation)
     curve = [json.loads(x) for x in (held / "curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [1]
@@ -62,7 +74,9 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     kwargs = {"task": config["task"], "num_problems": 4, "n": 2, "temperature": 0.6,
               "max_tokens": 8, "engine": "hf", "seed": config["task_seed"] + 10_000,
               "greedy": True, "task_kwargs": config["task_kwargs"],
-              "instruction": config.get("instruction"), "keep_texts": True}
+              "instruction": config.get("instruction"), "keep_texts": True,
+              "pool": TrainingPool(config["task"], config["task_size"], config["task_seed"],
+                                   config["task_kwargs"])}
     ref = evaluate([str(tiny_model_dir), str(run / "final")], **kwargs)
     for got, want in ((before, ref["models"][0]), (after, ref["models"][1])):
         assert [s["greedy"] for s in got["samples"]] == [s["greedy"] for s in want["samples"]]
@@ -91,7 +105,9 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     assert got["mean"] == pytest.approx(statistics.fmean(d))
     assert got["low"] == pytest.approx(statistics.fmean(d) - 1.959964 * se)
     assert summary["lines"][0].startswith("held-out accuracy ")
-    assert "95% CI" in summary["lines"][0] and "merge" in summary["lines"][2]
+    assert "on 4 unseen problems" in summary["lines"][0]
+    assert "95% CI" in summary["lines"][0] and "over problems, this run" in summary["lines"][0]
+    assert "merge" in summary["lines"][2]
     png = run / "reward_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -118,7 +134,6 @@ def test_paired_interval_matches_reference():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"eval_size": 8, "eval_seed": 0}, "eval_seed 0 equals task_seed"),
     ({"eval_size": -1}, "eval_size = -1 is out of range; eval_size takes an integer >= 0"),
     ({"eval_size": 8, "task": "data/x.jsonl"}, "give eval_task"),
     ({"eval_before": "yes"}, "eval_before takes true or false"),

@@ -283,6 +283,9 @@ def test_nsr_composes_with_every_credit_strategy(tmp_path, dataset, credit):
     assert torch.count_nonzero(token_adv[~completion]) == 0
     negative = token_adv[~correct][completion[~correct]]
     gamma_amp = trainer.args.gamma_amp
+    if CREDIT_STRATEGIES[credit].signed:  # sign_flip: -1 or +1, never another magnitude
+        assert (negative.abs() == 1).all()
+        return
     assert (negative < 0).all() and (negative >= -max(gamma_amp, 1.0) - 1e-6).all()
     if credit in TOKEN_BONUS_STRATEGIES:
         assert (negative <= -1 + 1e-6).all()

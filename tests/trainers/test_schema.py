@@ -59,6 +59,7 @@ def test_registries_match_the_heavy_modules():
     from rewards import REWARDS
 
     assert set(schema.CREDIT_STRATEGIES) == set(CREDIT_STRATEGIES)
+    assert set(schema.SIGNED_CREDIT) == {n for n, s in CREDIT_STRATEGIES.items() if s.signed}
     assert set(schema.ESTIMATORS) == set(ESTIMATORS)
     assert set(schema.REWARDS) == set(REWARDS)
     assert schema.SMOLLM2_NAMES == SMOLLM2_NAMES
@@ -123,3 +124,12 @@ def test_every_declared_key_documents_what_it_takes():
         assert key.resume in ("fixed", "allowed", "free"), key.name
         if key.name in schema.DECLARED and key.default is not None:
             schema.coerce(key, key.default)  # every default is allowed by its own key
+
+
+def test_signed_credit_is_refused_in_composition():
+    with pytest.raises(UserError, match="cannot be composed"):
+        load_config(None, {"credit": "coupled+sign_flip"})
+    assert load_config(None, {"credit": "sign_flip",
+                              "credit_flip_fraction": 0.5})["credit_flip_fraction"] == 0.5
+    with pytest.raises(UserError, match="credit_flip_fraction"):
+        load_config(None, {"credit": "sign_flip", "credit_flip_fraction": 1.5})

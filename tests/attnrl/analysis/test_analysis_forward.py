@@ -78,6 +78,31 @@ def test_batched_forward_matches_single_sequence_references():
             np.testing.assert_allclose(result.receiver, ref_k.numpy(), rtol=1e-3, atol=1e-3)
 
 
+def test_sampled_responses_get_the_temperature_1_logprob_baseline(tiny_model_dir):
+    """Sampled at T = 0.6, top-p 0.5 (the engine reports log-probs of that processed
+    distribution), the analysis still uses the model's own T = 1 log-probs from its
+    forward, as for a --responses file: both modes share one baseline."""
+    from attnrl.analysis.collect import sample_task
+    from attnrl.models import load_model, load_tokenizer
+    from attnrl.rollout.hf import processed_logprobs
+
+    samples, _, _ = sample_task(str(tiny_model_dir), "chain_sum", 2, 2, 0.6, 0.5, 12, 0, "hf")
+    model = load_model(tiny_model_dir)
+    eos = [load_tokenizer(tiny_model_dir).eos_token_id]
+    results = analyse_samples(model, samples, SignalConfig(layers=[0, 1], h_hi=None), eos)
+    differs = False
+    for sample, result in zip(samples, results):
+        ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+        p = len(sample.prompt_ids)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, p - 1:-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, p:, None]).squeeze(-1)
+        assert_close(torch.from_numpy(result.logprobs), lp, terms=512)
+        engine = processed_logprobs(logits, 0.6, 0.5).gather(-1, ids[0, p:, None]).squeeze(-1)
+        differs |= not torch.allclose(engine, lp, atol=1e-3)
+    assert differs           # the engine's processed values are another quantity
+
+
 def test_forward_of_2048_tokens_never_allocates_a_square_map(monkeypatch):
     """Every tensor any torch op returns during the analysis of one N = 2048 sequence is
     checked: none has two trailing dims of at least N (an N x N map, mask or scores)

@@ -19,6 +19,8 @@ def responses_file(path, count=24):
         correct = i % 3 != 0
         answer = a + b if correct else a + b + 1
         text = (f"First add {a} and {b}. That gives {answer}. Then check it. It holds. "
+                f"Add {a} again. Take it away. We are back. Now add {b}. Look once more. "
+                f"Still {answer}. Count on fingers. Same again. Write it down. "
                 f"So we are done. The answer is {answer}. #### {answer}") if i % 2 else \
             f"{a} plus {b} is {answer}. #### {answer}"
         rows.append({"prompt": f"Question: what is {a} + {b}?\nAnswer:", "response": text,
@@ -35,22 +37,30 @@ def test_analyze_responses_file_writes_every_section(tiny_model_dir, tmp_path, c
                "--h-lo", "2", "--qk-top-k", "2", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["format"] == 2
     assert report["responses"] == 24 and report["correct"] == 16 and report["problems"] == 12
     assert report["sampled_layers"] == [1, 2]
     c = report["coupling"]
     for key in ("fai_after_waad", "fai_after_delta"):
         assert 0 <= c[key]["observed"] <= 1 and 0 < c[key]["p_value"] <= 1
-        assert c[key]["target_peaks"] > 0
+        assert c[key]["target_peaks"] > 0 and c["bins"] == 4
+        assert c[key]["p_value"] == max(c[key]["uniform"]["p_value"],
+                                        c[key]["structured"]["p_value"])
+    for d in c["anchors_after_preplan_by"].values():
+        assert d["excess"] <= 1 and len(d["excess_ci"]) == 2 and "ratio" in d
     assert set(c["anchors_after_preplan_by"]) == {"delta", "waad"}
     assert [r["layer"] for r in c["per_layer"]] == [0, 1, 2, 3]
     heads = report["heads"]
     assert len(heads["span"]) == 4 and len(heads["span"][0]) == 4
     assert 0 <= heads["stability"]["local_overlap"] <= 1
     qk = report["qk"]
-    assert len(qk["auc"]) == 4 and len(qk["held_out"]["selected"]) == 2
-    assert "held_out_auc" in qk["logprob_baseline"]
+    assert len(qk["within"]["auc"]) == 4 and len(qk["across"]["auc"]) == 4
+    assert qk["within"]["mixed_problems"] == 8 and len(qk["held_out"]["selected"]) == 2
+    assert set(qk["held_out"]["baselines"]) == {"logprob", "length"}
+    assert set(qk["baselines"]) == {"logprob", "length"}
     assert report["qk_premise"]["anchors"]["target_peaks"] > 0
-    assert report["receivers"]["responses"] == 12 and len(report["receivers"]["top_heads"]) == 16
+    r = report["receivers"]
+    assert r["measurable"] and r["responses"] == 12 and len(r["top_heads"]) == 16
     assert {e["correct"] for e in report["examples"]} == {True, False}
     for name in ("report.html", "coupling.png", "heads.png", "outcome.png", "qk_auc.png",
                  "receivers.png"):
@@ -58,7 +68,8 @@ def test_analyze_responses_file_writes_every_section(tiny_model_dir, tmp_path, c
     html = (out / "report.html").read_text()
     assert "<img src='qk_auc.png'" in html and "FAI peaks follow WAAD peaks" in html
     printed = capsys.readouterr().out
-    assert "FAI peaks follow WAAD peaks" in printed and "QK heads" in printed
+    assert "FAI peaks follow WAAD peaks" in printed and "QK heads within problems" in printed
+    assert "excess" in printed and "mean log-prob (T=1)" in printed
 
 
 def test_analyze_samples_a_task_with_the_hf_engine(tiny_model_dir, tmp_path, capsys):
@@ -70,7 +81,11 @@ def test_analyze_samples_a_task_with_the_hf_engine(tiny_model_dir, tmp_path, cap
     report = json.loads((out / "report.json").read_text())
     assert report["problems"] == 3 and report["responses"] == 6 and report["reward"] == "gym"
     assert (out / "report.html").is_file()
-    assert "FAI peaks follow" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FAI peaks follow" in printed
+    # 24-token responses: far below 14 sentences
+    assert not report["receivers"]["measurable"]
+    assert "Receiver heads: not measurable at this length" in printed
     # the sampled responses are kept and read back by --responses
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {r["group"] for r in rows} == {0, 1, 2}

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from attnrl.errors import UserError
 from attnrl.models import build_tiny_model
 from attnrl.signals.receiver import (
+    MIN_SENTENCE_SCORES,
     find_receiver_heads,
     head_kurtosis,
     kurtosis,
+    min_sentences,
     receiver_kurtosis,
     select_receiver_heads,
     sentence_matrix,
@@ -128,8 +130,30 @@ def test_model_hook_path_equals_output_attentions(tiny_tokenizer):
         vert = vertical_scores(sentence_matrix(attn[layer][0].double(), spans), 4)
         expect = torch.tensor([_numpy_kurtosis(v.numpy()) for v in vert], dtype=torch.float32)
         torch.testing.assert_close(got[row], expect, rtol=1e-4, atol=1e-4)
-    heads, mean = find_receiver_heads(model, tiny_tokenizer, [(prompt, response)], top_k=5)
+    heads, mean = find_receiver_heads(model, tiny_tokenizer, [(prompt, response)], top_k=5,
+                                      min_scores=3)
     assert mean.shape == (3, 4) and len(heads) == 5
     torch.testing.assert_close(mean[[0, 2]], got)
+    # by default a response needs MIN_SENTENCE_SCORES vertical scores (14 sentences)
+    with pytest.raises(UserError, match="14 sentences"):
+        find_receiver_heads(model, tiny_tokenizer, [(prompt, response)])
     with pytest.raises(UserError, match="sentences"):
-        find_receiver_heads(model, tiny_tokenizer, [(prompt, response[:6])])
+        find_receiver_heads(model, tiny_tokenizer, [(prompt, response[:6])], min_scores=3)
+
+
+def test_min_sentences_constant():
+    assert MIN_SENTENCE_SCORES == 10 and min_sentences() == 14 and min_sentences(2, 5) == 7
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 30), st.integers(0, 2**31 - 1))
+def test_kurtosis_of_n_values_is_bounded_by_n(n, seed):
+    """Why few sentences cannot show a heavy tail: the excess kurtosis of n values is at
+    most n - 5 + 1 / (n - 1) (reached by one outlier), -2 for n = 2."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_cauchy(n)
+    bound = n - 5 + 1 / (n - 1)
+    assert kurtosis(torch.tensor(x)).item() <= bound + 1e-9
+    spike = torch.zeros(n, dtype=torch.float64)
+    spike[0] = 1.0
+    assert abs(kurtosis(spike).item() - bound) < 1e-9

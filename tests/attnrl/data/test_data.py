@@ -1,12 +1,10 @@
 """Prompt datasets: reasoning-gym tasks, GSM8K JSONL, chat templates."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from attnrl.data import (apply_chat_template, gsm8k_path, load_gym_task, load_jsonl,
-                         load_prompts)
+from attnrl.data import apply_chat_template, gsm8k_path, load_gym_task, load_jsonl, load_prompts
 from attnrl.errors import UserError
 
 GSM8K_TEST = gsm8k_path("test")

@@ -1,0 +1,132 @@
+"""Held-out problems a job never trained on: disjoint from the training pool by question text.
+
+A problem is *seen* when its normalised question (`normalize_question`: case folded, white
+space collapsed) is the question of any problem in the job's training pool: every problem its
+sampler can draw (`TrainingPool`: task, task_size, task_seed, task_kwargs), not only the
+prompts a run happened to use. Comparing texts, not seeds, is what makes this hold: a
+reasoning-gym task generates item i from seed + i, so another seed is no guard (held-out
+item i of eval_seed = task_seed + 1 is training item i + 1), and a small task (chain_sum
+with two one-digit terms has 200 problems) repeats problems under any seed.
+
+`draw_unseen` takes the evaluation source's candidates in order and keeps the first `size`
+distinct unseen ones:
+    reasoning-gym task   items of eval_seed, eval_seed + 1, ... (item i depends only on
+                         seed + i, so the kept problems never change when more candidates
+                         are examined), generated lazily up to `candidate_cap(pool)`
+    JSONL / gsm8k split  every line, in file order
+When fewer than `size` distinct unseen problems exist it raises UserError naming how many
+there are and what to change, before any model loads.
+
+    pool = TrainingPool("chain_sum", size=64, seed=0, kwargs={"min_terms": 2})
+    draw = draw_unseen("chain_sum", 128, seed=10_000, task_kwargs={...}, pool=pool)
+    draw.records        # 128 PromptRecords, none of whose questions is in the pool
+    draw.summary()      # {'candidates', 'dropped_seen', 'dropped_duplicate', ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attnrl.errors import UserError
+
+EXTRA_CANDIDATES = 10_000
+"""A reasoning-gym draw examines at most pool size + EXTRA_CANDIDATES candidates [D]; the
+cap does not depend on the size asked for, so a refusal's count is exact for that cap."""
+
+
+def normalize_question(text: str) -> str:
+    """The comparison key of a question: case folded, runs of white space made one space."""
+    return " ".join(str(text).casefold().split())
+
+
+def is_file_task(task: str) -> bool:
+    """True for a JSONL path or a bundled GSM8K split (their problems are file lines)."""
+    return task == "gsm8k" or task.startswith("gsm8k:") or task.endswith(".jsonl") or "/" in task
+
+
+@dataclass(frozen=True)
+class TrainingPool:
+    """Every problem a training job's sampler can draw (trainers/job.py build_dataset)."""
+
+    task: str
+    size: int
+    seed: int = 0
+    kwargs: dict = field(default_factory=dict)
+
+    def questions(self) -> set[str]:
+        """Normalised questions of the pool."""
+        from attnrl.data import load_prompts
+
+        records = load_prompts(self.task, size=self.size, seed=self.seed, **dict(self.kwargs))
+        return {normalize_question(r.question) for r in records}
+
+
+@dataclass
+class UnseenDraw:
+    """The held-out problems of one draw and what was dropped on the way."""
+
+    records: list
+    candidates: int          # candidates examined
+    dropped_seen: int        # candidates whose question is in the training pool
+    dropped_duplicate: int   # unseen candidates repeating an earlier kept question
+    pool_problems: int       # distinct questions in the training pool
+
+    def summary(self) -> dict:
+        return {"problems": len(self.records), "candidates": self.candidates,
+                "dropped_seen": self.dropped_seen,
+                "dropped_duplicate": self.dropped_duplicate,
+                "pool_problems": self.pool_problems,
+                "rule": "held-out questions (normalised text) are distinct and none is in "
+                        "the training pool"}
+
+
+def candidate_cap(pool_problems: int) -> int:
+    """How many reasoning-gym items a draw may examine."""
+    return pool_problems + EXTRA_CANDIDATES
+
+
+def _candidates(task: str, seed: int, task_kwargs: dict, cap: int):
+    from attnrl.data import gsm8k_path, iter_gym_task, load_jsonl
+
+    if task == "gsm8k" or task.startswith("gsm8k:"):
+        return load_jsonl(gsm8k_path(task.partition(":")[2] or "train"))
+    if is_file_task(task):
+        return load_jsonl(task)
+    return iter_gym_task(task, size=cap, seed=seed, **task_kwargs)
+
+
+def draw_unseen(task: str, size: int, seed: int, task_kwargs: dict | None,
+                pool: TrainingPool | None, what: str = "eval_size") -> UnseenDraw:
+    """The first `size` distinct problems of `task` (from `seed`) whose questions are not in
+    `pool` (None: no training pool, only duplicates are dropped). `what` names the setting
+    in the refusal message."""
+    if size < 1:
+        raise UserError(f"{what} must be >= 1 to draw held-out problems; got {size}")
+    seen = pool.questions() if pool is not None else set()
+    cap = candidate_cap(len(seen))
+    candidates = _candidates(task, seed, dict(task_kwargs or {}), cap)
+    kept, keys, dropped_seen, dropped_duplicate, examined = [], set(), 0, 0, 0
+    for record in candidates:
+        if len(kept) == size:
+            break
+        examined += 1
+        key = normalize_question(record.question)
+        if key in seen:
+            dropped_seen += 1
+        elif key in keys:
+            dropped_duplicate += 1
+        else:
+            keys.add(key)
+            kept.append(record)
+    if len(kept) < size:
+        source = task if is_file_task(task) else \
+            f"{task} {task_kwargs or {}} (seed {seed}, {examined} candidates examined)"
+        against = (f"not in the {len(seen)}-problem training pool"
+                   if pool is not None else "distinct")
+        raise UserError(
+            f"{what} {size}: only {len(kept)} problems of {source} are {against} "
+            f"({dropped_seen} seen in training, {dropped_duplicate} repeats); lower {what} to "
+            f"at most {len(kept)}, lower task_size, or use a task with more distinct problems "
+            "(e.g. more terms or digits)")
+    return UnseenDraw(records=kept, candidates=examined, dropped_seen=dropped_seen,
+                      dropped_duplicate=dropped_duplicate, pool_problems=len(seen))
