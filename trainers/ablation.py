@@ -71,9 +71,9 @@ SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the tra
 # samples per problem for pass@k, token cap, engine, learning-curve interval `every`), seeds,
 # and the training reward whose first crossing is reported (`target_reward`).
 # tiny: tests (a random tiny model; a format reward gives every group a reward spread).
-# cpu: SmolLM2-135M full fine-tune on 2 CPU cores, sized from the measured recipe (uniform
-#   credit, lr 1e-5, 4 prompts x 8 samples, 64 tokens: held-out greedy 34% -> 71% after 40
-#   steps); 16 steps put uniform between the start and the ceiling. Micro-batches of 8
+# cpu: SmolLM2-135M full fine-tune on 2 CPU cores, the main job's recipe and task
+#   (configs/default.yaml: its task, task_size and held-out problems, none in the training
+#   pool; lr 1e-5, 4 prompts x 8 samples, 64 tokens, 16 steps). Micro-batches of 8
 #   (4 accumulated) keep the peak near 5 GB. ~11 min per run on 2 idle cores (far more
 #   on shared ones): 4 strategies x 3 seeds in about 2 h 15 min, x 5 seeds in about 3 h 45.
 # medium / large: GPU nodes.
