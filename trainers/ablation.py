@@ -73,9 +73,9 @@ SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the tra
 # tiny: tests (a random tiny model; a format reward gives every group a reward spread).
 # cpu: SmolLM2-135M full fine-tune on 2 CPU cores, the main job's recipe and task
 #   (configs/default.yaml: its task, task_size and held-out problems, none in the training
-#   pool; lr 1e-5, 4 prompts x 8 samples, 64 tokens, 16 steps). Micro-batches of 8
-#   (4 accumulated) keep the peak near 5 GB. ~11 min per run on 2 idle cores (far more
-#   on shared ones): 4 strategies x 3 seeds in about 2 h 15 min, x 5 seeds in about 3 h 45.
+#   pool; its learning rate, 4 prompts x 8 samples, 64 tokens, 16 steps). Micro-batches of 8
+#   (4 accumulated) keep the peak near 5 GB. ~9 min per run on 2 idle cores (far more on
+#   shared ones; never beside another vLLM process): 4 strategies x 5 seeds in about 3 h.
 # medium / large: GPU nodes.
 BUDGETS = {
     "tiny": {
@@ -94,7 +94,7 @@ BUDGETS = {
                   "num_generations": 8, "per_device_train_batch_size": 8,
                   "gradient_accumulation_steps": 4, "max_completion_length": 64,
                   "gradient_checkpointing": False,
-                  "rollout_engine": "vllm", "learning_rate": 1e-5, "report_to": "none",
+                  "rollout_engine": "vllm", "report_to": "none",
                   "lr_scheduler_type": "constant", "beta": 0.0, "instruction": ""},
         "eval": {"num_problems": 128, "n": 2, "max_tokens": 64, "engine": "vllm", "every": 4},
         "seeds": [0, 1, 2],
