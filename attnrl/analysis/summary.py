@@ -63,7 +63,8 @@ def _head_test_line(title: str, t: dict, verdicts: tuple[str, str]) -> str:
     verdict = verdicts[0] if t["best_p_fwer"] < ALPHA else verdicts[1]
     return (f"{title} [null: {t['null']}{pairs}]: best head {_head(t['best_head'])} AUC "
             f"{t['best_auc']:.2f} (family-wise p {t['best_p_fwer']:.3g}); "
-            f"{len(t['significant_heads_fwer_0.05'])} heads family-wise p < 0.05 -> {verdict}")
+            f"{len(t['significant_heads_fwer_0.05'])} heads family-wise p < 0.05 -> {verdict} "
+            f"(verdict at family-wise p < {ALPHA})")
 
 
 def qk_lines(qk: dict) -> list[str]:
