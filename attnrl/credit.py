@@ -358,11 +358,18 @@ def coupled(inputs: CreditInputs) -> torch.Tensor:
 def random_tokens(inputs: CreditInputs) -> torch.Tensor:
     """Control: ceil(q * n) response tokens drawn uniformly per response get the bonus."""
     resp = inputs.response_mask
+    scores = _uniform_draws(inputs, resp.shape)
+    return bonus(inputs.config, top_q_mask(scores, resp, inputs.config.q))
+
+
+def _uniform_draws(inputs: CreditInputs, shape) -> torch.Tensor:
+    """U(0, 1) draws of `shape` from the run's credit generator (None: a fresh one from
+    config.seed), on the response mask's device: what `random` and `sign_flip` draw."""
     generator = inputs.generator
     if generator is None:
         generator = make_generator(inputs.config)
-    scores = torch.rand(resp.shape, generator=generator, device=generator.device)
-    return bonus(inputs.config, top_q_mask(scores.to(resp.device), resp, inputs.config.q))
+    draws = torch.rand(shape, generator=generator, device=generator.device)
+    return draws.to(inputs.response_mask.device)
 
 
 @register_credit("sign_flip", signed=True)
@@ -371,12 +378,7 @@ def sign_flip(inputs: CreditInputs) -> torch.Tensor:
     flip_fraction, else +1; drawn from the credit generator like `random`. Expected
     advantage (1 - 2 flip_fraction) A at unchanged magnitude: it must learn more slowly than
     uniform."""
-    resp = inputs.response_mask
-    generator = inputs.generator
-    if generator is None:
-        generator = make_generator(inputs.config)
-    draws = torch.rand(resp.shape[0], generator=generator, device=generator.device)
-    flipped = draws.to(resp.device) < inputs.config.flip_fraction
+    flipped = _uniform_draws(inputs, inputs.response_mask.shape[:1]) < inputs.config.flip_fraction
     return torch.where(flipped, -1.0, 1.0).to(torch.float32)
 
 

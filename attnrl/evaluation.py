@@ -89,17 +89,6 @@ def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
     return rows, seconds
 
 
-def heldout_prompts(task: str, num_problems: int, seed: int, tokenizer,
-                    task_kwargs: dict | None = None, instruction: str | None = None,
-                    system_prompt: str | None = None):
-    """(records, prompt token ids) of `num_problems` problems of `task` generated from
-    `seed`, formatted as a training job formats them (`instruction` None: the default)."""
-    from attnrl.data import load_prompts
-
-    base = load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
-    return format_prompts(base, tokenizer, instruction, system_prompt)
-
-
 def format_prompts(base, tokenizer, instruction: str | None = None,
                    system_prompt: str | None = None):
     """(records, prompt token ids): copies of `base` PromptRecords formatted as a training
@@ -199,6 +188,8 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
         from attnrl.data.unseen import draw_unseen
 
         draw = draw_unseen(task, num_problems, seed, task_kwargs, pool, what="--num-problems")
+    base = draw.records if draw is not None else \
+        load_prompts(task, size=num_problems, seed=seed, **(task_kwargs or {}))
     if notice:
         import sys
 
@@ -208,10 +199,7 @@ def evaluate(models: list[str], task: str, num_problems: int = 32, n: int = 8,
                            reward="gym" if "entry" in probe[0].metadata else "math")
     for model, label in zip(models, model_labels(models)):
         tokenizer = load_tokenizer(model)
-        records, prompt_ids = (
-            format_prompts(draw.records, tokenizer, instruction, system_prompt) if draw else
-            heldout_prompts(task, num_problems, seed, tokenizer, task_kwargs, instruction,
-                            system_prompt))
+        records, prompt_ids = format_prompts(base, tokenizer, instruction, system_prompt)
         result["num_problems"] = len(records)
         kwargs = dict(engine_kwargs or {})
         if engine == "vllm":
@@ -381,12 +369,9 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
         settings.update({k: config[k] for k in TASK_KEYS if config.get(k) is not None})
         from attnrl.data.unseen import TrainingPool
 
-        task_seed = int(settings.pop("task_seed", 0))
-        settings["seed"] = task_seed + HELDOUT_SEED_OFFSET if config.get("eval_seed") is None \
-            else int(config["eval_seed"])
-        settings["pool"] = TrainingPool(task=str(config.get("task", "chain_sum")),
-                                        size=int(config.get("task_size") or 64), seed=task_seed,
-                                        kwargs=dict(config.get("task_kwargs") or {}))
+        settings["pool"] = TrainingPool.from_config(config)
+        settings["seed"] = settings["pool"].seed + HELDOUT_SEED_OFFSET \
+            if config.get("eval_seed") is None else int(config["eval_seed"])
     if task is not None:
         settings["task"] = task
     if task_kwargs is not None:

@@ -144,8 +144,13 @@ class HeldoutCallback(TrainerCallback):
 
 
 def write_json(path: Path, data) -> None:
+    _write_atomic(path, json.dumps(data, indent=1, default=str))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through PATH.tmp and rename, so a crash never leaves a half file at PATH."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -219,9 +224,7 @@ def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
                "trained": compare(data["before"], data["after"])}
     rows = problem_rows(data["before"], data["after"])
     if rows:
-        with open(folder / "problems.jsonl.tmp", "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-        (folder / "problems.jsonl.tmp").replace(folder / "problems.jsonl")
+        _write_atomic(folder / "problems.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     lines = [accuracy_line(summary["trained"])]
     t = summary["trained"]
     if "pass1_diff" in t:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnrl.data.unseen import TrainingPool, is_file_task
+from attnrl.data import is_file_task
+from attnrl.data.unseen import TrainingPool
 from attnrl.errors import UserError
 from attnrl.evaluation import HELDOUT_SEED_OFFSET
 
@@ -104,8 +105,7 @@ def heldout_settings(config: dict) -> HeldoutSettings:
         every=_int(config, "eval_every", 0, 0),
         task_kwargs=dict(config.get("task_kwargs") or {}) if eval_task == task else {},
         instruction=config.get("instruction"), system_prompt=config.get("system_prompt"),
-        pool=TrainingPool(task=task, size=_int(config, "task_size", 64, 1), seed=task_seed,
-                          kwargs=dict(config.get("task_kwargs") or {})))
+        pool=TrainingPool.from_config({**config, "task_size": _int(config, "task_size", 64, 1)}))
 
 
 def vector_settings(config: dict) -> VectorSettings | None:

@@ -116,13 +116,24 @@ def _jsonable(entry: dict) -> dict:
     return json.loads(json.dumps(entry, default=str))
 
 
+def is_file_task(task: str) -> bool:
+    """True for a JSONL path or a bundled GSM8K split (their problems are file lines)."""
+    return task == "gsm8k" or task.startswith("gsm8k:") or task.endswith(".jsonl") or "/" in task
+
+
 def load_prompts(task: str, size: int = 64, seed: int = 0, **task_kwargs) -> list[PromptRecord]:
     """A task name (reasoning-gym), 'gsm8k[:train|:test]' (bundled), or a .jsonl path."""
+    return list(iter_prompts(task, size, seed, **task_kwargs))
+
+
+def iter_prompts(task: str, size: int | None = 64, seed: int = 0, **task_kwargs):
+    """The records of `load_prompts`; a reasoning-gym task generates them one at a time.
+    size None: every line of a file task (a reasoning-gym task needs a size)."""
     if task == "gsm8k" or task.startswith("gsm8k:"):
-        return load_jsonl(gsm8k_path(task.partition(":")[2] or "train"), limit=size)
-    if task.endswith(".jsonl") or Path(task).suffix == ".jsonl" or "/" in task:
-        return load_jsonl(task, limit=size)
-    return load_gym_task(task, size=size, seed=seed, **task_kwargs)
+        return iter(load_jsonl(gsm8k_path(task.partition(":")[2] or "train"), limit=size))
+    if is_file_task(task):
+        return iter(load_jsonl(task, limit=size))
+    return iter_gym_task(task, size=size, seed=seed, **task_kwargs)
 
 
 def apply_chat_template(records: list[PromptRecord], tokenizer,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attnrl.data import is_file_task, iter_prompts
 from attnrl.errors import UserError
 
 EXTRA_CANDIDATES = 10_000
@@ -39,11 +40,6 @@ def normalize_question(text: str) -> str:
     return " ".join(str(text).casefold().split())
 
 
-def is_file_task(task: str) -> bool:
-    """True for a JSONL path or a bundled GSM8K split (their problems are file lines)."""
-    return task == "gsm8k" or task.startswith("gsm8k:") or task.endswith(".jsonl") or "/" in task
-
-
 @dataclass(frozen=True)
 class TrainingPool:
     """Every problem a training job's sampler can draw (trainers/job.py build_dataset)."""
@@ -52,6 +48,15 @@ class TrainingPool:
     size: int
     seed: int = 0
     kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> TrainingPool:
+        """The pool of a flat job config (task, task_size, task_seed, task_kwargs; the
+        schema's defaults where a key is missing)."""
+        return cls(task=str(config.get("task") or "chain_sum"),
+                   size=int(config.get("task_size") or 64),
+                   seed=int(config.get("task_seed") or 0),
+                   kwargs=dict(config.get("task_kwargs") or {}))
 
     def questions(self) -> set[str]:
         """Normalised questions of the pool."""
@@ -85,16 +90,6 @@ def candidate_cap(pool_problems: int) -> int:
     return pool_problems + EXTRA_CANDIDATES
 
 
-def _candidates(task: str, seed: int, task_kwargs: dict, cap: int):
-    from attnrl.data import gsm8k_path, iter_gym_task, load_jsonl
-
-    if task == "gsm8k" or task.startswith("gsm8k:"):
-        return load_jsonl(gsm8k_path(task.partition(":")[2] or "train"))
-    if is_file_task(task):
-        return load_jsonl(task)
-    return iter_gym_task(task, size=cap, seed=seed, **task_kwargs)
-
-
 def draw_unseen(task: str, size: int, seed: int, task_kwargs: dict | None,
                 pool: TrainingPool | None, what: str = "eval_size") -> UnseenDraw:
     """The first `size` distinct problems of `task` (from `seed`) whose questions are not in
@@ -103,8 +98,9 @@ def draw_unseen(task: str, size: int, seed: int, task_kwargs: dict | None,
     if size < 1:
         raise UserError(f"{what} must be >= 1 to draw held-out problems; got {size}")
     seen = pool.questions() if pool is not None else set()
-    cap = candidate_cap(len(seen))
-    candidates = _candidates(task, seed, dict(task_kwargs or {}), cap)
+    # a file task: every line; a reasoning-gym task: lazily, up to the cap
+    candidates = iter_prompts(task, None if is_file_task(task) else candidate_cap(len(seen)),
+                              seed, **dict(task_kwargs or {}))
     kept, keys, dropped_seen, dropped_duplicate, examined = [], set(), 0, 0, 0
     for record in candidates:
         if len(kept) == size:
