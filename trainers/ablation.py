@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from attnrl.errors import UserError
+from attnrl.evaluation import HELDOUT_SEED_OFFSET
 
 DEFAULT_STRATEGIES = ("uniform", "coupled", "random", "sign_flip")
 BASELINE = "uniform"
@@ -63,7 +64,6 @@ CENSORING_TEXT = ("steps to target: a run that never reached the target reward b
                   "is censored: it counts in 'reached k/n' and ranks last in the median, never "
                   "as a number; the steps interval uses only the pairs where both runs "
                   "reached it (count shown), the earlier/later/tied/neither counts every pair")
-HELDOUT_SEED_OFFSET = 10_000
 PRIMARY_METRIC = "greedy_accuracy"
 SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the training reward
 
