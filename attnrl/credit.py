@@ -196,6 +196,19 @@ def make_generator(config: CreditConfig) -> torch.Generator:
     return torch.Generator().manual_seed(int(config.seed))
 
 
+def step_seed(seed: int, step: int, process_index: int = 0) -> int:
+    """The credit generator's seed at optimizer `step` on rank `process_index`: the draws
+    of `random` and `sign_flip` differ between steps and between ranks (each rank holds
+    other completions), and a resumed run redraws the same ones. Rank 0's seed is the
+    single-process one; other ranks' are hashes of (seed, step, rank) in 32 bits (the
+    CPU generator keeps only a seed's low 32 bits)."""
+    if process_index == 0:
+        return int(seed) * 1_000_003 + int(step)
+    from attnrl.rollout.seeds import sample_seed
+
+    return sample_seed(seed, step, process_index, -1) & 0xFFFFFFFF
+
+
 def bonus(config: CreditConfig, mask: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
     """1 + fraction * (gamma_amp - 1) on `mask`, 1 elsewhere. (B, N) float32."""
     return 1.0 + fraction * (config.gamma_amp - 1.0) * mask.to(torch.float32)

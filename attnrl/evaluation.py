@@ -25,7 +25,6 @@ LARGE_REQUEST_TOKENS = 100_000
 CPU_TOKENS_PER_S = {"vllm": 350.0, "hf": 60.0}
 """SmolLM2-135M on 2 CPU cores (benchmarks/results/rollout.json): the rate behind the
 estimate printed for large requests."""
-TASK_KEYS = ("task", "task_kwargs", "instruction", "system_prompt", "task_seed")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -304,25 +303,35 @@ def plot_pass_at_k(result: dict, path) -> Path:
     return path
 
 
+def add_run_arguments(parser, what: str) -> None:
+    """--config RUN, --task, --task_kwargs (`eval` and `generate`; read by task_settings)."""
+    parser.add_argument("--config", default=None,
+                        help=f"a training run (its output_dir or config.yaml): {what}; any "
+                        "flag overrides")
+    parser.add_argument("--task", default=None,
+                        help="reasoning-gym task name or a GSM8K-style .jsonl file (default: "
+                        "the --config run's, else chain_sum)")
+    parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
+                        help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", required=True,
                         help="checkpoint: local HF directory or 'smollm2'; repeat to compare")
-    parser.add_argument("--config", default=None,
-                        help="a training config (e.g. OUTPUT_DIR/config.yaml): evaluate its "
-                        "task with its task_kwargs, instruction and system prompt, on held-out "
-                        f"problems (seed task_seed + {HELDOUT_SEED_OFFSET}), none of whose "
-                        "questions is in the run's training pool")
-    parser.add_argument("--task", default=None,
-                        help="reasoning-gym task name or a GSM8K-style .jsonl file (default: "
-                        "the config's, else chain_sum)")
-    parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
-                        help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
-    parser.add_argument("--num-problems", type=int, default=32)
-    parser.add_argument("-n", type=int, default=8, help="samples per problem")
-    parser.add_argument("--temperature", type=float, default=0.6)
+    add_run_arguments(parser, "evaluate its task with its task_kwargs, instruction and "
+                      "system prompt, on its held-out problems (seed eval_seed, default "
+                      f"task_seed + {HELDOUT_SEED_OFFSET}; none of their questions is in the "
+                      "run's training pool) with its held-out settings")
+    run_or = "default: the --config run's held-out setting, else"
+    parser.add_argument("--num-problems", type=int, default=None,
+                        help=f"problems ({run_or} 32)")
+    parser.add_argument("-n", type=int, default=None,
+                        help=f"samples per problem ({run_or} 8)")
+    parser.add_argument("--temperature", type=float, default=None, help=f"({run_or} 0.6)")
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--max-tokens", type=int, default=None, help=f"({run_or} 512)")
+    parser.add_argument("--engine", choices=("vllm", "hf"), default=None,
+                        help=f"({run_or} vllm)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="model dtype in the engine (default: the engine's, float32)")
     parser.add_argument("--seed", type=int, default=None,
@@ -330,7 +339,8 @@ def add_arguments(parser) -> None:
                         f"seed (a hash of seed, prompt index, sample index); default 0, with "
                         f"--config the run's task_seed + {HELDOUT_SEED_OFFSET}")
     parser.add_argument("--greedy", action="store_true",
-                        help="also report greedy (temperature 0) accuracy")
+                        help="also report greedy (temperature 0) accuracy (always with "
+                        "--config)")
     parser.add_argument("--correct-threshold", type=float, default=CORRECT_THRESHOLD,
                         help="reward at or above which a sample counts as correct")
     parser.add_argument("--out", default="eval_out",
@@ -345,13 +355,17 @@ def _dtype_kwargs(name: str | None) -> dict:
 
 def task_settings(config_path: str | None, task: str | None, task_kwargs: str | None,
                   seed: int | None) -> dict:
-    """The task to evaluate: a training config's task keys, its held-out problems (seed
-    eval_seed or task_seed + HELDOUT_SEED_OFFSET; 'pool': its training pool, whose questions
-    are never evaluated), overridden by --task / --task_kwargs / --seed."""
+    """What to evaluate. From a training config (a YAML or a run's output_dir): its held-out
+    evaluation: eval_task (gsm8k -> gsm8k:test) or the task with its task_kwargs,
+    instruction and system prompt; seed eval_seed or task_seed + HELDOUT_SEED_OFFSET;
+    'pool', its training pool (whose questions are never evaluated); and the evaluation's
+    size, samples, temperature, length and engine where the config has them (None
+    otherwise: the command's defaults). --task (which drops the config's task_kwargs
+    unless --task_kwargs is given), --task_kwargs and --seed override."""
     import yaml
 
     settings = {"task": "chain_sum", "task_kwargs": None, "instruction": None,
-                "system_prompt": None, "seed": 0, "pool": None}
+                "system_prompt": None, "seed": 0, "pool": None, **dict.fromkeys(RUN_EVAL_KEYS)}
     if config_path:
         path = Path(config_path)
         if path.is_dir():
@@ -366,13 +380,15 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
                 from None
         if not isinstance(config, dict):
             raise UserError(f"--config {path}: a config must be a mapping of keys to values")
-        settings.update({k: config[k] for k in TASK_KEYS if config.get(k) is not None})
+        settings.update(run_eval_settings(config))
         from attnrl.data.unseen import TrainingPool
 
         settings["pool"] = TrainingPool.from_config(config)
         settings["seed"] = settings["pool"].seed + HELDOUT_SEED_OFFSET \
             if config.get("eval_seed") is None else int(config["eval_seed"])
     if task is not None:
+        if task != settings["task"] and task_kwargs is None:
+            settings["task_kwargs"] = None  # they belong to the config's task
         settings["task"] = task
     if task_kwargs is not None:
         try:
@@ -385,8 +401,29 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
         settings["task_kwargs"] = parsed
     if seed is not None:
         settings["seed"] = seed
-    settings.pop("task_seed", None)
     return settings
+
+
+RUN_EVAL_KEYS = ("num_problems", "n", "temperature", "max_tokens", "engine")
+
+
+def run_eval_settings(config: dict) -> dict:
+    """The held-out evaluation a training config describes, in this command's terms (the
+    rules of trainers/heldout_keys.py; a recorded OUTPUT_DIR/config.yaml holds every key)."""
+    task = str(config.get("task", "chain_sum"))
+    eval_task = config.get("eval_task")
+    if eval_task is None:
+        eval_task = "gsm8k:test" if task in ("gsm8k", "gsm8k:train") else task
+    out = {k: config.get(k) for k in ("instruction", "system_prompt")}
+    out["task"] = str(eval_task)
+    out["task_kwargs"] = config.get("task_kwargs") if out["task"] == task else None
+    engine = config.get("rollout_engine")
+    out.update({"num_problems": config.get("eval_size") or None,
+                "n": config.get("eval_samples"), "temperature": config.get("eval_temperature"),
+                "max_tokens": config.get("eval_max_tokens") or
+                config.get("max_completion_length"),
+                "engine": None if engine is None else ("hf" if engine == "hf" else "vllm")})
+    return out
 
 
 def request_note(models: int, num_problems: int, n: int, max_tokens: int, greedy: bool,
@@ -403,12 +440,29 @@ def request_note(models: int, num_problems: int, n: int, max_tokens: int, greedy
             "quick look")
 
 
+COMMAND_DEFAULTS = {"num_problems": 32, "n": 8, "temperature": 0.6, "max_tokens": 512,
+                    "engine": "vllm"}
+"""`attnrl eval`'s defaults where neither the command line nor --config says."""
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
-    _check_settings(args.num_problems, args.n, args.temperature, args.top_p, args.max_tokens)
     settings = task_settings(args.config, args.task, args.task_kwargs, args.seed)
+    for key in RUN_EVAL_KEYS:  # the command line, else the run's, else the command's default
+        if getattr(args, key) is None:
+            setattr(args, key, COMMAND_DEFAULTS[key] if settings[key] is None
+                    else settings[key])
+    if args.config and not args.greedy:
+        args.greedy = True  # a run's held-out evaluation reports greedy accuracy
+    _check_settings(args.num_problems, args.n, args.temperature, args.top_p, args.max_tokens)
+    from attnrl import cli_checks
+
+    for model in args.model:  # before torch and any engine
+        cli_checks.check_model(model)
+    cli_checks.check_task(settings["task"], need_answers=True,
+                          task_kwargs=settings["task_kwargs"])
     note = request_note(len(args.model), args.num_problems, args.n, args.max_tokens,
                         args.greedy, args.engine)
     result = evaluate(args.model, settings["task"], num_problems=args.num_problems, n=args.n,

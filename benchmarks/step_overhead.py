@@ -1,21 +1,34 @@
-"""Cost of attention credit in a training step: coupled vs uniform on the same rollouts.
+"""Cost of attention credit in a training step: coupled vs uniform on the same rollouts,
+and the step's peak memory against completion length.
 
     python benchmarks/step_overhead.py            # SmolLM2, completions of 256 and 1024 tokens
     python benchmarks/step_overhead.py --quick    # 64 and 128 tokens, fewer repeats
+    python benchmarks/step_overhead.py --long     # 1024, 4096 and 8192 tokens (time + memory)
+    python benchmarks/step_overhead.py --lengths 1024 4096 8192 --repeats 1 --no-warmup \
+        --out benchmarks/results/step_overhead_memory.json     # peak memory only, one step
 
 One update = the loss forward (with the signal capture for `coupled`) + backward, on the
-same fixed batch of rollouts, through AttnGRPOTrainer.compute_loss. Each (strategy, length)
-runs in its own process so its peak memory is clean: peak RSS (VmHWM) on CPU,
-torch.cuda.max_memory_allocated on GPU. Time is the median of the repeats after a warm-up:
-on CPU process CPU time (robust to other processes on a shared machine; wall time is in
-the JSON too), on GPU wall time after synchronising. The signal path the capture took
-(`signals/path_*` metrics) is recorded.
-Prints a table and writes benchmarks/results/step_overhead.json.
+same fixed batch of rollouts (batch x (prompt + completion) tokens, ragged completions),
+through AttnGRPOTrainer.compute_loss, gradient checkpointing on (TRL's default). Each
+(strategy, length) runs in its own process. Peak memory covers the steps only: CPU peak
+RSS (VmHWM, reset after the model is loaded and the batch built, so the model load's own
+transient peak is not counted), GPU torch.cuda.max_memory_allocated (reset likewise);
+`step_mb` = that peak minus the memory held before the first step (the model's weights;
+each step starts with its gradients freed). `full_logits_mb` is what the float32 (batch x
+tokens x vocabulary) logits would take if a step held them: it does not, TRL's fused LM head
+computes log-probs and entropies in tiles of tokens x vocabulary (tests/trainers/
+test_grpo_logprobs.py). Time is the median of the repeats after a warm-up (`--no-warmup`:
+none): on CPU process CPU time (robust to other processes on a shared machine; wall time
+is in the JSON too), on GPU wall time after synchronising. The signal path the capture
+took (`signals/path_*` metrics) is recorded. A worker that fails (e.g. out of memory) is
+recorded with its error and the others still run.
+Prints a table and writes benchmarks/results/step_overhead.json (after every row).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -25,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import proc_status_mb, write_result
+from _common import proc_status_mb, reset_peak_rss, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +60,15 @@ def worker(args) -> dict:
         output_dir="/tmp/attnrl-step-overhead", credit=args.strategy, report_to="none",
         per_device_train_batch_size=args.batch, num_generations=args.batch,
         max_completion_length=args.length, gradient_checkpointing=args.checkpointing,
-        use_cpu=device == "cpu", bf16=args.bf16, save_strategy="no")
+        use_cpu=device == "cpu", bf16=args.bf16, save_strategy="no", rollout_engine="hf")
     trainer = AttnGRPOTrainer(model=model, reward_funcs=[lambda prompts, completions, **_:
                                                          [0.0] * len(completions)],
                               args=config, train_dataset=Dataset.from_list([{"prompt": "x"}]),
                               processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = 1
+    if args.checkpointing:  # Trainer.train() enables it; building the trainer does not
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs or None)
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     prompt = torch.randint(10, vocab, (args.batch, args.prompt_length), generator=g)
@@ -66,8 +82,17 @@ def worker(args) -> dict:
               "advantages": torch.linspace(-1, 1, args.batch, device=device),
               "num_items_in_batch": completion_mask.sum().to(device)}
     model.train()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        reset = reset_peak_rss()
+        base = proc_status_mb("VmRSS")
     times, walls = [], []
-    for i in range(args.repeats + 1):
+    warmup = 1 if args.warmup else 0
+    for i in range(args.repeats + warmup):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -76,16 +101,34 @@ def worker(args) -> dict:
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        if i:  # the first run is a warm-up
+        if i >= warmup:  # the first run is a warm-up
             walls.append(time.perf_counter() - start)
             times.append(walls[-1] if device == "cuda" else time.process_time() - cpu)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_status_mb("VmHWM"))
+    if device == "cuda":
+        peak, method = torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+    else:
+        peak = proc_status_mb("VmHWM")
+        method = "peak RSS over the steps" if reset else "peak RSS of the process (no reset)"
     paths = {k: v[-1] for k, v in trainer._metrics["train"].items()
              if k.startswith("signals/path_")}
+    tokens = args.batch * (args.prompt_length + args.length)
     return {"strategy": args.strategy, "length": args.length, "step_s": statistics.median(times),
-            "times_s": times, "wall_s": walls, "peak_mb": peak, "device": device,
-            "signal_paths": paths,
+            "times_s": times, "wall_s": walls, "peak_mb": round(peak, 1),
+            "before_step_mb": round(base, 1), "step_mb": round(peak - base, 1),
+            "memory_method": method, "tokens": tokens,
+            "full_logits_mb": round(tokens * vocab * 4 / 2**20, 1), "device": device,
+            "gradient_checkpointing": bool(model.is_gradient_checkpointing),
+            "lm_head_tile_tokens": lm_head_tile_tokens(), "signal_paths": paths,
             "signals_s": trainer._metrics["train"].get("time/signals", [0])[-1]}
+
+
+def lm_head_tile_tokens() -> int | None:
+    """Tokens per tile of TRL's fused LM head in force (trainers/fused_head.py)."""
+    try:
+        import trl.kernels.chunked_logprob as chunked
+    except ImportError:
+        return None
+    return getattr(chunked, "TOKEN_CHUNK_SIZE", None)
 
 
 def main():
@@ -99,7 +142,11 @@ def main():
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="gradient checkpointing (TRL's GRPO default: on)")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one unmeasured step first (off: memory-only runs at long lengths)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--long", action="store_true",
+                        help="completions of 1024, 4096 and 8192 tokens, 2 repeats")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                              "step_overhead.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -111,6 +158,8 @@ def main():
         return
     if args.quick:
         args.lengths, args.repeats = [64, 128], 2
+    if args.long:
+        args.lengths, args.repeats = [1024, 4096, 8192], 2
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -121,33 +170,63 @@ def main():
                    str(length), "--model", args.model, "--batch", str(args.batch),
                    "--prompt-length", str(args.prompt_length), "--repeats", str(args.repeats),
                    "--checkpointing" if args.checkpointing else "--no-checkpointing"]
+            cmd.append("--warmup" if args.warmup else "--no-warmup")
             if args.bf16:
                 cmd.append("--bf16")
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            start = time.perf_counter()
+            out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
-                raise SystemExit(f"worker failed ({strategy}, {length}):\n{out.stderr[-3000:]}")
-            rows.append(json.loads(line[-1][7:]))
-            print(f"  {strategy:>10} @ {length:5d} tokens: {rows[-1]['step_s']:.3f} s", flush=True)
+                error = (f"worker exit {out.returncode}"
+                         + (" (killed: out of memory?)" if out.returncode in (-9, 137) else "")
+                         + f": {out.stderr[-1500:]}")
+                rows.append({"strategy": strategy, "length": length, "error": error})
+                print(f"  {strategy:>10} @ {length:5d} tokens: FAILED {error[:300]}", flush=True)
+            else:
+                rows.append(json.loads(line[-1][7:]))
+                print(f"  {strategy:>10} @ {length:5d} tokens: {rows[-1]['step_s']:.3f} s, "
+                      f"peak {rows[-1]['peak_mb']:.0f} MB "
+                      f"({time.perf_counter() - start:.0f} s with load)", flush=True)
+            write_result(args.out, result_json(args, ratios(rows)))
+    print_table(ratios(rows))
 
-    base = {r["length"]: r for r in rows if r["strategy"] == "uniform"}
-    print(f"\n{'strategy':<12}{'tokens':>7}{'step s':>9}{'signals s':>11}{'peak MB':>10}"
-          f"{'time x':>8}{'mem x':>8}")
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each row's time and memory over the uniform row of its length (None: no such row)."""
+    base = {r["length"]: r for r in rows if r["strategy"] == "uniform" and "error" not in r}
     for r in rows:
         ref = base.get(r["length"])
-        r["time_ratio"] = r["step_s"] / ref["step_s"] if ref else None
-        r["memory_ratio"] = r["peak_mb"] / ref["peak_mb"] if ref else None
+        ok = ref is not None and "error" not in r
+        r["time_ratio"] = r["step_s"] / ref["step_s"] if ok else None
+        r["memory_ratio"] = r["peak_mb"] / ref["peak_mb"] if ok else None
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'strategy':<12}{'tokens':>7}{'step s':>9}{'signals s':>11}{'peak MB':>10}"
+          f"{'step MB':>9}{'logits MB':>11}{'time x':>8}{'mem x':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['strategy']:<12}{r['length']:>7}  failed: {r['error'][:60]}")
+            continue
         print(f"{r['strategy']:<12}{r['length']:>7}{r['step_s']:>9.3f}{r['signals_s']:>11.3f}"
-              f"{r['peak_mb']:>10.0f}{r['time_ratio'] or 0:>8.3f}{r['memory_ratio'] or 0:>8.3f}")
-    print("target: coupled / uniform step time <= 1.02 (gradient checkpointing on)")
-    result = {"model": args.model, "batch": args.batch, "prompt_length": args.prompt_length,
-              "gradient_checkpointing": args.checkpointing, "bf16": args.bf16,
-              "threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.machine(),
-              "command": " ".join(sys.argv),
-              "time_method": "median of repeats after a warm-up; CPU: process CPU time, "
-                             "GPU: synchronised wall time",
-              "rows": rows}
-    write_result(args.out, result)
+              f"{r['peak_mb']:>10.0f}{r['step_mb']:>9.0f}{r['full_logits_mb']:>11.0f}"
+              f"{r['time_ratio'] or 0:>8.3f}{r['memory_ratio'] or 0:>8.3f}")
+    print("target: coupled / uniform step time <= 1.02 (gradient checkpointing on); "
+          "logits MB: the full float32 logits no step holds")
+
+
+def result_json(args, rows: list[dict]) -> dict:
+    return {"model": args.model, "batch": args.batch, "prompt_length": args.prompt_length,
+            "gradient_checkpointing": args.checkpointing, "bf16": args.bf16,
+            "threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.machine(),
+            "command": " ".join(sys.argv), "repeats": args.repeats, "warmup": args.warmup,
+            "time_method": "median of repeats after a warm-up; CPU: process CPU time, "
+                           "GPU: synchronised wall time",
+            "memory_method": "peak over the steps only (CPU: VmHWM reset before the first "
+                             "step; GPU: max_memory_allocated reset); step_mb = peak minus "
+                             "the memory held before the first step",
+            "rows": rows}
 
 
 if __name__ == "__main__":

@@ -19,15 +19,17 @@
 #   --ds-config FILE    DeepSpeed JSON (default: the config's own `deepspeed` key, if any)
 #   --env-file FILE     KEY=VALUE lines exported to every rank of every node (e.g.
 #                       NCCL_SOCKET_IFNAME, WANDB_API_KEY); per-node mode reads it on each node
-#   --launcher NAME     ssh-mode backend: pdsh (default) | openmpi | mvapich | mpich | impi
+#   --launcher NAME     ssh mode: pdsh (default) | openmpi | mvapich | mpich | impi;
+#                       per-node mode: deepspeed (default) | torchrun (`torchrun --nnodes N
+#                       --node_rank R`, static rendezvous: every node needs the same slots)
 #   --dry-run           print the resolved command and exit
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 HOSTFILE="" CONFIG="" NODE_RANK_ARG="${NODE_RANK:-}" ADDR="${MASTER_ADDR:-}"
-PORT="${MASTER_PORT:-29500}" DS_CONFIG="" ENV_FILE="" LAUNCHER="pdsh"
+PORT="${MASTER_PORT:-29500}" DS_CONFIG="" ENV_FILE="" LAUNCHER=""
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -108,9 +110,23 @@ process(es) (DS_ACCELERATOR=cpu, gloo)"
     fi
     [[ "$NODE_RANK_ARG" -ne 0 ]] || port_free 0.0.0.0 "$PORT" || die "master port $PORT is in \
 use on node 0: give --master-port PORT with a free port"
-    MODE=(--no_ssh --node_rank "$NODE_RANK_ARG")
+    case "${LAUNCHER:-deepspeed}" in
+        deepspeed) MODE=(--no_ssh --node_rank "$NODE_RANK_ARG");;
+        torchrun)
+            for s in "${SLOTS[@]}"; do
+                [[ "$s" -eq "$LOCAL_SLOTS" ]] || die "--launcher torchrun needs the same \
+slots on every node (hostfile: ${SLOTS[*]}); use --launcher deepspeed for uneven nodes"
+            done
+            print_and_run "${ENV[@]}" -- "$PYTHON" -m torch.distributed.run \
+                --nnodes "${#HOSTS[@]}" --node_rank "$NODE_RANK_ARG" \
+                --nproc_per_node "$LOCAL_SLOTS" --master_addr "$ADDR" --master_port "$PORT" \
+                -m attnrl.cli train --config "$CONFIG" "${DS_ARGS[@]}" "${OVERRIDES[@]}";;
+        *) die "--launcher '$LAUNCHER' with --node-rank: choose deepspeed (default) or \
+torchrun (pdsh and the MPI backends start all nodes from one, without --node-rank)";;
+    esac
 else
     # ---- ssh mode: DeepSpeed starts every node from here
+    LAUNCHER="${LAUNCHER:-pdsh}"
     case "$LAUNCHER" in
         pdsh) BACKEND=pdsh;; openmpi) BACKEND=mpirun;; mvapich) BACKEND=mpirun_rsh;;
         mpich|impi) BACKEND=mpirun;;

@@ -3,10 +3,12 @@
 # vllm_server, rollout_server_url: http://HOST:PORT). It accepts weight pushes from the
 # trainer (VLLM_SERVER_DEV_MODE=1 enables /collective_rpc and /reset_prefix_cache) behind
 # attnrl's guard (attnrl/rollout/server_guard.py): weights load only from --weights-dir,
-# the other development routes are refused and, when ATTNRL_ROLLOUT_API_KEY is set in the
-# environment (of the server and of the trainer), every request must carry that secret.
-# It listens on 127.0.0.1 unless --host says otherwise; on any other address the secret is
-# required (or --insecure).
+# the other development routes are refused and every request must carry the secret
+# ATTNRL_ROLLOUT_API_KEY (required, on loopback too: set it in the environment of the
+# server and of the trainer). It listens on 127.0.0.1 unless --host says otherwise.
+# The arguments after `--` are read with vLLM's own parser together with the script's (the
+# last value wins, as in vLLM): the host and port checked are the ones vLLM will use, and a
+# forwarded --model, --logprobs-mode or --uds that would break the trainer is refused.
 #
 #   CUDA_VISIBLE_DEVICES is set for you:
 #   launch/vllm_server.sh --model models/Qwen3-8B-Base --gpus 6,7 --port 8000
@@ -18,13 +20,11 @@
 #   --model DIR                   local HF model directory (the policy's initial weights)
 #   --gpus IDS                    GPU ids for the server, e.g. 6,7 (default: all visible);
 #                                 tensor parallel over them
-#   --host ADDR                   listen address (default 127.0.0.1; off loopback needs
-#                                 ATTNRL_ROLLOUT_API_KEY set, or --insecure)
+#   --host ADDR                   listen address (default 127.0.0.1)
 #   --port PORT                   listen port (default 8000)
 #   --weights-dir DIR             the only directory weights are loaded from (default: a
 #                                 new private directory under ${TMPDIR:-/tmp}); the trainer
 #                                 writes there (rollout_server_weights_dir, same path)
-#   --insecure                    allow an address off loopback without a secret
 #   --dtype DTYPE                 auto | bfloat16 | float16 | float32 (default auto)
 #   --max-model-len N             prompt + completion tokens (default 4096)
 #   --gpu-memory-utilization F    fraction of each GPU for vLLM (default 0.9)
@@ -35,9 +35,9 @@
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
 
-MODEL="" GPU_IDS="" HOST="127.0.0.1" PORT="8000" WEIGHTS_DIR="" INSECURE=0 DTYPE="auto" MAX_LEN="4096"
+MODEL="" GPU_IDS="" HOST="127.0.0.1" PORT="8000" WEIGHTS_DIR="" DTYPE="auto" MAX_LEN="4096"
 GPU_UTIL="0.9" KV_GIB="1"
 EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -47,7 +47,8 @@ while [[ $# -gt 0 ]]; do
         --host) HOST="${2:-}"; shift 2 || die "--host needs an address";;
         --port) PORT="${2:-}"; shift 2 || die "--port needs a number";;
         --weights-dir) WEIGHTS_DIR="${2:-}"; shift 2 || die "--weights-dir needs a directory";;
-        --insecure) INSECURE=1; shift;;
+        --insecure) die "--insecure is gone: the server always needs ATTNRL_ROLLOUT_API_KEY \
+(a secret the trainer sends too)";;
         --dtype) DTYPE="${2:-}"; shift 2 || die "--dtype needs a value";;
         --max-model-len) MAX_LEN="${2:-}"; shift 2 || die "--max-model-len needs a number";;
         --gpu-memory-utilization) GPU_UTIL="${2:-}"; shift 2 || die "--gpu-memory-utilization needs a fraction";;
@@ -62,34 +63,15 @@ done
 [[ -n "$MODEL" ]] || die "--model not given: give the local model directory the trainer starts from"
 [[ -f "$MODEL/config.json" ]] || die "--model '$MODEL' is not a model directory (no config.json \
 there): give a local HF model directory (no hub downloads)"
+[[ -n "${ATTNRL_ROLLOUT_API_KEY:-}" ]] || die "ATTNRL_ROLLOUT_API_KEY is not set: the server \
+always needs a secret (on loopback too, any local user could reload its weights); export \
+one here and in the trainer's environment"
 find_python
 need_int "$PORT" "--port"
 need_int "$MAX_LEN" "--max-model-len"
 case "$DTYPE" in auto|bfloat16|float16|float32|half|float) ;;
     *) die "--dtype '$DTYPE': choose auto, bfloat16, float16 or float32";; esac
-port_free "$HOST" "$PORT" || die "port $PORT on $HOST is in use (another server?): give --port"
-case "$HOST" in
-    127.*|localhost|::1) ;;
-    *) if [[ -z "${ATTNRL_ROLLOUT_API_KEY:-}" && "$INSECURE" != 1 ]]; then
-           die "--host $HOST is reachable from other machines: set ATTNRL_ROLLOUT_API_KEY \
-(a secret the trainer sends too), or pass --insecure on a trusted private network"
-       fi;;
-esac
-if [[ -z "$WEIGHTS_DIR" ]]; then
-    if [[ "$DRY_RUN" == "1" ]]; then
-        WEIGHTS_DIR="${TMPDIR:-/tmp}/attnrl_rollout_weights.XXXXXX"
-    else
-        WEIGHTS_DIR="$(mktemp -d "${TMPDIR:-/tmp}/attnrl_rollout_weights.XXXXXX")"
-    fi
-else
-    [[ -d "$WEIGHTS_DIR" ]] || mkdir -p "$WEIGHTS_DIR" 2>/dev/null || die "--weights-dir \
-'$WEIGHTS_DIR' does not exist and cannot be created"
-    WEIGHTS_DIR="$(cd "$WEIGHTS_DIR" && pwd -P)"
-fi
-
-ENV=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"
-     "VLLM_SERVER_DEV_MODE=1" "VLLM_ENABLE_V1_MULTIPROCESSING=1"
-     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" "ATTNRL_ROLLOUT_WEIGHTS_DIR=$WEIGHTS_DIR")
+ENV=()
 ARGS=(--model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN"
       --generation-config vllm --seed 0 --logprobs-mode processed_logprobs
       --middleware attnrl.rollout.server_guard.ServerGuard)
@@ -117,9 +99,34 @@ not a GPU id of this node (ids 0..$((PHYSICAL - 1)))"
     ENV+=("CUDA_VISIBLE_DEVICES=$GPU_IDS")
     ARGS+=(--tensor-parallel-size "${#IDS[@]}" --gpu-memory-utilization "$GPU_UTIL")
 fi
+# The settings vLLM will use: the script's arguments and the forwarded ones, parsed by
+# vLLM's own parser (the last value wins).
+SETTINGS="$("$PYTHON" -m attnrl.rollout.server_args --model "$MODEL" -- "${ARGS[@]}" \
+    "${EXTRA[@]}" 2>&1)" || die "$(tail -n 1 <<< "$SETTINGS")"
+read -r HOST PORT <<< "$(tail -n 1 <<< "$SETTINGS")"
+port_free "$HOST" "$PORT" || die "port $PORT on $HOST is in use (another server?): give --port"
+if [[ -z "$WEIGHTS_DIR" ]]; then
+    if [[ "$DRY_RUN" == "1" ]]; then
+        WEIGHTS_DIR="${TMPDIR:-/tmp}/attnrl_rollout_weights.XXXXXX"
+    else
+        WEIGHTS_DIR="$(mktemp -d "${TMPDIR:-/tmp}/attnrl_rollout_weights.XXXXXX")"
+    fi
+else
+    [[ -d "$WEIGHTS_DIR" ]] || mkdir -p "$WEIGHTS_DIR" 2>/dev/null || die "--weights-dir \
+'$WEIGHTS_DIR' does not exist and cannot be created"
+    WEIGHTS_DIR="$(cd "$WEIGHTS_DIR" && pwd -P)"
+fi
+
+ENV+=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"
+     "VLLM_SERVER_DEV_MODE=1" "VLLM_ENABLE_V1_MULTIPROCESSING=1"
+     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" "ATTNRL_ROLLOUT_WEIGHTS_DIR=$WEIGHTS_DIR")
+case "$HOST" in
+    127.*|localhost|::1) ;;
+    0.0.0.0|::) say "listens on $HOST (every interface): requests need the API key";;
+    *) say "listens on $HOST: requests need the API key";;
+esac
 say "trainer settings: rollout_engine: vllm_server, rollout_server_url: http://$( \
-[[ "$HOST" == "0.0.0.0" ]] && hostname || echo "$HOST"):$PORT"
-say "weights load only from $WEIGHTS_DIR; API key: $([[ -n "${ATTNRL_ROLLOUT_API_KEY:-}" ]] \
-&& echo "required (ATTNRL_ROLLOUT_API_KEY)" || echo "none")"
+[[ "$HOST" == "0.0.0.0" || "$HOST" == "::" ]] && hostname || echo "$HOST"):$PORT"
+say "weights load only from $WEIGHTS_DIR; API key: required (ATTNRL_ROLLOUT_API_KEY)"
 
 print_and_run "${ENV[@]}" -- "$PYTHON" -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "${EXTRA[@]}"

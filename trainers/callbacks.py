@@ -16,7 +16,8 @@ from transformers.trainer_callback import ProgressCallback
 class JsonlMetricsCallback(TrainerCallback):
     """Appends each `logs` dict (with the step) to OUTPUT_DIR/metrics.jsonl on rank 0. A
     resumed run first drops lines past the checkpoint's step, so the file stays one line
-    per logged step."""
+    per logged step; the end-of-training totals (train_runtime, train_loss, ...) share the
+    last step's number and are marked "summary": true."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -25,7 +26,8 @@ class JsonlMetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+                and not json.loads(line).get("summary")]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -33,6 +35,8 @@ class JsonlMetricsCallback(TrainerCallback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"step": state.global_step, **{k: _clean(v) for k, v in logs.items()}}
+        if "train_runtime" in logs:
+            row["summary"] = True
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
@@ -68,7 +72,22 @@ class RecordConfigCallback(TrainerCallback):
             shutil.copyfile(source, target / CONFIG_NAME)
 
 
-def model_card(resolved: dict, command: str | None = None) -> str:
+def completions_per_step(resolved: dict, world_size: int = 1) -> int:
+    """Completions in one optimizer step: per-device batch x accumulation x processes."""
+    return resolved["per_device_train_batch_size"] * resolved["gradient_accumulation_steps"] \
+        * world_size
+
+
+def _steps_text(resolved: dict, world_size: int) -> str:
+    per_step, n = completions_per_step(resolved, world_size), resolved["num_generations"]
+    procs = f" x {world_size} processes" if world_size > 1 else ""
+    return (f"{resolved['max_steps']} x {per_step} completions ({per_step // n} prompts x {n} "
+            f"samples; micro-batch {resolved['per_device_train_batch_size']} x "
+            f"{resolved['gradient_accumulation_steps']} accumulation{procs}), lr "
+            f"{resolved['learning_rate']:g}, seed {resolved['seed']}")
+
+
+def model_card(resolved: dict, command: str | None = None, world_size: int = 1) -> str:
     """README.md of a trained model: base model, task, trainer, credit strategy, the
     command, and how to rerun it."""
     task = resolved["task"] + (f" {json.dumps(resolved['task_kwargs'])}"
@@ -80,16 +99,15 @@ def model_card(resolved: dict, command: str | None = None) -> str:
             ("credit strategy", resolved["credit"]),
             ("rewards", json.dumps(resolved["rewards"])),
             ("LoRA", json.dumps(resolved["lora"]) if resolved["lora"] else "no (full weights)"),
-            ("steps", (f"{resolved['max_steps']} x {resolved['per_device_train_batch_size']} "
-                       f"completions ({resolved['num_generations']} per prompt), lr "
-                       f"{resolved['learning_rate']:g}, seed {resolved['seed']}")),
+            ("steps", _steps_text(resolved, world_size)),
             ("command", f"`{command}`" if command else "(run from Python)")]
     title = f"# {Path(str(resolved['output_dir'])).name}: {resolved['model']} trained with attnrl"
     lines = [title, "", "| | |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
-    lines += ["", ("The full resolved config (every key, package versions) is `config.yaml` "
-                   "in the run's output directory; rerun with `attnrl train --config "
-                   "config.yaml --output_dir NEW_DIR`."), ""]
+    lines += ["", ("The full resolved config (every key, package versions, the model's "
+                   "content hash, every trainer field under `recorded`) is `config.yaml` "
+                   "beside this card; rerun with `attnrl train --config config.yaml "
+                   "--output_dir NEW_DIR`."), ""]
     return "\n".join(lines)
 
 

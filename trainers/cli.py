@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,24 +63,61 @@ def parse_known(parser, argv):
 def run_job(config: dict, callbacks=None, overwrite: bool = False,
             allow_config_change=(), verbose: bool = False, command: str | None = None):
     """Build everything from a checked flat config and train (extra TrainerCallbacks may be
-    given). output_dir is prepared first (trainers/run_dir.py: resume only the same run,
-    --overwrite) and the resolved config recorded there, before anything heavy loads.
-    Returns the trainer."""
-    from attnrl import quiet
+    given). Every check that needs no model runs first (trainers/preflight.py), then rank 0
+    locks output_dir (trainers/run_dir.py: one run per directory; resume only the same run);
+    the resolved config is recorded and an --overwrite'n run removed only once the trainer
+    is built, so a failed start leaves the directory as it was. Returns the trainer."""
     from trainers import run_dir
+    from trainers.schema import resolve
+
+    lock = run_dir.RunLock(resolve(config)["output_dir"])
+    checked = _checked_job(config, lock, overwrite, allow_config_change)
+    try:
+        return _run_job(*checked, callbacks=callbacks, overwrite=overwrite, verbose=verbose,
+                        command=command)
+    finally:
+        lock.release()
+
+
+def _checked_job(config, lock, overwrite, allow_config_change):
+    """Checks, the draw of the held-out problems, the lock and the resume decision: all
+    before anything heavy is imported. Returns (config, resolved, heldout, draw, resume)."""
+    from trainers import machine, preflight, run_dir
     from trainers.heldout_keys import heldout_settings
-    from trainers.schema import ATTNRL_DEFAULT_TRL, JOB_KEY_NAMES, check_paths, resolve
+    from trainers.schema import resolve
 
     resolved = resolve(config)
-    check_paths(resolved)
+    preflight.check_job(resolved)
     heldout = heldout_settings(resolved)
     # held-out problems never in the training pool: drawn (or refused) before anything is
     # written or loaded
     heldout_draw = heldout.draw() if heldout.enabled else None
-    resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
+    if run_dir._rank0():
+        lock.acquire()
+    try:
+        chosen, line = machine.choose({k: config.get(k) for k in (*machine.DEVICE_KEYS,
+                                                                   "fp16")})
+        config = {**config, **chosen}
+        resolved = {**resolved, **chosen}
+        resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
+    except BaseException:
+        lock.release()
+        raise
+    if line and run_dir._rank0():
+        print(line, flush=True)
+    return config, resolved, heldout, heldout_draw, resume
+
+
+def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
+             overwrite=False, verbose=False, command=None):
+    from attnrl import quiet
+    from trainers import run_dir
+    from trainers.schema import ATTNRL_DEFAULT_TRL, JOB_KEY_NAMES
+
     quiet.configure(verbose)
     if run_dir._rank0():
         print(quiet.versions_line(run_dir.versions()), flush=True)
+    wandb = _wandb_environment(resolved, verbose)
 
     import numpy as np
     import torch
@@ -99,7 +137,6 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     from trainers.job import trainer_config_class
     from trainers.reasoning_vector import apply_reasoning_vector, evaluate_merged
 
-    os.environ.setdefault("WANDB_MODE", "offline")
     trainer_name = resolved["trainer"]
     config_cls = trainer_config_class(trainer_name)
     trainer_kwargs = {k: v for k, v in config.items() if k not in JOB_KEY_NAMES}
@@ -107,8 +144,6 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         trainer_kwargs.setdefault(name, resolved[name])
     if not quiet.is_terminal() and not verbose:
         trainer_kwargs.setdefault("disable_tqdm", True)  # a log file: one line per step
-    if resolved["wandb_project"]:
-        os.environ.setdefault("WANDB_PROJECT", str(resolved["wandb_project"]))
     args = config_cls(**trainer_kwargs)
     seed = args.seed
     random.seed(seed)
@@ -118,8 +153,6 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if run_dir._rank0():
-        run_dir.write_config(resolved, args.output_dir, command)
 
     path = resolve_model(resolved["model"])
     tokenizer = load_tokenizer(path)
@@ -127,7 +160,8 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     reward_funcs, weights = build_rewards(resolved)
     args.reward_weights = weights
     dtype = torch.bfloat16 if resolved["dtype"] == "bfloat16" else torch.float32
-    model = load_model(path, dtype=dtype)
+    with _phase(f"loading the policy ({resolved['model']}, {resolved['dtype']})"):
+        model = load_model(path, dtype=dtype)
     model.train()
     peft_config = None
     if resolved["lora"]:
@@ -150,11 +184,20 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         callbacks.append(heldout_callback)
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))
-    trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
-    trainer.run_card = model_card(resolved, command)
+    with _phase(f"building the {trainer_name} trainer ({args.rollout_engine} rollouts)"):
+        trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args,
+                          train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=callbacks, peft_config=peft_config)
+    trainer.run_card = model_card(resolved, command, world_size=trainer.accelerator.num_processes)
     if heldout_callback is not None:
         heldout_callback.bind(trainer)
+    # every check has passed and the trainer is built: now the run is written
+    import json
+
+    run_dir.start(resolved, overwrite=overwrite, command=command,
+                  trainer_fields=json.loads(json.dumps(args.to_dict(), default=str)),
+                  model_hash=run_dir.model_sha256(path) if run_dir._rank0() else None)
+    trainer.accelerator.wait_for_everyone()
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgressCallback())
     trainer.pop_callback(PrinterCallback)  # logs dicts: StepPrinterCallback prints a line
@@ -177,6 +220,7 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
         (final / "README.md").write_text(trainer.run_card)
+        shutil.copyfile(Path(args.output_dir) / run_dir.CONFIG_NAME, final / run_dir.CONFIG_NAME)
         vector = vector_settings(resolved)
         if vector is not None:
             merged = apply_reasoning_vector(vector, final, str(path), args.output_dir)
@@ -190,6 +234,42 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
                                     heldout_dir=Path(args.output_dir) / "heldout")
             print(f"saved model to {final}, metrics to "
                   f"{Path(args.output_dir) / args.metrics_jsonl}, curve to {png}", flush=True)
-        if comparison is not None:
-            print(comparison["lines"][0], flush=True)  # the job's last line
+        if wandb:
+            runs = sorted(Path(os.environ["WANDB_DIR"], "wandb").glob("offline-run-*"))
+            if runs and os.environ.get("WANDB_MODE") == "offline":
+                print(f"W&B offline run: {runs[-1]} (upload: wandb sync {runs[-1]})",
+                      flush=True)
+        if comparison is not None:  # the job's last lines: before -> after, once
+            print("\n".join(comparison["lines"]), flush=True)
     return trainer
+
+
+def _phase(label: str):
+    """quiet.phase on rank 0 (one line per long phase), nothing on the other ranks."""
+    import contextlib
+
+    from attnrl import quiet
+    from trainers import run_dir
+
+    return quiet.phase(label) if run_dir._rank0() else contextlib.nullcontext()
+
+
+def _wandb_environment(resolved: dict, verbose: bool) -> bool:
+    """W&B settings before transformers is imported; True when the run reports to W&B.
+    Reporting: offline unless WANDB_MODE says otherwise, files under OUTPUT_DIR/wandb, and
+    in a log file (not a terminal) W&B's own colored lines replaced by one line at the end.
+    Not reporting: WANDB_MODE is dropped (transformers prints a W&B notice when it is set)."""
+    from attnrl import quiet
+
+    reports = resolved.get("report_to")
+    names = [reports] if isinstance(reports, str) or reports is None else list(reports)
+    if not {"wandb", "all"} & set(names):
+        os.environ.pop("WANDB_MODE", None)
+        return False
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", str(resolved["output_dir"]))
+    if resolved["wandb_project"]:
+        os.environ.setdefault("WANDB_PROJECT", str(resolved["wandb_project"]))
+    if not quiet.is_terminal() and not verbose:
+        os.environ.setdefault("WANDB_SILENT", "true")
+    return True

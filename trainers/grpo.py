@@ -4,7 +4,8 @@ What this adds to TRL (everything else — loss types, DeepSpeed via accelerate,
 W&B, checkpoints — is TRL's and keeps TRL's field names):
 
 1. Generation through an attnrl rollout engine (in-process vLLM, or transformers), with the
-   policy's weights pushed to it whenever the optimizer has stepped (ZeRO-3: gathered).
+   policy's weights pushed to it whenever the optimizer has stepped (ZeRO-3: gathered
+   bucket by bucket, trainers/weight_sync.py).
    Every completion row has its own seed (attnrl.rollout.seeds); the engines' log-probs
    are TRL's (temperature-scaled), so TRL's truncated importance-sampling correction
    (`vllm_importance_sampling_correction`, on by default) runs on them as on TRL's vLLM.
@@ -24,6 +25,7 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,12 +42,15 @@ from attnrl.credit import (
     make_generator,
     required_inputs,
     shape_advantages,
+    step_seed,
 )
 from attnrl.rollout import SamplingConfig, make_engine
-from attnrl.rollout.seeds import training_seeds
+from attnrl.rollout.seeds import first_rows, training_seeds
 from attnrl.signals.types import SignalConfig
 from trainers.head_split import FrozenHeadSplit
 from trainers.qk_heads import QKCredit, needs_qk
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,7 +134,14 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
     def __post_init__(self):
+        from attnrl.errors import UserError
+        from trainers.schema import liger_problem, top_p_problem
+
         check_reward_aggregation(self.multi_objective_aggregation)
+        for problem in (top_p_problem(self.top_p, self.vllm_importance_sampling_correction),
+                        liger_problem(self.use_liger_kernel)):
+            if problem:  # before any model loads (run_job builds the config first)
+                raise UserError(problem)
         if self.deepspeed:
             set_single_process_env()
             skip_cpu_shm_comm_op()
@@ -184,10 +196,15 @@ class AttnGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, rollout_engine=None, **kwargs):
         super().__init__(*args, **kwargs)
+        from trainers.fused_head import bound_fused_head_tiles
+
+        bound_fused_head_tiles(self.accelerator.device)  # CPU: LM-head tiles of <= 64 MiB
         config: AttnGRPOConfig = self.args
         self.credit_config = config.credit_config()
         self.credit_inputs = required_inputs(self.credit_config)
-        if "signals" in self.credit_inputs:  # an attention the capture cannot compute: now
+        check_softcapping_kept(self.model)
+        if "signals" in self.credit_inputs or needs_qk(self.credit_inputs):
+            # an attention the capture / the QK scores cannot compute: now
             from attnrl.signals.capture import check_capture_supported
 
             check_capture_supported(self.model)
@@ -265,32 +282,42 @@ class AttnGRPOTrainer(GRPOTrainer):
                                gpu_memory_utilization=config.rollout_gpu_memory_utilization,
                                seed=config.seed, colocate=self.accelerator.num_processes > 1,
                                tensor_parallel_size=config.vllm_tensor_parallel_size)
-        return make_engine("hf", path, batch_size=config.per_device_train_batch_size)
+        # the policy copy in the dtype the policy trains in, on this rank's device
+        dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
+        return make_engine("hf", path, batch_size=config.per_device_train_batch_size,
+                           dtype=torch.bfloat16 if config.bf16 else dtype,
+                           device=self.accelerator.device)
 
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full policy weights with HF names (ZeRO-3 gathered; LoRA merged). Without ZeRO-3
-        the tensors are the live parameters (detached, not copied): consume them before the
-        next optimizer step."""
-        model = self.accelerator.unwrap_model(self.model)
-        gather = contextlib.nullcontext()
+    def weight_stream(self, bucket_bytes: int | None = None):
+        """The policy's full weights with HF names (LoRA merged), bucket by bucket
+        (trainers/weight_sync.py). Under ZeRO-3 each bucket is gathered when its chunk is
+        requested and released before the next: every rank must run `chunks()` through."""
+        from trainers.weight_sync import WeightStream
+
         zero3 = getattr(self, "is_deepspeed_enabled", False) and \
             self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if zero3:
-            import deepspeed
+        return WeightStream(self.accelerator.unwrap_model(self.model), zero3, bucket_bytes)
 
-            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
-        with gather, torch.no_grad():
-            if hasattr(model, "peft_config"):
-                return merged_lora_state_dict(model)
-            # gathered ZeRO-3 tensors are released when the context exits: copy those only
-            return {k: v.detach().clone() if zero3 else v.detach()
-                    for k, v in model.state_dict().items()}
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full policy weights with HF names in one dict (for inspection: under ZeRO-3 this
+        holds a copy of the whole model; the engine sync streams instead). Without ZeRO-3
+        the tensors are the live parameters (detached, not copied)."""
+        stream = self.weight_stream()
+        state = {}
+        for chunk in stream.chunks():
+            state.update({k: v.clone() if stream.zero3 else v for k, v in chunk.items()})
+        return state
+
+    last_sync_stats = None
+    """trainers.weight_sync.SyncStats of the latest engine sync (buckets, peak bytes)."""
 
     def sync_engine_weights(self) -> None:
         if self.engine is None:
             with _zero3_init_disabled():  # the engine holds full weights, not ZeRO-3 shards
                 self.engine = self._make_engine()
-        self.engine.update_weights(self.policy_state_dict())
+        stream = self.weight_stream()
+        self.engine.update_weights_stream(stream.names, stream.chunks())
+        self.last_sync_stats = stream.stats
         self._engine_step = self.state.global_step
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
@@ -305,8 +332,8 @@ class AttnGRPOTrainer(GRPOTrainer):
         last_step, last_call = self._generation_calls.get(phase, (None, -1))
         call = last_call + 1 if last_step == step else 0
         self._generation_calls[phase] = (step, call)
-        rows = training_seeds(config.seed, phase, step, call,
-                              self.accelerator.process_index * len(prompt_ids), len(prompt_ids))
+        rows = training_seeds(config.seed, phase, step, call, self._first_row(len(prompt_ids)),
+                              len(prompt_ids))
         sampling = SamplingConfig(n=n, temperature=config.temperature,
                                   top_p=config.top_p, max_tokens=config.max_completion_length,
                                   seed=None)
@@ -317,6 +344,15 @@ class AttnGRPOTrainer(GRPOTrainer):
         self._metrics["train" if self.model.training else "eval"]["time/generation"].append(
             time.perf_counter() - start)
         return completion_ids, logprobs
+
+    def _first_row(self, num_rows: int) -> int:
+        """Global index of this rank's first completion row: the rows of the lower ranks,
+        gathered (a collective: every rank generates at the same time), so ranks holding
+        different counts never share a row index, hence a seed."""
+        if self.accelerator.num_processes == 1:
+            return 0
+        counts = self.accelerator.gather(torch.tensor([num_rows], device=self.accelerator.device))
+        return first_rows(counts.tolist())[self.accelerator.process_index]
 
     # ------------------------------------------------------------------ advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -384,13 +420,21 @@ class AttnGRPOTrainer(GRPOTrainer):
         response_mask[:, -logits_to_keep:] = inputs["completion_mask"].bool()
         # every completion masked (e.g. all truncated with mask_truncated_completions): TRL's
         # loss is 0; train on with gamma = 1 and no signals
-        empty = not bool(response_mask.any())
+        empty = local_empty = not bool(response_mask.any())
         if self.accelerator.num_processes > 1 and (self.qk_credit is not None or (
                 self.head_split is not None and self.head_split.split is None)):
             # the QK selection and the head-split calibration are collectives: every rank
             # takes part or none does (a rank without response tokens would hang the others)
             flag = torch.tensor([float(empty)], device=self.accelerator.device)
             empty = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["credit/gamma_one_fallback"].append(float(empty))
+        if empty:  # logged: this micro-batch trains with gamma = 1 (no credit)
+            logger.warning(
+                "step %d, rank %d: micro-batch trained with gamma = 1 (no credit): %s",
+                self.state.global_step, self.accelerator.process_index,
+                "it has no response tokens" if local_empty else
+                "another rank's micro-batch has no response tokens (a collective needs all)")
         capture = None
         if "signals" in self.credit_inputs and not empty:
             from attnrl.signals.capture import SignalCapture
@@ -421,8 +465,8 @@ class AttnGRPOTrainer(GRPOTrainer):
                                        device=entropies.device)
             entropy_full[:, -logits_to_keep:] = entropies.detach().float()
         if self._credit_step != self.state.global_step:  # reseed per step: resumable
-            self.credit_generator.manual_seed(self.credit_config.seed * 1_000_003
-                                              + self.state.global_step)
+            self.credit_generator.manual_seed(step_seed(
+                self.credit_config.seed, self.state.global_step, self.accelerator.process_index))
             self._credit_step = self.state.global_step
         qk_extras = {} if qk_capture is None else self._qk_extras(qk_capture, response_mask,
                                                                   inputs)
@@ -519,6 +563,25 @@ def check_reward_aggregation(value) -> None:
             f"remove the key or set it to {REWARD_AGGREGATION!r}")
 
 
+def check_softcapping_kept(model) -> None:
+    """UserError when `model` softcaps its attention logits but runs an implementation that
+    ignores it (sdpa): the policy trained would not be the one vLLM samples from."""
+    from attnrl.attention_config import attention_softcap
+    from attnrl.errors import UserError
+    from attnrl.models import SOFTCAPPING
+
+    config = getattr(model, "config", None)
+    if config is None or not attention_softcap(config):
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(text, "_attn_implementation", None)
+    if implementation not in SOFTCAPPING:
+        raise UserError(f"{type(model).__name__} softcaps its attention logits but was loaded "
+                        f"with attn_implementation {implementation!r}, which ignores it: load "
+                        "it with attnrl.models.load_model (eager) or one of "
+                        f"{', '.join(SOFTCAPPING)}")
+
+
 def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     """True when rows come in consecutive blocks of n identical prompts (TRL's sampler)."""
     if n <= 1 or len(prompt_ids) % n:
@@ -526,12 +589,20 @@ def _is_grouped(prompt_ids: list[list[int]], n: int) -> bool:
     return all(prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
 
 
-def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
+def tied_elsewhere(model, param) -> bool:
+    """Whether `param` is registered under more than one name in `model` (tied weights)."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
+    return len(names) > 1
+
+
+def merged_lora_state_dict(model, only: set[str] | None = None) -> dict[str, torch.Tensor]:
     """HF-named full weights of a PEFT LoRA model, equal to what PEFT's merge gives:
     W + (alpha / r) * B @ A for each adapted layer, and with `lora_bias` also
     b + (alpha / r) * b_B. Computed out of place (merging into the frozen base and back
     would leave rounding error in it at every sync); the sum is taken in the promoted
-    dtype and rounded once to the base dtype, as PEFT's in-place add does."""
+    dtype and rounded once to the base dtype, as PEFT's in-place add does. `only`: the
+    PEFT state-dict names to produce (a gathered ZeRO-3 bucket, trainers/weight_sync.py);
+    None: all."""
     import re
 
     from peft.tuners.lora import LoraLayer
@@ -542,12 +613,19 @@ def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or module.merged:
             continue
+        if only is not None and f"{name}.base_layer.weight" not in only:
+            continue
         active = [a for a in module.active_adapters if a in module.lora_A]
         if any(module.use_dora.get(a) for a in active):
             raise UserError("DoRA adapters cannot be synced to the rollout engine as merged "
                             "weights; use plain LoRA (lora: {use_dora: false})")
         if not active:
             continue
+        if tied_elsewhere(model, module.get_base_layer().weight):
+            raise UserError(f"LoRA on {name}, whose weight is tied to another layer's (tied "
+                            "embeddings): the engines load one of the pair, so the delta would "
+                            "be lost or applied to both; leave lm_head out of "
+                            "lora.target_modules")
         deltas[f"{name}.base_layer.weight"] = [module.get_delta_weight(a) for a in active]
         biased = [a for a in active if module.lora_bias.get(a)]
         if biased:
@@ -558,7 +636,8 @@ def merged_lora_state_dict(model) -> dict[str, torch.Tensor]:
                 module.lora_B[a].bias * module.scaling[a] for a in biased]
     state = {}
     for name, tensor in model.state_dict().items():
-        if "lora_" in name or ".original_module." in name:
+        if "lora_" in name or ".original_module." in name or (only is not None
+                                                              and name not in only):
             continue
         value = tensor.detach()
         if name in deltas:

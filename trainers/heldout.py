@@ -30,6 +30,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from attnrl import quiet
 from attnrl.errors import UserError
 from trainers.heldout_keys import (  # noqa: F401  (re-exported)
     EVAL_TOP_P,
@@ -72,12 +73,17 @@ class HeldoutEvaluator:
 
         trainer.sync_engine_weights()
         result = self.header(samples)
-        if not trainer.is_world_process_zero():
+        if not trainer.is_world_process_zero() and not in_rank0_tp_group(trainer.engine):
             return result
         s = self.settings
+        # a tensor-parallel engine spans rank 0's group: every rank of it submits the same
+        # requests (the engine gathers the group's prompts), so none is left to pair the
+        # evaluation's gather with its training one; the others' results are dropped
         entry = score_with_engine(trainer.engine, self.records, self.prompt_ids, samples,
                                   s.temperature, EVAL_TOP_P, s.max_tokens, s.seed,
                                   greedy=True)
+        if not trainer.is_world_process_zero():
+            return result
         texts = sample_texts(self.records, entry)
         entry.pop("_rows")
         entry.pop("_greedy_rows")
@@ -88,6 +94,17 @@ class HeldoutEvaluator:
         result["problems"] = [{"index": t["index"], "question": t["question"],
                                "gold": t["gold"], "greedy": t["greedy"]} for t in texts]
         return result
+
+
+def in_rank0_tp_group(engine) -> bool:
+    """Whether this process is one of the ranks of rank 0's tensor-parallel rollout engine
+    (VLLMEngine.tp_group, a torch.distributed subgroup; None without tensor parallelism)."""
+    group = getattr(engine, "tp_group", None)
+    if group is None:
+        return False
+    import torch.distributed as dist
+
+    return 0 in dist.get_process_group_ranks(group)
 
 
 class HeldoutCallback(TrainerCallback):
@@ -125,6 +142,8 @@ class HeldoutCallback(TrainerCallback):
         start = time.perf_counter()
         trainer = self.trainer
         label = "start" if kind == "before" else f"step-{trainer.state.global_step}"
+        if trainer.is_world_process_zero() and quiet.is_terminal():  # a log gets the result
+            _print(f"held-out {kind}: evaluating {self.evaluator.settings.size} problems ...")
         result = self.evaluator.run(trainer, label, samples)
         if not trainer.is_world_process_zero():
             return
@@ -209,8 +228,9 @@ def problem_rows(before: dict, after: dict) -> list[dict]:
 
 
 def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
-    """summary.json from before.json / after.json / merged.json (when present); prints the
-    lines. None when there is no before and after pair."""
+    """summary.json from before.json / after.json / merged.json (when present), with its
+    report lines under "lines" (the caller prints them). None when there is no before and
+    after pair."""
     folder = Path(out_dir) / "heldout"
     files = {k: folder / f"{k}.json" for k in ("before", "after", "merged")}
     data = {k: json.loads(p.read_text()) for k, p in files.items() if p.exists()}
@@ -240,8 +260,6 @@ def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
         lines.append(accuracy_line(summary["merged_vs_trained"], "  merge vs trained:"))
     summary["lines"] = lines
     write_json(folder / "summary.json", summary)
-    for line in lines:
-        print(line, flush=True)
     return summary
 
 

@@ -130,6 +130,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     path = Path(path) if path else DEFAULT_CONFIG
     config = read_yaml(path)
     overrides = overrides or {}
+    if "task" in overrides and "task_kwargs" not in overrides and \
+            overrides["task"] != config.get("task", "chain_sum"):
+        config.pop("task_kwargs", None)  # they belong to the file's task, not to this one
     sources = {key: str(path) for key in config}
     sources.update({key: override_source for key in overrides})
     config = check_config({**config, **overrides}, sources,

@@ -11,15 +11,23 @@ resume: auto  continues the run in output_dir when the new resolved config equal
 resume: never output_dir must hold no run; --overwrite deletes the run files first (so
               neither its checkpoints nor its metrics.jsonl can leak into the new run).
 resume: PATH  that checkpoint, under the same rule as auto.
+
+A run holds an exclusive lock on output_dir (RunLock: OUTPUT_DIR/.attnrl.lock, flock) from
+before its checks until it ends, so a second run into the same directory is refused; a lock
+left by a dead process is taken over with a message. `prepare` only decides; nothing is
+written (no config.yaml, no --overwrite deletion) until `start` is called once every check
+has passed and the trainer is built, so a failed start leaves the directory as it was.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -112,17 +120,14 @@ def check_same_run(recorded_path: Path, new: dict, allow: set[str], what: str) -
 
 
 def prepare(config: dict, overwrite: bool = False, allow: set[str] | None = None) -> str | None:
-    """Make output_dir ready for the run of resolved `config`; return the checkpoint to
-    resume from (None: start at step 0). Raises UserError instead of mixing two runs."""
+    """Decide how the run of resolved `config` uses output_dir (writes nothing); return the
+    checkpoint to resume from (None: start at step 0). Raises UserError instead of mixing
+    two runs."""
     out = Path(config["output_dir"])
     resume, allow = config.get("resume", "auto"), set(allow or ())
     existing = run_files(out)
     if overwrite:
-        if existing and _rank0():
-            for path in existing:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            print(f"--overwrite: removed the previous run in {out}", flush=True)
-        return None
+        return None  # `start` removes the previous run, once every check has passed
     if resume == "never":
         if existing:
             names = ", ".join(p.name for p in existing[:4])
@@ -164,17 +169,135 @@ def checkpoint_step(checkpoint) -> int | None:
     return int(json.loads(state.read_text()).get("global_step", 0))
 
 
-def write_config(config: dict, output_dir, command: str | None = None) -> Path:
+def model_sha256(path) -> str | None:
+    """sha256 over a model directory's weight files (*.safetensors, *.bin, *.gguf, by name:
+    each file's name and bytes); reads every byte once (about 1 s per GB)."""
+    import hashlib
+
+    files = sorted(p for p in Path(str(path)).glob("*")
+                   if p.suffix in (".safetensors", ".bin", ".gguf") and p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _previous_commands(path: Path) -> list[dict]:
+    """The commands recorded in an existing config.yaml (a resumed run keeps them)."""
+    if not path.is_file():
+        return []
+    recorded = (yaml.safe_load(path.read_text()) or {}).get("recorded") or {}
+    if recorded.get("commands"):
+        return list(recorded["commands"])
+    if recorded.get("command"):
+        return [{"command": recorded["command"], "time": recorded.get("time")}]
+    return []
+
+
+def write_config(config: dict, output_dir, command: str | None = None,
+                 trainer_fields: dict | None = None, model_hash: str | None = None) -> Path:
     """OUTPUT_DIR/config.yaml: the resolved config (loadable with --config) and, under
-    `recorded`, the package versions, the command and the time."""
+    `recorded`: the package versions, every command that touched the run with its time (a
+    resumed run appends), the model's content hash and every effective field of the
+    trainer's config class (TRL defaults included; informational, never compared)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {k: v for k, v in config.items() if k != "recorded"}
-    record["recorded"] = {"command": command or " ".join(sys.argv), "versions": versions(),
-                          "time": datetime.datetime.now().isoformat(timespec="seconds")}
     path = out / CONFIG_NAME
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    command = command or " ".join(sys.argv)
+    commands = _previous_commands(path) + [{"command": command, "time": now}]
+    record = {k: v for k, v in config.items() if k != "recorded"}
+    record["recorded"] = {"command": commands[0]["command"], "time": commands[0]["time"],
+                          "commands": commands, "versions": versions()}
+    if model_hash:
+        record["recorded"]["model_sha256"] = model_hash
+    if trainer_fields:
+        record["recorded"]["trainer_fields"] = trainer_fields
     text = ("# The resolved config of this run (every key, defaults included), written by\n"
             "# `attnrl train`. Rerun it: attnrl train --config THIS_FILE --output_dir NEW_DIR\n")
     path.write_text(text + yaml.safe_dump(record, sort_keys=False, default_flow_style=None,
                                           width=100))
     return path
+
+
+def start(config: dict, overwrite: bool = False, command: str | None = None,
+          **record) -> None:
+    """On rank 0, once every check has passed: remove the previous run (--overwrite) and
+    record the resolved config (write_config; `record`: its trainer_fields, model_hash)."""
+    if not _rank0():
+        return
+    out = Path(config["output_dir"])
+    existing = run_files(out) if overwrite else []
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if existing:
+        print(f"--overwrite: removed the previous run in {out}", flush=True)
+    write_config(config, out, command, **record)
+
+
+LOCK_NAME = ".attnrl.lock"
+
+
+class RunLock:
+    """Exclusive use of an output_dir by one run (rank 0 of it): an flock on
+    OUTPUT_DIR/.attnrl.lock, which holds who took it. The kernel drops the flock when the
+    process dies, so a lock file whose flock is free was left by a dead run and is taken
+    over. `release` removes the file, and the directory when this run created it and left
+    it empty."""
+
+    def __init__(self, output_dir):
+        self.dir = Path(str(output_dir))
+        self.path = self.dir / LOCK_NAME
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        self.created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                self._remove_dir_if_created()
+                raise UserError(f"output_dir {self.dir} is in use by another run ({holder}); "
+                                "wait for it to end, or give another --output_dir") from None
+            try:  # the file may have been removed by its releasing holder meanwhile
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = os.read(fd, 200).decode(errors="replace").strip()
+        if stale:
+            print(f"output_dir {self.dir}: taking over the lock left by a run that ended "
+                  f"without releasing it ({stale})", flush=True)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_dir_if_created()
+
+    def _remove_dir_if_created(self) -> None:
+        if self.created and self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnrl.cli_checks import SMOLLM2_NAMES, layer_count, layers_problem, model_problem
 from attnrl.errors import UserError, nearest
 from trainers.trl_fields import TRL_FIELDS
 
@@ -40,10 +41,11 @@ from trainers.trl_fields import TRL_FIELDS
 CREDIT_STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled", "random", "entropy",
                      "bottom_q", "qk_tokens", "qk_consistency", "qk_premise", "sign_flip")
 SIGNED_CREDIT = ("sign_flip",)  # registered with signed=True: never composed
+ATTENTION_CREDIT = {  # strategies that read the attention, by what they read (credit.py)
+    "local_chunk": "signals", "global_anchor": "signals", "coupled": "signals",
+    "bottom_q": "signals", "qk_tokens": "qk", "qk_consistency": "qk", "qk_premise": "qk"}
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "psr", "nsr", "w_reinforce")
 REWARDS = ("math", "gym", "answer", "format", "overlong")
-SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
-SMOLLM2_LAYERS = 30  # num_hidden_layers of the packaged SmolLM2-135M-Instruct
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 REPORT_TO = ("none", "all", "wandb", "tensorboard", "mlflow", "comet_ml", "neptune",
              "clearml", "dagshub", "dvclive", "codecarbon", "azure_ml", "flyte", "trackio",
@@ -189,22 +191,10 @@ def check_paths(config: dict) -> None:
     """UserError unless the model ('smollm2' or a saved model directory) and a file task
     exist. A job checks this when it starts, not when a config loads: shipped configs name
     models and data that exist only on training nodes."""
-    for name, check in (("model", _check_model), ("task", _check_task)):
+    for name, check in (("model", model_problem), ("task", _check_task)):
         problem = check(config[name])
         if problem:
             raise UserError(f"{name} {str(config[name])!r} {problem}")
-
-
-def _check_model(value) -> str | None:
-    if value in SMOLLM2_NAMES or str(value).lower() in SMOLLM2_NAMES:
-        return None
-    path = Path(str(value)).expanduser()
-    if not path.exists():
-        return ("not found: give a local Hugging Face model directory or 'smollm2' for the "
-                "packaged SmolLM2-135M-Instruct")
-    if not (path / "config.json").is_file():
-        return "has no config.json: give a directory saved with save_pretrained"
-    return None
 
 
 def _check_task(value) -> str | None:
@@ -247,7 +237,8 @@ JOB_KEYS = [
     Key("task_size", "int", 64, "number of training prompts", ge=1),
     Key("task_seed", "int", 0, "seed of the task generator", ge=0),
     Key("task_kwargs", "dict|null", None, "extra arguments of the reasoning-gym task (e.g. "
-        "min_terms)"),
+        "min_terms), checked against the task's config class before anything loads; a --task "
+        "override on the command line drops the config file's task_kwargs"),
     Key("instruction", "str|null", None, "text appended to each question ('' = none; null: the "
         "default '####' one)"),
     Key("system_prompt", "str|null", None, "optional system message"),
@@ -367,7 +358,8 @@ TRL_KEYS = [
         resume="allowed"),
     Key("num_train_epochs", "float", 3.0, "epochs when max_steps is -1", gt=0,
         resume="allowed"),
-    Key("learning_rate", "float", 1e-6, "peak learning rate", ge=0),
+    Key("learning_rate", "float", 1e-6, "peak learning rate (> 0: at 0 nothing trains)",
+        gt=0),
     Key("lr_scheduler_type", "str", "linear", "learning-rate schedule",
         choices=TRL_FIELDS["lr_scheduler_type"][2]),
     Key("warmup_steps", "float", 0, "warm-up steps (a fraction < 1: of all steps)", ge=0),
@@ -404,8 +396,10 @@ TRL_KEYS = [
         "attnrl's estimators take their weighted sum", check=_check_reward_aggregation,
         allowed="sum_then_normalize"),
     Key("seed", "int", 42, "seed of model init, data order and sampling", ge=0),
-    Key("bf16", "bool|null", None, "bfloat16 mixed precision (null: TRL decides)"),
-    Key("use_cpu", "bool", False, "train on CPU"),
+    Key("bf16", "bool|null", None, "bfloat16 mixed precision (null: follows the machine, "
+        "trainers/machine.py: on where a GPU supports it, off on CPU)"),
+    Key("use_cpu", "bool|null", None, "train on CPU (null: follows the machine: true when no "
+        "CUDA device is visible)"),
     Key("gradient_checkpointing", "bool", True, "recompute activations in backward"),
     Key("deepspeed", "str|dict|null", None, "DeepSpeed config: JSON file, a dict, or zero2 | "
         "zero3 | zero3_offload (configs/deepspeed)"),
@@ -433,6 +427,9 @@ FREE_TRL_FIELDS = {"logging_first_step", "logging_strategy", "log_level", "log_l
 
 ATTNRL_DEFAULT_TRL = {"output_dir", "logging_steps"}
 """TRL fields whose default here is attnrl's, not TRL's (always passed to the trainer)."""
+MACHINE_DEFAULT_TRL = {"use_cpu", "bf16"}
+"""TRL fields whose default (null) is chosen from the machine when a job starts
+(trainers/machine.py), not TRL's."""
 
 
 def _generic_key(name: str) -> Key:
@@ -576,11 +573,45 @@ def world_size() -> int:
     return 1
 
 
+def top_p_problem(top_p, is_correction) -> str | None:
+    """Why top_p < 1 cannot train with TRL's importance-sampling correction on: the engines
+    return nucleus-renormalised log-probs (the distribution sampled from) while TRL's are of
+    the full softmax, so the correction weighs each sequence by the product of its tokens'
+    nucleus masses (0.9 at top_p 0.9, per token: about 0.007 for 48 tokens) and the
+    gradient vanishes. None when the combination is fine."""
+    if top_p is not None and top_p < 1 and is_correction:
+        return (f"top_p {top_p:g} with vllm_importance_sampling_correction: the correction "
+                "would multiply each answer's gradient by its tokens' nucleus masses (about "
+                f"{top_p:g}^length); set top_p: 1.0, or vllm_importance_sampling_correction: "
+                "false (then TRL's loss uses the full softmax)")
+    return None
+
+
+def liger_problem(use_liger) -> str | None:
+    """Why use_liger_kernel is refused: TRL's liger loss never calls the per-token log-prob
+    code where attnrl shapes the advantages, so every credit strategy would be dropped."""
+    if use_liger:
+        return ("use_liger_kernel: true would bypass attnrl's credit (TRL's liger loss never "
+                "computes the per-token advantages); set use_liger_kernel: false")
+    return None
+
+
 def _check_together(config: dict, where) -> None:
     trainer = config.get("trainer", "grpo")
 
     def get(name):
         return config.get(name, default(name, trainer))
+
+    problem = top_p_problem(get("top_p"), get("vllm_importance_sampling_correction"))
+    if problem:
+        raise UserError(f"{where('top_p', 'vllm_importance_sampling_correction')}: {problem}")
+    problem = liger_problem(get("use_liger_kernel"))
+    if problem:
+        raise UserError(f"{where('use_liger_kernel')}: {problem}")
+    if get("rollout_engine") == "vllm_server" and not get("rollout_server_url"):
+        raise UserError(f"{where('rollout_engine', 'rollout_server_url')}: rollout_engine "
+                        "vllm_server needs rollout_server_url, the server's base URL (e.g. "
+                        "http://127.0.0.1:8000; start one with launch/vllm_server.sh)")
 
     from trainers.heldout_keys import HELDOUT_INPUTS, heldout_settings
 
@@ -614,6 +645,8 @@ def _check_together(config: dict, where) -> None:
         raise UserError(f"{where('signal_h_lo', 'signal_h_hi')}: signal_h_hi {h_hi} < "
                         f"signal_h_lo {h_lo}; the FAI window needs h_lo <= h_hi")
     check_layers(config, where)
+    check_attention(config, get, where)
+    check_lora_tied(config, get, where)
     rewards = get("rewards") or {}
     for name in (get("reward_options") or {}):
         if name not in rewards:
@@ -623,31 +656,86 @@ def _check_together(config: dict, where) -> None:
 
 def model_layers(model: str) -> int | None:
     """num_hidden_layers of a model name or local directory, read without loading it."""
-    import json
-
-    if model in SMOLLM2_NAMES or str(model).lower() in SMOLLM2_NAMES:
-        return SMOLLM2_LAYERS
-    path = Path(str(model)).expanduser() / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    return config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
+    return layer_count(model)
 
 
 def check_layers(config: dict, where) -> None:
     """signal_layers / qk_layers inside the model's layer range."""
-    count = None
     for key in ("signal_layers", "qk_layers"):
-        layers = config.get(key)
-        if not layers:
-            continue
-        count = count or model_layers(config.get("model", "smollm2"))
-        if count is None:
-            return
-        bad = [i for i in layers if not -count <= i < count]
+        problem = layers_problem(config.get(key), config.get("model", "smollm2"))
+        if problem:
+            raise UserError(f"{where(key, 'model')}: {key} {problem}")
+
+
+def check_lora_tied(config: dict, get, where) -> None:
+    """LoRA (or modules_to_save) on lm_head of a model with tied embeddings is refused: the
+    rollout engines load one tensor for the pair, so lm_head's delta would be lost (vLLM)
+    or written over the input embedding (transformers)."""
+    lora = get("lora")
+    if not isinstance(lora, dict):
+        return
+    targets = lora.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    saved = list(lora.get("modules_to_save") or [])
+    touched = [t for t in targets + saved if str(t).split(".")[-1] in ("lm_head",
+                                                                        "embed_tokens")]
+    if not touched:
+        return
+    from attnrl.attention_config import read_config
+
+    model = config.get("model", "smollm2")
+    model_config = read_config(model)
+    tied = str(model).lower() in {n.lower() for n in SMOLLM2_NAMES} if model_config is None \
+        else model_config.get("tie_word_embeddings", False)
+    if tied:
+        raise UserError(f"{where('lora', 'model')}: lora on {', '.join(map(str, touched))} of "
+                        f"{model}, whose lm_head is tied to its input embedding: the rollout "
+                        "engines load one tensor for both, so the update would be lost or "
+                        "applied twice; leave lm_head and embed_tokens out of lora")
+
+
+def check_attention(config: dict, get, where) -> None:
+    """Credit that reads the attention only where it can be read exactly, decided from the
+    model's config.json before the model loads: no attention logit softcapping (the
+    capture and the QK scores run sdpa, which drops it), and sampled layers that are
+    softmax attention (not linear attention / state-space layers, which have no map)."""
+    from attnrl.attention_config import (
+        attention_softcap,
+        default_layers,
+        non_softmax_layers,
+        read_config,
+    )
+
+    reads = {ATTENTION_CREDIT[p] for p in str(get("credit")).split("+")
+             if p.strip() in ATTENTION_CREDIT}
+    model = config.get("model", "smollm2")
+    model_config = read_config(model) if reads else None
+    if model_config is None:
+        return
+    softcap = attention_softcap(model_config)
+    if softcap:
+        raise UserError(f"{where('credit', 'model')}: credit {get('credit')} reads the "
+                        f"attention of {model}, whose logits are softcapped "
+                        f"(attn_logit_softcapping={softcap:g}), which the capture cannot "
+                        "compute exactly; use a credit without attention (uniform, random, "
+                        "entropy) for this model")
+    count = model_config.get("num_hidden_layers")
+    if count is None:
+        return
+    signal_layers = get("signal_layers") or default_layers(count, 5)
+    keys = {"signals": ("signal_layers", signal_layers),
+            "qk": ("qk_layers" if get("qk_layers") else "signal_layers",
+                   get("qk_layers") or signal_layers)}
+    for kind in sorted(reads):
+        key, layers = keys[kind]
+        bad = non_softmax_layers(model_config, layers)
         if bad:
-            raise UserError(f"{where(key, 'model')}: {key} {bad} out of range: the model has "
-                            f"{count} layers (valid 0..{count - 1}, or negative from the end)")
+            softmax = [i for i in range(count) if i not in non_softmax_layers(
+                model_config, list(range(count)))]
+            raise UserError(f"{where(key, 'model')}: {key} {sorted(bad)} of {model} are "
+                            f"{', '.join(sorted(set(bad.values())))} layers (its layer_types), "
+                            f"which have no attention map; set {key} to softmax-attention "
+                            f"layers, e.g. {softmax[len(softmax) // 3:][:5]}")
 
 
 def resolve(config: dict) -> dict:

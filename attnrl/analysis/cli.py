@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attnrl.analysis.coupling import POSITION_BINS
+from attnrl import cli_checks
+from attnrl.cli_checks import DEFAULT_MODEL
 from attnrl.errors import UserError
-from attnrl.models import DEFAULT_MODEL
+
+POSITION_BINS = 4  # attnrl.analysis.coupling.POSITION_BINS (that module imports torch)
 
 
 def add_arguments(parser) -> None:
@@ -93,6 +95,16 @@ def _check(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
+    # before torch and the model load: the model, its layers, the device, the task
+    cli_checks.check_model(args.model)
+    cli_checks.check_layers(cli_checks.parse_layers(args.layers), args.model)
+    cli_checks.check_device(args.device)
+    if args.task is not None:
+        cli_checks.check_task(args.task, need_answers=True)
+    elif not Path(args.responses).is_file():
+        raise UserError(f"--responses {args.responses!r} does not exist: give a JSONL file "
+                        "with 'prompt' and 'response' (and 'correct', 'reward' or 'answer') "
+                        "per line")
 
 
 def example_records(tokenizer, samples, results, signals, mask, count=2, max_len=160):
@@ -118,13 +130,13 @@ def example_records(tokenizer, samples, results, signals, mask, count=2, max_len
 
 def analyse(args) -> dict:
     """Everything but the rendering: the report dict."""
+    _check(args)  # before torch is imported
     from attnrl.analysis import report_data
     from attnrl.analysis.collect import read_responses, sample_task
     from attnrl.analysis.forward import analyse_samples
     from attnrl.analysis.summary import FORMAT
     from attnrl.models import load_model, load_tokenizer, resolve_model
 
-    _check(args)
     config = _config(args)
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)

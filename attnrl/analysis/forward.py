@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attnrl.signals.capture import SignalCapture, _block_rows
+from attnrl.signals.blocks import rows_per_block
+from attnrl.signals.capture import SignalCapture
 from attnrl.signals.qk import QKCapture, all_heads, mean_key_alignment
 from attnrl.signals.qk_select import answer_positions
 from attnrl.signals.receiver import kurtosis, vertical_scores
@@ -104,7 +105,7 @@ class HeadRecorder(QKCapture):
             for i, (start, end) in enumerate(spans or []):
                 avg[b, i, start:end] = 1.0 / (end - start)
         matrix = torch.zeros(B, H, S, S, device=q.device, dtype=torch.float64)
-        bq = _block_rows(self.block_bytes, B * H, N, N)
+        bq = rows_per_block(self.block_bytes, B * H, N, N)
         for t0 in range(0, N, bq):
             t1 = min(N, t0 + bq)
             logits = torch.matmul(q[:, :, t0:t1] * scaling, k[:, :, :t1].transpose(-1, -2))

@@ -112,6 +112,63 @@ def iter_gym_task(name: str, size: int = 64, seed: int = 0, **task_kwargs):
                            metadata={"entry": _jsonable(entry), "task": name})
 
 
+def check_gym_task(name: str, task_kwargs: dict | None = None, key: str = "task") -> None:
+    """UserError unless reasoning-gym has task `name` and `task_kwargs` are fields of its
+    config class with values its own validation accepts (no data is generated)."""
+    import dataclasses
+
+    import reasoning_gym  # noqa: F401  (registers the tasks)
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        raise UserError(f"{key}: reasoning-gym has no task {name!r}{nearest(name, DATASETS)}; "
+                        "examples: chain_sum, basic_arithmetic, countdown, gsm_symbolic")
+    config_cls = DATASETS[name][1]
+    fields = [f.name for f in dataclasses.fields(config_cls) if f.name not in ("seed", "size")]
+    for kwarg in task_kwargs or {}:
+        if kwarg not in fields:
+            raise UserError(f"task_kwargs: {name} has no option {kwarg!r}"
+                            f"{nearest(kwarg, fields)}; its options: {', '.join(fields)}")
+    try:
+        config = config_cls(**(task_kwargs or {}))
+        if hasattr(config, "validate"):
+            config.validate()
+    except (AssertionError, ValueError, TypeError) as err:
+        raise UserError(f"task_kwargs {task_kwargs}: {name} refuses them ({err})") from None
+
+
+def check_file_task(task: str, key: str = "task") -> None:
+    """UserError unless every line of a file task has a 'question' and a non-empty
+    'answer' (a prompt without a gold answer trains with reward 0 and evaluates against
+    nothing)."""
+    bundled = task == "gsm8k" or task.startswith("gsm8k:")
+    path = gsm8k_path(task.partition(":")[2] or "train") if bundled else Path(task)
+    if not path.is_file():
+        raise UserError(f"{key} {task!r} is not an existing .jsonl file")
+    count = 0
+    for lineno, row in jsonl_rows(path):
+        count += 1
+        if not isinstance(row, dict) or "question" not in row:
+            raise UserError(f"{key}: {path}:{lineno} has no 'question' field; each line needs "
+                            "'question' and 'answer'")
+        if not str(row.get("answer", "")).strip():
+            raise UserError(f"{key}: {path}:{lineno} has no 'answer' (the gold answer the "
+                            "reward and the evaluation compare with); add it to every line")
+    if not count:
+        raise UserError(f"{key}: {path} holds no prompts")
+
+
+def check_task(task: str, task_kwargs: dict | None = None, key: str = "task") -> None:
+    """The checks of check_file_task / check_gym_task, by the kind of task."""
+    if is_file_task(task):
+        if task_kwargs:
+            raise UserError(f"task_kwargs {task_kwargs} given for the file task {task!r}, "
+                            "which takes none; remove task_kwargs")
+        check_file_task(task, key)
+    else:
+        check_gym_task(task, task_kwargs, key)
+
+
 def _jsonable(entry: dict) -> dict:
     return json.loads(json.dumps(entry, default=str))
 

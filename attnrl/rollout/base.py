@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,8 +74,31 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load new policy weights (HF parameter names) into the engine."""
 
+    def update_weights_stream(self, names: list[str],
+                              chunks: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Load new policy weights that arrive chunk by chunk: `names` lists every HF name
+        the chunks will give (known before the first chunk), `chunks` yields
+        {name: tensor}. A chunk's tensors are valid only until the next chunk is requested
+        (e.g. gathered ZeRO-3 parameters, released after): copy what must outlive it. Every
+        chunk must be consumed (each may be a collective of the trainer's ranks). This
+        default joins copies of all chunks, then calls `update_weights` (the whole model in
+        memory); engines override it to load chunk by chunk."""
+        state = {}
+        for chunk in chunks:
+            state.update({k: v.detach().clone() for k, v in chunk.items()})
+        check_stream_names(names, state)
+        self.update_weights(state)
+
     def close(self) -> None:
         """Free the engine's resources."""
+
+
+def check_stream_names(names: list[str], delivered) -> None:
+    """RuntimeError unless the chunks of a weight stream gave exactly the announced names."""
+    if set(delivered) != set(names):
+        lost, extra = sorted(set(names) - set(delivered)), sorted(set(delivered) - set(names))
+        raise RuntimeError(f"weight stream gave other names than announced: missing "
+                           f"{lost[:8]}, unannounced {extra[:8]}")
 
 
 def sample_seeds(sampling: SamplingConfig, num_prompts: int,

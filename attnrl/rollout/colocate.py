@@ -18,16 +18,39 @@ import os
 
 from attnrl.errors import UserError
 
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "SLURM_LOCALID")
+"""Where launchers put a process's index on its node (torchrun / deepspeed / accelerate,
+Open MPI, MPICH, srun), in the order read."""
+
+
+def local_rank() -> int | None:
+    """This process's index on its node, from the launcher's environment; None if unset."""
+    for name in LOCAL_RANK_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
 
 def distributed_layout() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) of this process: from torch.distributed when it is
-    initialized (LOCAL_RANK from the launcher's environment), else (0, 0, 1)."""
+    initialized (the local rank from the launcher's environment, never the global rank:
+    on a second node they differ), else (0, 0, 1). UserError when several processes run
+    and no launcher variable gives the local rank."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 0, 1
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    local = local_rank()
+    if local is None:
+        if world > 1:
+            raise UserError(f"rank {rank} of {world}: the launcher set none of "
+                            f"{', '.join(LOCAL_RANK_VARS)}, so this process's device on its "
+                            "node is unknown; start it with torchrun / deepspeed / accelerate "
+                            "(or export LOCAL_RANK)")
+        local = 0
     return rank, local, world
 
 

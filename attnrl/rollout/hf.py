@@ -11,6 +11,7 @@ from attnrl.rollout.base import (
     Completion,
     RolloutEngine,
     SamplingConfig,
+    check_stream_names,
     encode_prompts,
     sample_seeds,
 )
@@ -72,10 +73,13 @@ class HFEngine(RolloutEngine):
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32, **kwargs) -> HFEngine:
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu",
+                        **kwargs) -> HFEngine:
+        """A copy of the model in `dtype` on `device` (a trainer passes its own)."""
         from attnrl.models import load_model, load_tokenizer
 
-        return cls(load_model(name_or_path, dtype=dtype), load_tokenizer(name_or_path), **kwargs)
+        return cls(load_model(name_or_path, dtype=dtype, device=device),
+                   load_tokenizer(name_or_path), **kwargs)
 
     @torch.no_grad()
     def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
@@ -141,6 +145,18 @@ class HFEngine(RolloutEngine):
         ValueError naming it, raised before anything is copied."""
         check_state_dict_names(self.model, state_dict)
         self.model.load_state_dict(state_dict, strict=False)  # names checked above (ties)
+
+    def update_weights_stream(self, names, chunks) -> None:
+        """Copy each chunk into the model as it arrives (no copy of the chunk is kept); the
+        names are checked as in `update_weights`, before the first chunk is requested."""
+        check_state_dict_names(self.model, dict.fromkeys(names))
+        own, seen = self.model.state_dict(), set()  # views of the live tensors
+        with torch.no_grad():
+            for chunk in chunks:
+                for name, tensor in chunk.items():
+                    own[name].copy_(tensor)  # what load_state_dict does per tensor
+                    seen.add(name)
+        check_stream_names(names, seen)
 
 
 def check_state_dict_names(model, state_dict) -> None:

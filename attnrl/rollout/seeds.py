@@ -6,7 +6,8 @@ share a seed only if all their coordinates are equal (up to a 2^-63 hash collisi
 - `attnrl generate` / `attnrl eval`: (call seed, prompt index, sample index);
 - training: (run seed, phase, optimizer step, generation call within the step, global row),
   where the global row is the completion's index in the whole generation batch across
-  ranks (rank * rows_per_rank + local row). The seeds thus do not depend on how rows are
+  ranks (the rows of the lower ranks + local row, `first_rows`: ranks may hold different
+  counts). The seeds thus do not depend on how rows are
   split over ranks or grouped into prompts, and a resumed run draws the same seeds at the
   same step.
 
@@ -46,6 +47,16 @@ def training_seeds(seed: int | None, phase: str, step: int, call: int, first_row
         return None
     return [sample_seed(seed, PHASES[phase], step, call, first_row + i)
             for i in range(num_rows)]
+
+
+def first_rows(counts: list[int]) -> list[int]:
+    """The global index of each rank's first row, given every rank's row count (rank order):
+    [3, 5, 2] -> [0, 3, 8]."""
+    starts, total = [], 0
+    for count in counts:
+        starts.append(total)
+        total += int(count)
+    return starts
 
 
 def check_seeds(seeds: SampleSeeds | None, num_prompts: int, n: int) -> None:

@@ -39,6 +39,7 @@ from attnrl.rollout.base import (
     Completion,
     RolloutEngine,
     SamplingConfig,
+    check_stream_names,
     encode_prompts,
     sample_seeds,
 )
@@ -247,6 +248,44 @@ class VLLMServerEngine(RolloutEngine):
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             torch.distributed.barrier()
+
+    def update_weights_stream(self, names, chunks) -> None:
+        """Like `update_weights`, one chunk at a time: the pushing rank writes each chunk
+        (copied to CPU) as its own safetensors shard of the new weights directory, and the
+        server reloads the directory once all are written; the other ranks run the chunks
+        through (under ZeRO-3 each is a collective)."""
+        if not self.push_weights:
+            for _ in chunks:
+                pass
+        else:
+            self._push_shards(names, chunks)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+
+    def _push_shards(self, names, chunks) -> None:
+        from safetensors.torch import save_file
+
+        self._version += 1
+        target = self.weights_dir / f"v{self._version:06d}-{os.getpid()}"
+        target.mkdir(parents=True, exist_ok=True)
+        seen = set()
+        try:
+            for index, chunk in enumerate(chunks):
+                tensors = {}
+                for name, tensor in chunk.items():
+                    # its own storage: safetensors refuses shared (tied) ones
+                    tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+                    seen.add(name)
+                if tensors:  # vLLM's loader reads every *.safetensors of the directory
+                    save_file(tensors, str(target / f"model-{index:05d}.safetensors"))
+            check_stream_names(names, seen)
+            self._call("/collective_rpc",
+                       {"method": "reload_weights", "kwargs": {"weights_path": str(target)}},
+                       timeout=self.request_timeout)
+            self._reset_prefix_cache()
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
 
     def _push(self, state_dict: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

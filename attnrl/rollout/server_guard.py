@@ -6,16 +6,20 @@ Why: the weight-sync endpoints need `VLLM_SERVER_DEV_MODE=1`, which also opens
 from any path the server can read. vLLM's own `--api-key` guards only the `/v1`-style
 routes, not these. The guard, configured from the environment at start-up:
 
-- `ATTNRL_ROLLOUT_API_KEY` (secret, optional on loopback): when set, every request on every
-  route (http and websocket, `/health` included) must carry `Authorization: Bearer KEY`;
-  else HTTP 401.
+- `ATTNRL_ROLLOUT_API_KEY` (secret, required: the guard refuses to start without it, on
+  loopback too, where any local user could otherwise reload the weights): every request
+  on every route (http and websocket, `/health` included) must carry
+  `Authorization: Bearer KEY`; else HTTP 401.
 - `ATTNRL_ROLLOUT_WEIGHTS_DIR` (required): the one directory weights may be loaded from.
   `/collective_rpc` is accepted only as `{"method": "reload_weights", "kwargs":
   {"weights_path": P}}` with P (symlinks resolved) inside that directory; anything else is
   HTTP 403. The other development / RL routes (sleep, pause, weight-transfer engines, ...)
   and runtime LoRA loading are HTTP 403; `/reset_prefix_cache` stays open (with the key).
-- `GET /attnrl/rollout_guard` answers {"weights_dir": DIR, "dev_mode": bool} so a trainer
-  can check it talks to a guarded server and learn where to write its weights.
+- `GET /attnrl/rollout_guard` answers {"weights_dir": DIR, "dev_mode": bool,
+  "logprobs_mode": MODE} so a trainer can check it talks to a guarded server, learn where
+  to write its weights and which log-probs it returns. MODE is the server's effective
+  setting: from the config vLLM built (app.state.vllm_config), else the arguments vLLM
+  parsed (app.state.args), else the process's argv read with vLLM's parser (last wins).
 """
 
 from __future__ import annotations
@@ -49,13 +53,24 @@ def development_paths() -> frozenset[str]:
 
 
 def server_logprobs_mode(argv: list[str]) -> str:
-    """The `--logprobs-mode` the server process was started with (vLLM's default: raw)."""
-    for i, arg in enumerate(argv):
-        if arg == "--logprobs-mode" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--logprobs-mode="):
-            return arg.split("=", 1)[1]
-    return "raw_logprobs"
+    """The `--logprobs-mode` of a server started with `argv` (program name first), as
+    vLLM's parser reads it: the last one given, else vLLM's default (raw_logprobs)."""
+    from attnrl.rollout.server_args import parse_server_args
+
+    return str(parse_server_args(argv[1:]).logprobs_mode)
+
+
+def effective_logprobs_mode(app, argv: list[str]) -> str:
+    """The log-probs mode the running server uses: its engine config, else the arguments
+    vLLM parsed at start-up, else `argv` read with vLLM's parser."""
+    state = getattr(app, "state", None)
+    config = getattr(state, "vllm_config", None)
+    if config is not None:
+        return str(config.model_config.logprobs_mode)
+    args = getattr(state, "args", None)
+    if args is not None:
+        return str(args.logprobs_mode)
+    return server_logprobs_mode(argv)
 
 
 def inside(path: str, directory: str) -> bool:
@@ -71,18 +86,18 @@ class ServerGuard:
     def __init__(self, app):
         self.app = app
         key = os.environ.get(KEY_ENV, "")
-        self.key_digest = hashlib.sha256(key.encode()).digest() if key else None
+        if not key:
+            raise RuntimeError(f"{KEY_ENV} is not set: the rollout server needs a secret (on "
+                               "loopback too); set it here and in the trainer's environment")
+        self.key_digest = hashlib.sha256(key.encode()).digest()
         weights_dir = os.environ.get(WEIGHTS_DIR_ENV, "")
         if not weights_dir or not os.path.isdir(weights_dir):
             raise RuntimeError(f"{WEIGHTS_DIR_ENV} must name an existing directory (the one "
                                f"weights may be loaded from), got {weights_dir!r}")
         self.weights_dir = os.path.realpath(weights_dir)
         self.refused = (development_paths() - OPEN_DEV_PATHS - {RPC_PATH}) | ALWAYS_REFUSED
-        self.logprobs_mode = server_logprobs_mode(sys.argv)
 
     def authorized(self, scope) -> bool:
-        if self.key_digest is None:
-            return True
         for name, value in scope.get("headers", []):
             if name.lower() == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
@@ -104,7 +119,7 @@ class ServerGuard:
             return await _answer(scope, send, 200, None, {
                 "weights_dir": self.weights_dir,
                 "dev_mode": os.environ.get("VLLM_SERVER_DEV_MODE", "0") == "1",
-                "logprobs_mode": self.logprobs_mode})
+                "logprobs_mode": effective_logprobs_mode(scope.get("app"), sys.argv)})
         if path == RPC_PATH and scope["type"] == "http":
             body = await _read_body(receive)
             if body is None:

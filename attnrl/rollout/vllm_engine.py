@@ -17,6 +17,7 @@ from attnrl.rollout.base import (
     Completion,
     RolloutEngine,
     SamplingConfig,
+    check_stream_names,
     encode_prompts,
     sample_seeds,
 )
@@ -73,18 +74,18 @@ class VLLMEngine(RolloutEngine):
             llm_kwargs = {**extra, **llm_kwargs}
         from vllm import LLM
 
-        kwargs = dict(model=path, tokenizer=path, dtype=_DTYPES.get(dtype, dtype),
-                      max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-                      tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
-                      # log-probs after temperature and top-p: the sampling distribution
-                      logprobs_mode="processed_logprobs",
-                      # Seeded requests must never be prefilled in chunks: vLLM rewinds
-                      # the request's generator after a partial prefill, which CPU
-                      # generators cannot do ("CPU Generator does not use offset").
-                      enable_chunked_prefill=False,
-                      max_num_batched_tokens=max(max_model_len, 8192),
-                      # a log file gets no weight-loading progress bar
-                      use_tqdm_on_load=sys.stderr.isatty())
+        kwargs = {"model": path, "tokenizer": path, "dtype": _DTYPES.get(dtype, dtype),
+                  "max_model_len": max_model_len, "seed": seed, "enforce_eager": enforce_eager,
+                  "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
+                  # log-probs after temperature and top-p: the sampling distribution
+                  "logprobs_mode": "processed_logprobs",
+                  # Seeded requests must never be prefilled in chunks: vLLM rewinds
+                  # the request's generator after a partial prefill, which CPU
+                  # generators cannot do ("CPU Generator does not use offset").
+                  "enable_chunked_prefill": False,
+                  "max_num_batched_tokens": max(max_model_len, 8192),
+                  # a log file gets no weight-loading progress bar
+                  "use_tqdm_on_load": sys.stderr.isatty()}
         if gpu_memory_utilization is not None and torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -153,6 +154,31 @@ class VLLMEngine(RolloutEngine):
         weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def update_weights_stream(self, names, chunks) -> None:
+        """One in-place reload that pulls the chunks as vLLM consumes the weights (the
+        engine core runs in this process, so the iterator is never pickled). Each tensor
+        is copied as it passes: vLLM buffers a fused layer's parts (q, k, v) until the
+        layer is complete, which may outlive the chunk that gave them."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            # the engine core is another process: weights are pickled, a generator cannot be
+            return super().update_weights_stream(names, chunks)
+        seen = set()
+
+        def weights():
+            for chunk in chunks:
+                for name, tensor in chunk.items():
+                    seen.add(name)
+                    yield name, tensor.detach().clone()
+
+        stream = weights()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream,
+                                                          "is_checkpoint_format": True})
+        unread = [name for name, _ in stream]  # run the rest: every rank gathers every bucket
+        if unread:
+            raise RuntimeError(f"vLLM stopped reading the weight stream before {unread[:4]}")
+        check_stream_names(names, seen)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -7,9 +7,21 @@
   eager attention maps (slow; the oracle in tests).
 """
 
-from attnrl.signals.aggregate import compute_token_signals, token_signals_from_head_stats
-from attnrl.signals.capture import CAPTURE_NAME, SignalCapture
-from attnrl.signals.types import HeadStats, SignalConfig, TokenSignals, top_q_mask
+import importlib
+
+_HOMES = {"token_signals_from_head_stats": "aggregate", "CAPTURE_NAME": "capture",
+          "SignalCapture": "capture", "compute_token_signals": "capture",
+          "HeadStats": "types", "SignalConfig": "types", "TokenSignals": "types",
+          "top_q_mask": "types"}
+
+
+def __getattr__(name):
+    """The names below, imported on first use (so `attnrl signals` can check its arguments
+    before torch loads)."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"attnrl.signals.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'attnrl.signals' has no attribute {name!r}")
+
 
 __all__ = ["CAPTURE_NAME", "HeadStats", "SignalCapture", "SignalConfig", "TokenSignals",
            "compute_token_signals", "token_signals_from_head_stats", "top_q_mask"]

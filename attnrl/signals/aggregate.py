@@ -1,9 +1,9 @@
 """From per-head statistics to per-token signals and token sets (methods.md 1.1-1.5).
 
-- `compute_token_signals(model, input_ids, attention_mask, response_mask, config)`: one
-  call; a no_grad forward with the signal capture (stopped after the last sampled layer).
 - `token_signals_from_head_stats(stats, response_mask, config)`: head split, head means,
-  FAI normalisation, Delta and the token sets; used by the capture.
+  FAI normalisation, Delta and the token sets; used by the capture
+  (`attnrl.signals.capture`, which also holds the one-call `compute_token_signals`).
+Pure math on per-head statistics: this module does not import the capture.
 
 Choices where the paper is silent:
 - Head split: each head's span is pooled over the whole batch as a token-weighted mean
@@ -22,6 +22,7 @@ import math
 import torch
 
 from attnrl.errors import UserError
+from attnrl.signals.blocks import float32_math
 from attnrl.signals.types import HeadStats, SignalConfig, TokenSignals, top_q_mask
 
 
@@ -130,8 +131,6 @@ def token_signals_from_head_stats(stats: HeadStats, response_mask: torch.Tensor,
     """Head split, head means and token sets. stats (B, L, H, N); response_mask (B, N).
     `head_split` (local, global) (L, H) bool overrides the split from this batch's spans.
     float32 math with autocast off (a trainer may call it inside its mixed precision)."""
-    from attnrl.signals.capture import float32_math
-
     with float32_math(stats.waad.device):
         return _token_signals(stats, response_mask, config, head_split)
 
@@ -169,21 +168,3 @@ def _token_signals(stats, response_mask, config, head_split) -> TokenSignals:
                         preplan_mask=preplan, anchor_mask=anchor, dominated_mask=dominated,
                         intro_mask=intro, head_span=head_span, local_heads=local,
                         global_heads=global_, layers=list(stats.layers))
-
-
-def compute_token_signals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          response_mask: torch.Tensor, config: SignalConfig | None = None,
-                          head_split: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          block_bytes: int = 8 << 20) -> TokenSignals:
-    """TokenSignals of a batch in one call. input_ids (B, N); attention_mask (B, N) 1 =
-    token (None: no padding); response_mask (B, N) True on response tokens. Runs a no_grad
-    forward with the capture, stopped after the last sampled layer."""
-    from attnrl.signals.capture import SignalCapture
-
-    config = config or SignalConfig()
-    capture = SignalCapture(model, config, response_mask=response_mask,
-                            attention_mask=attention_mask, head_split=head_split,
-                            block_bytes=block_bytes, stop_after_last=True)
-    with torch.no_grad(), capture:
-        capture.run(input_ids=input_ids, attention_mask=attention_mask)
-    return capture.token_signals()

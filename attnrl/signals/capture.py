@@ -3,39 +3,35 @@
 An attention function registered with transformers' `AttentionInterface` as
 "attnrl_capture" (with the sdpa mask function registered under the same name in
 `AttentionMaskInterface`, so every layer still receives its padding / sliding-window mask).
-Layers that are not sampled call sdpa untouched. In a sampled layer the output is still
-sdpa's (same kernel or sdpa itself; gradients flow as through sdpa) and, without gradient,
-from the query and key the layer holds (after rotary, GQA heads expanded, the layer's
-`scaling` and mask) the capture records per head:
+Layers that are not sampled call sdpa untouched. A sampled layer computes its output and,
+without gradient, from the query and key it holds (after rotary, the layer's `scaling` and
+mask) records per head WAAD, FAI sums and span (`attnrl.signals.band`), from each row's
+log-sum-exp and span (`attnrl.signals.kernels`). Which path runs when:
 
-- per query t:  WAAD_t = sum_{s<=t} A_ts min(t - s, W)  and  span_t = sum_{s<=t} A_ts (t - s)
-- per key s:    fai_sum_s = sum_{t in T(s)} A_ts,  T(s) = {t in response: h_lo <= t-s <= h_hi}
+- `fused`: CPU, float32, no autocast: the layer's output, lse and span come from ONE
+  differentiable call of the CPU flash kernel (key position in an extra value channel),
+  with or without gradient checkpointing;
+- `kernel`: bfloat16 weights, autocast or CUDA: sdpa's output plus one kernel call without
+  gradient for lse and span;
+- `blockwise`: the fallback (`use_kernel=False`, no kernel for the device or the mask):
+  sdpa's output plus a blockwise pass.
+`SignalCapture.paths` / `reasons` say which path each sampled layer took and why; the
+first use of each path is logged (logger "attnrl.signals", INFO); the trainer logs
+`signals/path_*`.
 
-Every needed entry is A_ts = exp(scaling q_t.k_s + mask_ts - lse_t), so it needs each row's
-log-sum-exp lse_t and the span (attention with value = key position). Three paths
-(`SignalCapture.paths` says which one each layer took; the trainer logs `signals/path_*`):
-- fused (CPU, float32, no gradient checkpointing, no autocast): one call of the fused
-  flash kernel sdpa itself uses on CPU, with a zero channel appended to q and k and the key
-  position appended to v, returns the output, lse and sum_s A_ts s together: no extra pass;
-- kernel (everything else where a kernel is wired: gradient checkpointing, bf16 weights,
-  autocast, CUDA): sdpa's own ops for the output (so a checkpoint recompute after the
-  capture matches and gradients are sdpa's), plus ONE extra kernel call without gradient on
-  q and k upcast once to float32 (key position in the value) for lse and span: the CPU
-  flash kernel, or on CUDA torch's memory-efficient attention (the CUDA kernel that takes
-  float32 and returns the log-sum-exp). A padding mask becomes a key channel (is_causal),
-  never an (N, N) float copy;
-- blockwise (fallback: `use_kernel=False`, other devices, CUDA with masks other than
-  causal + padding such as sliding windows): sdpa for the output, plus one blockwise pass
-  over query blocks against their causal keys, one (B, H, bq, t1) block of logits at a time.
-Then WAAD and FAI read only the band of the last max(W - 1, h_hi) keys of each query, again
-in query blocks (N / bq Python iterations). Never an (N, N) matrix: temporaries
-O(B H bq (bq + band)) (blockwise lse pass: O(B H bq N)), stored O(B L H N). All statistics
-are float32 math with autocast off and without gradient, whatever the model's dtype.
+Gradient checkpointing (transformers' `gradient_checkpointing_enable`, what TRL uses): the
+backward recomputes each layer, usually after the `with` block has restored the model's own
+attention implementation. So during the capture the function each checkpointed layer hands
+to torch's checkpoint is wrapped: the recompute runs with the capture's attention installed
+and replays the forward's calls (fused where the forward ran fused, sdpa elsewhere, with the
+mask the forward built) without recording anything. Forward and recompute are the same
+calls by construction, whatever implementation the model was loaded with (eager, sdpa,
+flash_attention_2). A model checkpointed by other means (the layers are not transformers'
+checkpointed layers) keeps sdpa's output in every layer, and is refused unless it was
+loaded with sdpa (its recompute would run another implementation).
 
-Attention the capture cannot compute exactly is refused (UserError naming the model and
-the feature) instead of silently running another policy: logit softcapping (Gemma2's
-`attn_logit_softcapping`, a `softcap` argument) and attention sinks (gpt-oss' `sinks`, an
-`s_aux` argument). Non-causal attention and KV caches are refused too.
+Attention the capture cannot compute exactly is refused (`attnrl.signals.variants`).
+Non-causal attention and KV caches are refused too.
 
 Usage (the response mask is needed during the forward, for FAI's sums per key):
 
@@ -43,378 +39,116 @@ Usage (the response mask is needed during the forward, for FAI's sums per key):
         out = model(input_ids=ids, attention_mask=attention_mask)
     signals = capture.token_signals(attention_mask, response_mask)
 
-`capture.set_batch(attention_mask, response_mask)` sets the masks for the next forward.
+`capture.set_batch(attention_mask, response_mask)` sets the masks for the next forward;
+`compute_token_signals(...)` is the one-call form.
 """
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
+import logging
 
 import torch
 
 from attnrl.errors import UserError
+from attnrl.signals.aggregate import token_signals_from_head_stats
+from attnrl.signals.band import layer_statistics
+from attnrl.signals.blocks import float32_math, float32_qk, padding_key_mask
+from attnrl.signals.kernels import (
+    PATHS,
+    attention_with_lse,
+    fused_available,
+    kernel_lse_and_span,
+    kernel_width,
+)
 from attnrl.signals.types import HeadStats, SignalConfig, TokenSignals
+from attnrl.signals.variants import (
+    cannot_capture,
+    check_capture_supported,
+    refuse_attention_variant,
+    unwrap,
+)
 
 CAPTURE_NAME = "attnrl_capture"
 PROFILE_REGION = "attnrl_signal_capture"  # torch.profiler region of the capture's own work
 _CAPTURE_ATTR = "_attnrl_signal_capture"
 _registered = False
+logger = logging.getLogger("attnrl.signals")
+
+# The forward plan being replayed by a checkpoint recompute (None outside one), and whether
+# the current call runs inside a checkpointed layer the capture has wrapped.
+_REPLAY: contextvars.ContextVar = contextvars.ContextVar("attnrl_capture_replay", default=None)
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("attnrl_capture_pinned", default=False)
 
 
-# --------------------------------------------------------------------------- the band math
-
-def _allowed_keys(mask_block: torch.Tensor) -> torch.Tensor:
-    """Boolean view of a mask block: True where the key is attended."""
-    if mask_block.dtype == torch.bool:
-        return mask_block
-    return mask_block > torch.finfo(mask_block.dtype).min
+def _scaling(query: torch.Tensor, kwargs: dict) -> float:
+    return kwargs.get("scaling") or query.shape[-1] ** -0.5
 
 
-def _check_causal(mask: torch.Tensor, t0: int, t1: int) -> None:
-    """Raise if the layer's mask lets a query in [t0, t1) see a later key."""
-    future = _allowed_keys(mask[..., t0:t1, t1:]).any() if t1 < mask.shape[-1] else False
-    diag = _allowed_keys(mask[..., t0:t1, t0:t1])
-    upper = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=mask.device).triu(1)
-    if future or (diag & upper).any():
-        raise UserError("the signal capture needs causal attention (each token sees only "
-                        "earlier tokens); this layer's mask lets tokens see later ones")
+def _sdpa(module, query, key, value, attention_mask, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _block_rows(budget_bytes: int, batch_heads: int, n: int, width: int) -> int:
-    """Query rows per block so that a (B*H, rows, rows + width) float32 block fits."""
-    room = max(1, budget_bytes // (4 * batch_heads))
-    rows = int((-width + (width * width + 4 * room) ** 0.5) / 2)
-    return max(16, min(n, rows))
+# --------------------------------------------------------------------------- checkpointing
+
+class _ForwardPlan:
+    """The output call each sampled layer of one forward ran ("fused" or "sdpa"; layers not
+    listed ran sdpa), so that a checkpoint recompute of that forward replays it."""
+
+    def __init__(self):
+        self.outputs: dict[int, str] = {}
+
+    def replay(self, module, query, key, value, attention_mask, kwargs):
+        """The forward's attention call of this layer again; records nothing."""
+        if self.outputs.get(getattr(module, "layer_idx", None)) == "fused":
+            output = attention_with_lse(query, key, value, attention_mask,
+                                        _scaling(query, kwargs))[0]
+            return output, None
+        return _sdpa(module, query, key, value, attention_mask, kwargs)
 
 
-def float32_math(device: torch.device) -> contextlib.ExitStack:
-    """The context every statistic is computed in: no gradient and autocast off, so the
-    math runs in float32 whatever the model's dtype or a trainer's mixed precision."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    with contextlib.suppress(RuntimeError):  # a device type without autocast support
-        stack.enter_context(torch.autocast(torch.device(device).type, enabled=False))
-    return stack
+class _PinnedCall:
+    """The function a checkpointed layer hands to torch's checkpoint, wrapped. The first
+    call is the forward inside the capture; every later call is a recompute (in the
+    backward, usually after the capture ended): it runs with the capture attention
+    installed on `configs` and replays `plan`."""
+
+    def __init__(self, function, plan: _ForwardPlan, configs: list):
+        self.function, self.plan, self.configs = function, plan, configs
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            token = _PINNED.set(True)
+            try:
+                return self.function(*args, **kwargs)
+            finally:
+                _PINNED.reset(token)
+        token = _REPLAY.set(self.plan)
+        saved = [(config, config._attn_implementation_internal) for config in self.configs]
+        try:
+            for config, _ in saved:
+                config._attn_implementation_internal = CAPTURE_NAME
+            return self.function(*args, **kwargs)
+        finally:
+            for config, value in reversed(saved):
+                config._attn_implementation_internal = value
+            _REPLAY.reset(token)
 
 
-def float32_qk(query: torch.Tensor, key: torch.Tensor, scaling: float, extra: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's q and k upcast once to float32: scaled queries (B, H, N, d + extra) =
-    float32(q) * scaling and keys (B, H_kv, N, d + extra), the `extra` channels zero (a
-    kernel's room for the key-position and padding channels). Never a bfloat16 product."""
-    B, H, N, d = query.shape
-    q = query.new_zeros(B, H, N, d + extra, dtype=torch.float32)
-    q[..., :d] = query.detach()
-    q[..., :d].mul_(scaling)
-    k = key.new_zeros(*key.shape[:3], d + extra, dtype=torch.float32)
-    k[..., :d] = key.detach()
-    return q, k
+class _PinningCheckpoint:
+    """Stands in for a layer's `_gradient_checkpointing_func` during a capture: hands torch's
+    checkpoint a `_PinnedCall` bound to the current forward's plan."""
 
+    def __init__(self, original, capture: SignalCapture):
+        self.original, self.capture = original, capture
 
-def _device_budget(block_bytes: int, device: torch.device) -> int:
-    """Temporary bytes per block: `block_bytes` on CPU, at least 64 MiB on an accelerator,
-    where each block is a handful of kernel launches and launches, not bytes, cost time."""
-    return block_bytes if device.type == "cpu" else max(block_bytes, 64 << 20)
-
-
-class _Blocks:
-    """Query blocks of one layer: scaled float32 queries grouped by KV head, masked logits."""
-
-    def __init__(self, query, key, mask, scaling, prepared=None):
-        B, H, N, d = query.shape
-        self.B, self.H, self.N, self.d = B, H, N, d
-        self.h_kv = key.shape[1]
-        self.group = H // self.h_kv
-        if key.shape[2] != N:
-            raise UserError(f"the signal capture needs a full-sequence forward without a KV "
-                            f"cache (got {N} queries for {key.shape[2]} keys); pass "
-                            "use_cache=False and no past_key_values")
-        q, k = prepared if prepared is not None else float32_qk(query, key, scaling)
-        self.q = q.view(B, self.h_kv, self.group, N, q.shape[-1])[..., :d]
-        self.k = k[..., :d]
-        self.mask = mask
-        self.device = query.device
-
-    def logits(self, t0: int, t1: int, c0: int) -> torch.Tensor:
-        """(B, H, t1 - t0, t1 - c0) logits of queries [t0, t1) for keys [c0, t1), with the
-        layer's mask and causality applied (-inf where not attended)."""
-        n = t1 - t0
-        qb = self.q[:, :, :, t0:t1].reshape(self.B, self.h_kv, self.group * n, self.d)
-        out = torch.matmul(qb, self.k[:, :, c0:t1].transpose(-1, -2))
-        out = out.view(self.B, self.H, n, t1 - c0)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).triu(1)
-        out[..., t0 - c0:].masked_fill_(causal, float("-inf"))
-        if self.mask is not None:
-            block = self.mask[..., t0:t1, c0:t1]
-            if block.dtype == torch.bool:
-                out.masked_fill_(~block, float("-inf"))
-            else:
-                out.add_(block.float())
-        return out
-
-
-def lse_and_span(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                 scaling: float, block_bytes: int = 8 << 20, prepared=None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp and span, in query blocks over causal keys (blockwise fallback).
-
-    query (B, H, N, d), key (B, H_kv, N, d); mask as `layer_statistics`. Returns lse
-    (B, H, N) (-inf for a row with no allowed key) and span (B, H, N) = sum_s A_ts (t - s),
-    float32. Temporaries: one (B, H, bq, <=N) block. `prepared`: `float32_qk`'s output.
-    """
-    blocks = _Blocks(query, key, mask, scaling, prepared)
-    B, H, N = blocks.B, blocks.H, blocks.N
-    lse = torch.empty(B, H, N, device=blocks.device)
-    span = torch.empty(B, H, N, device=blocks.device)
-    positions = torch.arange(N, device=blocks.device, dtype=torch.float32)
-    bq = _block_rows(_device_budget(block_bytes, blocks.device), B * H, N, N)
-    for t0 in range(0, N, bq):
-        t1 = min(N, t0 + bq)
-        logits = blocks.logits(t0, t1, 0)
-        row_max = logits.amax(-1, keepdim=True)
-        row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
-        e = logits.sub_(row_max).exp_()
-        mass = e.sum(-1)
-        # positions relative to the block keep float32 precision for short spans
-        rel = torch.matmul(e, positions[:t1] - t0) / mass.clamp(min=1e-30)
-        span[:, :, t0:t1] = (positions[t0:t1] - t0) - rel
-        lse[:, :, t0:t1] = mass.log() + row_max.squeeze(-1)
-    return lse, span
-
-
-def band_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    scaling: float, lse: torch.Tensor, response: torch.Tensor, window: int,
-                    h_lo: int, h_hi: int | None, block_bytes: int = 8 << 20,
-                    block_rows: int | None = None, prepared=None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WAAD per query and FAI sums per key from the band of the last max(W-1, h_hi) keys.
-
-    A_ts = exp(scaling q_t.k_s + mask - lse_t). With rows summing to 1,
-    WAAD_t = W - sum_{0<=t-s<W} (W - (t-s)) A_ts; fai_sum_s = sum over response t with
-    h_lo <= t - s <= h_hi of A_ts. A row whose token does not attend to itself is treated as
-    padding: WAAD 0, no FAI contribution. Returns waad (B, H, N), fai_sum (B, H, N) and
-    has_keys (B|1, 1|H, N) bool. One Python iteration per block of about the band's width
-    rows: N / bq iterations, temporaries O(B H bq (bq + band)).
-    """
-    blocks = _Blocks(query, key, mask, scaling, prepared)
-    B, H, N = blocks.B, blocks.H, blocks.N
-    device = blocks.device
-    reach = N if h_hi is None else max(window - 1, h_hi)
-    if mask is None:
-        has_keys = torch.ones(1, 1, N, dtype=torch.bool, device=device)
-    else:
-        has_keys = _allowed_keys(mask.diagonal(dim1=-2, dim2=-1))
-    resp = response.to(device=device, dtype=torch.float32)
-    coef_all = resp[:, None, :] * has_keys                              # (B, 1|H, N)
-    lse = torch.where(torch.isfinite(lse), lse, 0.0).float()
-    waad = torch.zeros(B, H, N, device=device)
-    fai_sum = torch.zeros(B, H, N, device=device)
-    positions = torch.arange(N, device=device, dtype=torch.float32)
-    # Rows per block: on CPU about the band width (a wider block mostly computes masked
-    # entries); on an accelerator as many as the budget holds (few kernel launches).
-    bq = _block_rows(_device_budget(block_bytes, device), B * H, N, min(N, reach))
-    bq = min(bq, max(32, min(reach, 128)) if device.type == "cpu" else 512)
-    bq = block_rows or bq
-    for t0 in range(0, N, bq):
-        t1 = min(N, t0 + bq)
-        c0 = max(0, t0 - reach)
-        logits = blocks.logits(t0, t1, c0)
-        if c0 == 0:  # the block holds whole rows: normalise them exactly, as a softmax
-            row_lse = torch.logsumexp(logits, -1, keepdim=True)
-            row_lse.masked_fill_(~torch.isfinite(row_lse), 0.0)
-        else:
-            row_lse = lse[:, :, t0:t1, None]
-        a = logits.sub_(row_lse).exp_()                                   # (B,H,n,t1-c0)
-        dist = positions[t0:t1, None] - positions[None, c0:t1]
-        w0 = max(c0, t0 - window + 1) - c0                                # last W keys only
-        near = (window - dist[:, w0:]).clamp_(min=0).masked_fill_(dist[:, w0:] < 0, 0.0)
-        near_sum = (a[..., w0:] * near).sum(-1)
-        waad[:, :, t0:t1] = window * has_keys[..., t0:t1] - near_sum
-        in_band = (dist >= h_lo) if h_hi is None else (dist >= h_lo) & (dist <= h_hi)
-        coef = coef_all[..., None, t0:t1]                                 # (B, 1|H, 1, n)
-        fai_sum[:, :, c0:t1] += torch.matmul(coef, a.mul_(in_band)).squeeze(-2)
-    waad.mul_(has_keys)
-    return waad, fai_sum, has_keys.expand(B, H, N)
-
-
-def check_causal_mask(mask: torch.Tensor | None, block: int = 256) -> None:
-    """Raise UserError if `mask` (.., N, N) lets any query attend to a later key."""
-    if mask is None:
-        return
-    for t0 in range(0, mask.shape[-2], block):
-        _check_causal(mask, t0, min(mask.shape[-2], t0 + block))
-
-
-def layer_statistics(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float, response: torch.Tensor, window: int, h_lo: int,
-                     h_hi: int | None, block_bytes: int = 8 << 20,
-                     lse: torch.Tensor | None = None, span: torch.Tensor | None = None,
-                     check_mask: bool = True, prepared=None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head WAAD, FAI sums and span of one layer, without an (N, N) matrix.
-
-    query (B, H, N, d), key (B, H_kv, N, d) after rotary; mask None (plain causal) or
-    (B|1, 1|H, N, N) bool (True = attend) or additive float; response (B, N) bool.
-    `lse` and `span` (B, H, N), when an attention kernel already gave them, skip the
-    blockwise pass. `check_mask`: verify the mask is causal (skip when already checked).
-    `prepared`: `float32_qk(query, key, scaling, ...)` when the caller already has it.
-    Returns waad (B, H, N) per query, fai_sum (B, H, N) per key and span
-    (B, H, N) per query, float32, in tokens / attention mass; 0 on rows without keys.
-    Computed in float32 with autocast off and without gradient, whatever the inputs' dtype.
-    """
-    with float32_math(query.device):
-        if check_mask:
-            check_causal_mask(mask)
-        if prepared is None:
-            prepared = float32_qk(query, key, scaling)
-        if lse is None or span is None:
-            lse, span = lse_and_span(query, key, mask, scaling, block_bytes, prepared)
-        waad, fai_sum, has_keys = band_statistics(query, key, mask, scaling, lse, response,
-                                                  window, h_lo, h_hi, block_bytes,
-                                                  prepared=prepared)
-        span = torch.where(has_keys, span.float(), 0.0)
-    return waad, fai_sum, span
-
-
-def _flash_cpu_available(query, key, value, kwargs) -> bool:
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    # Under autocast (e.g. TRL's bf16 on CPU) q/k/v can arrive in mixed dtypes.
-    return (op is not None and query.device.type == "cpu"
-            and query.dtype == key.dtype == value.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not kwargs.get("dropout")
-            and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
-            and not kwargs.get("softcap"))
-
-
-def attention_with_lse(query, key, value, mask, scaling):
-    """CPU attention from the same fused kernel sdpa uses, plus each row's log-sum-exp and
-    sum_s A_ts s: the value gets one extra channel holding the key position (query and
-    key get a zero channel), so one kernel call yields all three. float32 only (a bfloat16
-    channel cannot hold positions above 256 exactly).
-
-    Returns (output (B, N, H, d) as sdpa_attention_forward, lse (B, H, N) float32,
-    span (B, H, N) float32 = t - sum_s A_ts s; its absolute error grows as N times the
-    float32 precision). Gradients flow to query, key and value as through sdpa.
-    """
-    B, H, N, d = query.shape
-    h_kv = key.shape[1]
-    group = H // h_kv
-    # one allocation per operand: heads expanded for GQA (as sdpa's repeat_kv) and padded
-    q_pad = query.new_zeros(B, H, N, d + 1)
-    q_pad[..., :d] = query
-    k_pad = key.new_zeros(B, h_kv, group, N, d + 1)
-    k_pad[..., :d] = key[:, :, None]
-    v_pad = value.new_empty(B, h_kv, group, N, d + 1)
-    v_pad[..., :d] = value[:, :, None]
-    v_pad[..., d] = torch.arange(N, device=query.device, dtype=value.dtype)
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
-                           ).masked_fill_(~mask, float("-inf"))
-    elif mask is not None:
-        mask = mask.to(query.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_pad, k_pad.view(B, H, N, d + 1), v_pad.view(B, H, N, d + 1), 0.0, mask is None,
-        attn_mask=mask, scale=scaling)
-    positions = torch.arange(N, device=query.device, dtype=torch.float32)
-    span = positions - out[..., d].detach().float()
-    return out[..., :d].transpose(1, 2).contiguous(), lse.detach().float(), span
-
-
-def padding_key_mask(mask: torch.Tensor | None, block: int = 256) -> torch.Tensor | None:
-    """Check `mask` is causal (UserError if not) and say whether it is a padding mask.
-
-    mask (B|1, 1|H, N, N) bool (True = attend) or additive float, or None (plain causal).
-    Returns key_keep (B|1, N) bool when every row t allows exactly the keys s <= t with
-    key_keep[s] (causal attention over unpadded keys, what transformers builds for padded
-    batches), else None (sliding windows, per-head masks, ...). Reads the mask in row
-    blocks: N / block iterations, no (N, N) temporary.
-    """
-    if mask is None:
-        return None
-    N = mask.shape[-1]
-    keep = _allowed_keys(mask[:, :1, -1, :])                   # the last row: every key left
-    plain = mask.shape[1] == 1 and mask.shape[-2] == N
-    for t0 in range(0, mask.shape[-2], block):
-        t1 = min(mask.shape[-2], t0 + block)
-        _check_causal(mask, t0, t1)
-        if plain:
-            causal = (torch.arange(t1, device=mask.device)[None, :]
-                      <= torch.arange(t0, t1, device=mask.device)[:, None])
-            plain = torch.equal(_allowed_keys(mask[..., t0:t1, :t1]), keep[..., None, :t1] & causal)
-    return keep[:, 0] if plain else None
-
-
-_PAD_KEY = -1.0e6  # key channel of padded keys: exp(logit - max) underflows to exactly 0
-
-
-def kernel_width(query: torch.Tensor) -> int | None:
-    """Head width of the statistics kernel on query's device (d + position and padding
-    channels, CUDA: rounded up to a multiple of 8), or None when no kernel is wired."""
-    d = query.shape[-1]
-    if query.device.type == "cpu" and hasattr(torch.ops.aten,
-                                              "_scaled_dot_product_flash_attention_for_cpu"):
-        return d + 2
-    if query.device.type == "cuda" and hasattr(torch.ops.aten,
-                                               "_scaled_dot_product_efficient_attention"):
-        return -(-(d + 2) // 8) * 8
-    return None
-
-
-def kernel_lse_and_span(prepared: tuple[torch.Tensor, torch.Tensor], d: int,
-                        mask: torch.Tensor | None, key_keep: torch.Tensor | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Row log-sum-exp and span from ONE fused attention kernel call, without gradient.
-
-    prepared: `float32_qk(query, key, scaling, kernel_width(query) - d)`, i.e. float32
-    scaled q (B, H, N, w) and k (B, H_kv, N, w) with zero channels d.. w-1 (channel d is
-    overwritten here). The value is zero but for channel d = the key position, so the
-    kernel returns lse and sum_s A_ts s (span_t = t - that) in one pass over the keys:
-    CPU: the flash kernel sdpa uses (`_scaled_dot_product_flash_attention_for_cpu`);
-    CUDA: the memory-efficient kernel (`_scaled_dot_product_efficient_attention`), the
-    CUDA kernel that takes float32 and returns the log-sum-exp.
-    mask None: plain causal. key_keep (B|1, N): the mask is causal over unpadded keys
-    (`padding_key_mask`): is_causal plus a key channel of -1e6 on padded keys, so no
-    (N, N) tensor is built. Any other mask: an additive float32 (B|1, 1|H, N, N) copy on
-    CPU; on CUDA None (the caller falls back to the blockwise pass).
-    Returns lse (B, H, N), span (B, H, N) float32 (span's absolute error grows as N times
-    the float32 precision), or None when no kernel applies.
-    """
-    q, k = prepared
-    B, H, N, width = q.shape
-    h_kv = k.shape[1]
-    device = q.device
-    is_causal = mask is None or key_keep is not None
-    if device.type == "cuda" and not is_causal:
-        return None
-    if key_keep is not None:
-        q[..., d] = 1.0
-        k[..., d] = torch.where(key_keep.to(device)[:, None, :], 0.0, _PAD_KEY)
-    v = k.new_zeros(B, h_kv, N, width)
-    v[..., d] = torch.arange(N, device=device, dtype=torch.float32)
-    bias = None
-    if not is_causal:
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=device
-                           ).masked_fill_(~_allowed_keys(mask), float("-inf"))
-    if device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=bias, scale=1.0)
-    else:
-        group = H // h_kv
-        if group > 1:
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, True, scale=1.0)[:2]
-        lse = lse[..., :N]
-    positions = torch.arange(N, device=device, dtype=torch.float32)
-    return lse.float(), positions - out[..., d].float()
-
-
-PATHS = ("fused", "kernel", "blockwise")
-"""How a sampled layer's statistics were computed: `fused` (the layer's output, lse and
-span from one kernel call), `kernel` (sdpa's output; lse and span from one extra kernel
-call without gradient), `blockwise` (sdpa's output; lse and span from the blockwise
-pass, where no kernel accepts the inputs)."""
+    def __call__(self, function, *args, **kwargs):
+        pinned = _PinnedCall(function, self.capture._plan, self.capture._configs)
+        return self.original(pinned, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- registration
@@ -424,14 +158,20 @@ class _StopForward(Exception):
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    """sdpa attention; in a sampled layer of an active capture, also record statistics."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """sdpa attention; in a sampled layer of an active capture, also record statistics; in
+    a checkpoint recompute, the forward's own call."""
+    plan = _REPLAY.get()
+    if plan is not None:
+        return plan.replay(module, query, key, value, attention_mask, kwargs)
     capture = getattr(module, _CAPTURE_ATTR, None)
-    if capture is not None and getattr(module, "layer_idx", None) in capture.layers:
+    if capture is None:
+        refuse_attention_variant(module, kwargs)
+        return _sdpa(module, query, key, value, attention_mask, kwargs)
+    if getattr(module, "layer_idx", None) in capture.layers:
         return capture._record(module, query, key, value, attention_mask, kwargs)
-    refuse_attention_variant(capture.model if capture is not None else module, kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    capture._unpinned_checkpoint()  # refuses a recompute that would run another attention
+    refuse_attention_variant(capture.model, kwargs)
+    return _sdpa(module, query, key, value, attention_mask, kwargs)
 
 
 def register() -> str:
@@ -447,61 +187,13 @@ def register() -> str:
     return CAPTURE_NAME
 
 
-def _unwrap(model):
-    """The transformers model inside DeepSpeed / DDP / PEFT wrappers."""
-    from transformers import PreTrainedModel
-
-    seen = 0
-    while not isinstance(model, PreTrainedModel) and seen < 4:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            break
-        seen += 1
-    return model
-
-
-def _cannot_capture(model, why: str) -> UserError:
-    return UserError(f"cannot capture attention signals from {type(model).__name__}: {why}. "
-                     "The capture needs a transformers model whose attention layers call "
-                     "the attention-function registry (Llama, Qwen2/3, Mistral, Gemma, ...)")
-
-
-def _variant_error(model, feature: str) -> UserError:
-    return UserError(f"cannot capture attention signals from {type(model).__name__}: its "
-                     f"attention uses {feature}, which the capture's kernels (sdpa) do not "
-                     "compute, so the loss forward would run a different policy; use a "
-                     "credit strategy without attention signals (uniform, random, entropy, "
-                     "bottom_q) for this model")
-
-
-def check_capture_supported(model) -> None:
-    """Raise UserError, before any forward, if `model`'s attention has a feature the capture
-    cannot compute exactly: logit softcapping (`attn_logit_softcapping`, Gemma2) or
-    attention sinks (a `sinks` parameter in its attention layers, gpt-oss). Supported:
-    causal softmax attention with any mask transformers builds (padding, sliding windows),
-    MHA / GQA / MQA, any rotary variant, q/k norms, any `scaling`."""
-    model = _unwrap(model)
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "attn_logit_softcapping", None)
-    if softcap:
-        raise _variant_error(model, f"logit softcapping (attn_logit_softcapping={softcap})")
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and isinstance(getattr(module, "sinks", None),
-                                                       torch.Tensor):
-            raise _variant_error(model, "attention sinks (a learned `sinks` logit per head)")
-
-
-def refuse_attention_variant(model, kwargs: dict) -> None:
-    """Raise UserError when a layer passes the attention function an argument sdpa would
-    silently ignore (`s_aux` sinks, `softcap`): its output would not be the model's."""
-    if kwargs.get("s_aux") is not None:
-        raise _variant_error(model, "attention sinks (s_aux)")
-    if kwargs.get("softcap"):
-        raise _variant_error(model, f"logit softcapping (softcap={kwargs['softcap']})")
+def _checkpointed_layers(model) -> list:
+    """transformers' gradient-checkpointing layers of `model` (its decoder layers)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 # --------------------------------------------------------------------------- the capture
@@ -516,10 +208,9 @@ class SignalCapture:
     does not). `stop_after_last=True` (signals-only use, via `run`) skips the layers after
     the last sampled one. A given `head_split` (local, global), each (L, H) bool, is used for
     every batch; else with `config.freeze_head_split` the first batch's split is kept.
-    `use_kernel=False` forces the portable path (what non-CPU devices and bfloat16 use).
-
-    With gradient checkpointing, the capture keeps sdpa's own ops in the sampled layers so
-    that a backward run after the `with` block recomputes them identically.
+    `use_kernel=False` forces the blockwise path. Under gradient checkpointing the backward,
+    inside or after the `with` block, recomputes each layer with the forward's own calls
+    (module docstring).
     """
 
     def __init__(self, model, config: SignalConfig | None = None,
@@ -528,14 +219,14 @@ class SignalCapture:
                  head_split: tuple[torch.Tensor, torch.Tensor] | None = None,
                  block_bytes: int = 8 << 20, stop_after_last: bool = False,
                  use_kernel: bool = True):
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.use_kernel = use_kernel
         self.stop_after_last = stop_after_last
         self.config = (config or SignalConfig()).validate()
         self.block_bytes = int(block_bytes)
         text_config = getattr(self.model, "config", None)
         if text_config is None or not hasattr(text_config, "_attn_implementation"):
-            raise _cannot_capture(model, "it is not a transformers model")
+            raise cannot_capture(model, "it is not a transformers model")
         if hasattr(text_config, "get_text_config"):
             text_config = text_config.get_text_config()
         self.num_layers = int(text_config.num_hidden_layers)
@@ -544,12 +235,21 @@ class SignalCapture:
         self._modules = [m for m in self.model.modules() if hasattr(m, "layer_idx")
                          and "attention" in type(m).__name__.lower()]
         if not self._modules or not self.model._can_set_attn_implementation():
-            raise _cannot_capture(model, "its attention layers do not go through "
-                                         "transformers' attention-function registry")
+            raise cannot_capture(model, "its attention layers do not go through "
+                                        "transformers' attention-function registry")
         check_capture_supported(self.model)
+        # the configs the attention modules read their implementation from (a recompute
+        # switches these to the capture for the duration of one layer)
+        self._configs = list({id(m.config): m.config for m in self._modules
+                              if hasattr(m, "config")}.values())
+        self._ckpt_layers = _checkpointed_layers(self.model)
+        self._pinned: list = []            # (layer, its own _gradient_checkpointing_func)
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._mask_plans: dict = {}
-        self.paths: dict[int, str] = {}  # layer -> how its statistics were computed (PATHS)
+        self._plan = _ForwardPlan()
+        self.paths: dict[int, str] = {}    # layer -> how its statistics were computed (PATHS)
+        self.reasons: dict[int, str] = {}  # layer -> why that path
+        self._logged: set = set()
         self._response: torch.Tensor | None = None
         self._previous: str | None = None
         self._hook = None
@@ -580,8 +280,8 @@ class SignalCapture:
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(CAPTURE_NAME)
         if self.model.config._attn_implementation != CAPTURE_NAME:
-            raise _cannot_capture(self.model, "its attention implementation cannot be "
-                                              "switched")
+            raise cannot_capture(self.model, "its attention implementation cannot be "
+                                             "switched")
         for module in self._modules:
             setattr(module, _CAPTURE_ATTR, self)
         self._hook = self.model.register_forward_pre_hook(lambda *_: self._new_forward())
@@ -594,6 +294,7 @@ class SignalCapture:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._unpin()
         if self._previous is not None:
             self.model.set_attn_implementation(self._previous)
             self._previous = None
@@ -603,13 +304,45 @@ class SignalCapture:
         self._stats.clear()
         self._mask_plans.clear()
         self.paths.clear()
+        self.reasons.clear()
+        self._plan = _ForwardPlan()
+        self._pin()
+
+    def _pin(self) -> None:
+        """Wrap the checkpointing function of every checkpointed layer (idempotent)."""
+        for layer in self._ckpt_layers:
+            current = layer.__dict__.get("_gradient_checkpointing_func")
+            if layer.gradient_checkpointing and current is not None \
+                    and not isinstance(current, _PinningCheckpoint):
+                layer._gradient_checkpointing_func = _PinningCheckpoint(current, self)
+                self._pinned.append((layer, current))
+
+    def _unpin(self) -> None:
+        for layer, original in reversed(self._pinned):
+            current = layer.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(current, _PinningCheckpoint) and current.capture is self:
+                layer._gradient_checkpointing_func = original
+        self._pinned.clear()
+
+    def _unpinned_checkpoint(self) -> bool:
+        """True when the model is checkpointed by means the capture has not wrapped (its
+        recompute will run the model's own implementation); refused unless that is sdpa."""
+        if _PINNED.get() or not self.model.training or not getattr(
+                self.model, "is_gradient_checkpointing", False):
+            return False
+        if self._previous != "sdpa":
+            raise cannot_capture(self.model, f"it is gradient-checkpointed by means other "
+                                             f"than transformers' checkpointed layers, so its "
+                                             f"recompute would run {self._previous!r} "
+                                             "attention instead of the capture's sdpa; load "
+                                             "it with attn_implementation='sdpa'")
+        return True
 
     # -- recording (called from the attention function)
     def _record(self, module, query, key, value, attention_mask, kwargs):
-        """Attention output of a sampled layer (as sdpa), recording its statistics once per
-        forward (a gradient-checkpointing recompute runs the same ops, records nothing)."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+        """Attention output of a sampled layer, recording its statistics once per forward.
+        Checkpointed outside the capture's wrapping, the output stays sdpa's (what the
+        model's own recompute runs)."""
         if self._response is None:
             raise UserError("the signal capture needs the response mask before the forward: "
                             "SignalCapture(model, config, response_mask=...) or "
@@ -627,24 +360,22 @@ class SignalCapture:
                             "bidirectional")
         refuse_attention_variant(self.model, kwargs)
         cfg = self.config
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scaling = _scaling(query, kwargs)
+        layer = module.layer_idx
+        if layer in self._plan.outputs:  # the layer ran already in this forward
+            return self._plan.replay(module, query, key, value, attention_mask, kwargs)
+        unpinned = self._unpinned_checkpoint()
         lse = span = None
-        # Under gradient checkpointing the backward may recompute this layer after the
-        # capture has ended (plain sdpa): keep sdpa's own ops so the recompute matches.
-        checkpointed = torch.is_grad_enabled() and getattr(
-            self.model, "is_gradient_checkpointing", False)
-        fused = (self.use_kernel and not checkpointed
-                 and _flash_cpu_available(query, key, value, kwargs))
+        fused = (self.use_kernel and not unpinned
+                 and fused_available(query, key, value, kwargs))
         if fused:
             with torch.profiler.record_function(PROFILE_REGION):
                 output, lse, span = attention_with_lse(query, key, value, attention_mask,
                                                        scaling)
             result = (output, None)
         else:
-            result = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            **kwargs)
-        if module.layer_idx in self._stats:
-            return result
+            result = _sdpa(module, query, key, value, attention_mask, kwargs)
+        self._plan.outputs[layer] = "fused" if fused else "sdpa"
         with float32_math(query.device), torch.profiler.record_function(PROFILE_REGION):
             key_keep = self._mask_plan(attention_mask)
             width = None if fused or not self.use_kernel else kernel_width(query)
@@ -655,14 +386,44 @@ class SignalCapture:
                 got = kernel_lse_and_span(prepared, d, attention_mask, key_keep)
                 if got is not None:
                     (lse, span), path = got, "kernel"
-            self._stats[module.layer_idx] = layer_statistics(
+            self._stats[layer] = layer_statistics(
                 query, key, attention_mask, scaling, self._response, cfg.window, cfg.h_lo,
                 cfg.h_hi, self.block_bytes, lse=lse, span=span, check_mask=False,
                 prepared=prepared)
-            self.paths[module.layer_idx] = path
+        self._note_path(layer, path, self._why(path, query, key, value, kwargs, unpinned,
+                                               width))
         if self.stop_after_last and len(self._stats) == len(self.layers):
             raise _StopForward
         return result
+
+    def _why(self, path, query, key, value, kwargs, unpinned, width) -> str:
+        """Why a sampled layer took `path`, in words."""
+        if path == "fused":
+            return "CPU float32: output, log-sum-exp and span from one kernel call"
+        if not self.use_kernel:
+            return "use_kernel=False"
+        if unpinned:
+            keep = "gradient checkpointing outside transformers' layers keeps sdpa's output"
+        elif query.device.type != "cpu":
+            keep = f"{query.device.type} keeps sdpa's output"
+        elif not query.dtype == key.dtype == value.dtype == torch.float32 \
+                or torch.is_autocast_enabled("cpu"):
+            keep = ("bfloat16 / autocast keeps sdpa's output (a bfloat16 value channel "
+                    "cannot hold key positions)")
+        else:
+            keep = "dropout or an extra attention argument keeps sdpa's output"
+        if path == "kernel":
+            return keep + "; lse and span from one statistics kernel call"
+        if width is None:
+            return keep + f"; no statistics kernel on {query.device.type}"
+        return keep + "; the statistics kernel takes only causal and padding masks here"
+
+    def _note_path(self, layer: int, path: str, reason: str) -> None:
+        self.paths[layer] = path
+        self.reasons[layer] = reason
+        if (path, reason) not in self._logged:
+            self._logged.add((path, reason))
+            logger.info("signal capture: %s path (%s)", path, reason)
 
     def _mask_plan(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """`padding_key_mask(mask)`, once per forward for each distinct mask tensor (layers
@@ -695,11 +456,11 @@ class SignalCapture:
         missing = [l for l in self.layers if l not in self._stats]
         if missing:
             if not self._stats:
-                raise _cannot_capture(self.model, "no sampled layer went through the capture "
-                                                  "attention (was the forward run inside the "
-                                                  "`with SignalCapture(...)` block?)")
-            raise _cannot_capture(self.model, f"layers {missing} did not go through the "
-                                              "capture attention")
+                raise cannot_capture(self.model, "no sampled layer went through the capture "
+                                                 "attention (was the forward run inside the "
+                                                 "`with SignalCapture(...)` block?)")
+            raise cannot_capture(self.model, f"layers {missing} did not go through the "
+                                             "capture attention")
         stack = [torch.stack([self._stats[l][i] for l in self.layers], dim=1)
                  for i in range(3)]
         return HeadStats(waad=stack[0], fai_sum=stack[1], span=stack[2],
@@ -709,8 +470,6 @@ class SignalCapture:
                       response_mask: torch.Tensor | None = None) -> TokenSignals:
         """TokenSignals of the last forward. The masks, if given, are checked against the
         ones the forward was captured with."""
-        from attnrl.signals.aggregate import token_signals_from_head_stats
-
         stats = self.head_stats()
         if response_mask is not None and not torch.equal(
                 torch.as_tensor(response_mask).bool().cpu(), self._response.cpu()):
@@ -725,3 +484,19 @@ class SignalCapture:
         if self.config.freeze_head_split and self.head_split is None:
             self.head_split = (signals.local_heads, signals.global_heads)
         return signals
+
+
+def compute_token_signals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          response_mask: torch.Tensor, config: SignalConfig | None = None,
+                          head_split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          block_bytes: int = 8 << 20) -> TokenSignals:
+    """TokenSignals of a batch in one call. input_ids (B, N); attention_mask (B, N) 1 =
+    token (None: no padding); response_mask (B, N) True on response tokens. Runs a no_grad
+    forward with the capture, stopped after the last sampled layer."""
+    config = config or SignalConfig()
+    capture = SignalCapture(model, config, response_mask=response_mask,
+                            attention_mask=attention_mask, head_split=head_split,
+                            block_bytes=block_bytes, stop_after_last=True)
+    with torch.no_grad(), capture:
+        capture.run(input_ids=input_ids, attention_mask=attention_mask)
+    return capture.token_signals()

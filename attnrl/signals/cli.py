@@ -12,8 +12,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from attnrl import cli_checks
+from attnrl.cli_checks import DEFAULT_MODEL
 from attnrl.errors import UserError
-from attnrl.models import DEFAULT_MODEL
 
 
 def add_arguments(parser) -> None:
@@ -45,16 +46,9 @@ def add_arguments(parser) -> None:
 
 
 def signal_config(args):
-    """A SignalConfig from the command's options (bad values -> UserError)."""
-    from attnrl.signals.types import SignalConfig
-
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(x) for x in args.layers.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--layers {args.layers!r}: give comma-separated integers, "
-                            "e.g. --layers 10,12,14") from None
+    """A SignalConfig from the command's options (bad values -> UserError before torch
+    is imported)."""
+    layers = cli_checks.parse_layers(args.layers)
     h_hi_text = str(args.h_hi).strip().lower()
     if h_hi_text in ("end", "none"):
         h_hi = None
@@ -69,6 +63,8 @@ def signal_config(args):
         raise UserError(f"--window must be >= 1, got {args.window}")
     if not 0 < args.q <= 1:
         raise UserError(f"--q must be in (0, 1], got {args.q}")
+    from attnrl.signals.types import SignalConfig
+
     return SignalConfig(layers=layers, h_lo=args.h_lo, h_hi=h_hi, window=args.window,
                         q=args.q, preplan_by=args.preplan_by)
 
@@ -136,12 +132,32 @@ def _response_ids(args, model, tokenizer, prompt_ids: list[int]) -> list[int]:
     return list(ids)
 
 
+def _check(args) -> None:
+    """Every argument check that needs no model, before torch loads."""
+    cli_checks.check_model(args.model)
+    cli_checks.check_layers(cli_checks.parse_layers(args.layers), args.model)
+    cli_checks.check_device(args.device)
+    if (args.prompt is None) == (args.task is None):
+        raise UserError("give exactly one of --prompt TEXT or --task NAME (with --index I)")
+    if args.task is not None:
+        if args.index < 0:
+            raise UserError(f"--index must be >= 0, got {args.index}")
+        cli_checks.check_task(args.task)
+    if args.response is None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a directory")
+
+
 def run(args) -> int:
+    _check(args)
+    signal_config(args)  # its value checks, still before torch
     import torch
 
     from attnrl.models import load_model, load_tokenizer, resolve_model
     from attnrl.rollout import encode_prompts
-    from attnrl.signals.aggregate import compute_token_signals
+    from attnrl.signals.capture import compute_token_signals
     from attnrl.signals.render import render_html, render_png, summarise, token_records
 
     config = signal_config(args)

@@ -130,6 +130,9 @@ class QKCapture:
 
     def __init__(self, model, heads: list[HeadRef], query_positions, key_positions,
                  stop_after_last: bool = False):
+        from attnrl.signals.capture import check_capture_supported
+
+        check_capture_supported(model)  # softcapping / sinks: the forward runs sdpa
         self.model = model
         self.heads = _check_heads(model, heads)
         self.query_positions = torch.as_tensor(query_positions, dtype=torch.long)

@@ -75,11 +75,9 @@ class SignalConfig:
                 raise UserError(f"signal layers {bad} out of range for a model with "
                                 f"{num_hidden_layers} layers (valid 0..{num_hidden_layers - 1})")
             return sorted({i % num_hidden_layers for i in self.layers})
-        lo, hi = num_hidden_layers // 3, (2 * num_hidden_layers) // 3
-        count = min(self.num_layers, hi - lo + 1)
-        if count <= 1:
-            return [lo]
-        return sorted({round(lo + i * (hi - lo) / (count - 1)) for i in range(count)})
+        from attnrl.attention_config import default_layers
+
+        return default_layers(num_hidden_layers, self.num_layers)
 
 
 @dataclass

@@ -36,8 +36,28 @@ def test_generate_prints_samples_with_hf_engine(tiny_model_dir):
     result = attnrl("generate", "--model", str(tiny_model_dir), "--task", "chain_sum",
                     "--num-prompts", "2", "-n", "2", "--max-tokens", "8", "--engine", "hf")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("--- prompt") == 4
+    # each prompt's question shown once, then its samples
+    assert result.stdout.count("=== prompt ") == 2 and result.stdout.count("--- sample") == 4
+    assert "=== prompt 0: State the final answer to the following arithmetic problem: " \
+        in result.stdout
     assert "tok/s" in result.stdout
+
+
+def test_generate_json_is_one_document_a_script_can_read(tiny_model_dir):
+    """`generate --json | python -m json.tool`: stdout holds the JSON and nothing else, with
+    vLLM (whose log lines went to stdout before)."""
+    import json
+
+    result = attnrl("generate", "--model", str(tiny_model_dir), "--task", "chain_sum",
+                    "--num-prompts", "2", "-n", "2", "--max-tokens", "8", "--engine", "vllm",
+                    "--json")
+    assert result.returncode == 0, result.stderr
+    checked = subprocess.run([sys.executable, "-m", "json.tool"], input=result.stdout,
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, (checked.stderr, result.stdout[:500])
+    data = json.loads(result.stdout)
+    assert len(data["samples"]) == 4 and data["engine"] == "vllm"
+    assert {"question", "prompt", "gold", "completion"} <= set(data["samples"][0])
 
 
 # Every bad input a user may give `attnrl` -> exit 2, one line on stderr naming the key, the
@@ -47,12 +67,14 @@ BAD_FILES = {
     "syntax.yaml": "model: smollm2\nlearning_rate: [1e-5, 2\n",
     "type.yaml": "model: smollm2\nlearning_rate: fast\n",
     "batch.yaml": "num_generations: 3\nper_device_train_batch_size: 8\n",
+    "noanswer.jsonl": '{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "2 + 2?"}\n',
+    "afile.txt": "not a directory\n",
 }
 BAD_INPUTS = [
     # (arguments, text the one line must hold)
     (["train", "--config", "{syntax.yaml}"], "syntax.yaml: YAML syntax error at line 3"),
     (["train", "--config", "{type.yaml}"], ("type.yaml: learning_rate = 'fast' is a string, "
-                                           "not a number; learning_rate takes a number >= 0")),
+                                           "not a number; learning_rate takes a number > 0")),
     (["train", "--config", "{batch.yaml}"], ("num_generations 3 does not divide the "
                                             "generation batch 8")),
     (["train", "--num_generations", "3"], "command line: num_generations 3 does not divide"),
@@ -92,6 +114,36 @@ BAD_INPUTS = [
     (["train", "--rewards", "{maths: 1}"], "unknown reward 'maths' (did you mean 'math'?)"),
     (["train", "--config", "no/such.yaml"], "config file 'no/such.yaml' not found"),
     (["train", "--allow_config_change", "credit"], "credit cannot change when a run resumes"),
+    # mistakes found only when the data or the model loaded (issue: the user's first hour)
+    (["train", "--task", "chain_sumx"], ("task: reasoning-gym has no task 'chain_sumx' (did "
+                                        "you mean 'chain_sum'?)")),
+    (["train", "--task_kwargs", "{min_termz: 2}"], ("task_kwargs: chain_sum has no option "
+                                                   "'min_termz' (did you mean 'min_terms'?)")),
+    (["train", "--task_kwargs", "{min_terms: 3, max_terms: 2}"], ("chain_sum refuses them "
+                                                                 "(max_terms must be >=")),
+    (["train", "--learning_rate", "0"], ("learning_rate = 0 is out of range; learning_rate "
+                                        "takes a number > 0")),
+    (["train", "--output_dir", "{afile.txt}"], "afile.txt' is a file, not a directory"),
+    (["train", "--reasoning_vector", "{target: no/such/model}"], ("reasoning_vector.target "
+                                                                 "'no/such/model' not found")),
+    (["train", "--task", "{noanswer.jsonl}", "--eval_size", "0"], ("noanswer.jsonl:2 has no "
+                                                                  "'answer'")),
+    (["train", "--task", "gsm8k", "--task_kwargs", "{min_terms: 2}"], ("given for the file "
+                                                                      "task 'gsm8k'")),
+    (["signals", "--prompt", "hi", "--layers", "99"], "--layers [99] out of range: the model "
+                                                       "has 30 layers"),
+    (["signals", "--task", "chain_sumx"], "reasoning-gym has no task 'chain_sumx'"),
+    (["signals", "--prompt", "hi", "--q", "2"], "--q must be in (0, 1], got 2.0"),
+    (["signals", "--prompt", "hi", "--device", "cuda"], "this machine has no CUDA device"),
+    (["signals", "--task", "chain_sum", "--index", "-1"], "--index must be >= 0"),
+    (["signals", "--prompt", "hi", "--model", "no/such/dir"], "--model 'no/such/dir' not found"),
+    (["analyze", "--task", "chain_sum", "--layers", "99"], "--layers [99] out of range"),
+    (["analyze", "--task", "chain_sumx"], "reasoning-gym has no task 'chain_sumx'"),
+    (["analyze", "--task", "chain_sum", "--device", "cuda"], "this machine has no CUDA device"),
+    (["analyze", "--responses", "no/such.jsonl"], "--responses 'no/such.jsonl' does not exist"),
+    (["analyze", "--task", "{noanswer.jsonl}"], "noanswer.jsonl:2 has no 'answer'"),
+    (["train", "--rollout_engine", "vllm_server"], ("rollout_engine vllm_server needs "
+                                                   "rollout_server_url")),
     (["generate", "-n", "0"], "-n 0 is out of range; -n takes an integer >= 1"),
     (["generate", "--top-p", "0"], "--top-p 0.0 is out of range"),
     (["eval", "--model", "smollm2", "-n", "0"], "-n and --max-tokens must be >= 1"),
@@ -99,6 +151,12 @@ BAD_INPUTS = [
      "--task_kwargs 'min_terms' is not a YAML mapping"),
     (["eval", "--model", "smollm2", "--config", "no/such.yaml"], ("--config 'no/such.yaml' "
                                                                  "not found")),
+    (["eval", "--model", "smollm2", "--task_kwargs", "{min_termz: 2}"],
+     "chain_sum has no option 'min_termz' (did you mean 'min_terms'?)"),
+    (["eval", "--model", "no/such/model"], "--model 'no/such/model' not found"),
+    (["eval", "--model", "smollm2", "--task", "{noanswer.jsonl}"], "noanswer.jsonl:2 has no "
+                                                                   "'answer'"),
+    (["generate", "--task_kwargs", "{min_termz: 2}"], "chain_sum has no option 'min_termz'"),
 ]
 SECONDS_TO_ERROR = 3.0
 
@@ -135,6 +193,9 @@ def test_bad_input_is_one_line_exit_2_within_3_s(tmp_path, args, message):
         assert lines[0].startswith(f"attnrl {args[0]}: error: ") and message in lines[0], \
             lines[0]
         assert cpu < SECONDS_TO_ERROR, f"{cpu:.2f} s of CPU to the error"
+        # a refused start writes nothing: no output_dir (default outputs/default), no
+        # config.yaml
+        assert not (tmp_path / "outputs").exists()
         walls.append(wall)
         if wall < SECONDS_TO_ERROR:
             break

@@ -481,9 +481,9 @@ def _call_signal_fn(fn, **available):
 
 def test_coupled_on_real_signals_from_tiny_model():
     try:
-        from attnrl.signals.aggregate import compute_token_signals
+        from attnrl.signals import compute_token_signals
     except ImportError as exc:
-        pytest.skip(f"attnrl.signals.aggregate.compute_token_signals not importable yet: {exc}")
+        pytest.skip(f"attnrl.signals.compute_token_signals not importable yet: {exc}")
     from attnrl.models import build_tiny_model
 
     model = build_tiny_model("llama", num_layers=6, num_heads=4, num_kv_heads=2)

@@ -135,7 +135,7 @@ def test_eval_end_to_end_vllm(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "chain_summ"], "no task 'chain_summ'"),
-    (["--task", "missing/file.jsonl"], "does not exist"),
+    (["--task", "missing/file.jsonl"], "is not an existing .jsonl file"),
     (["-n", "0"], "must be >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, args, message):
@@ -163,7 +163,10 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
     config = yaml.safe_load((repo / "configs" / "default.yaml").read_text())
     pool = default.pop("pool")
     assert default == {"task": "chain_sum", "instruction": "", "system_prompt": None,
-                       "task_kwargs": config["task_kwargs"], "seed": HELDOUT_SEED_OFFSET}
+                       "task_kwargs": config["task_kwargs"], "seed": HELDOUT_SEED_OFFSET,
+                       # the run's held-out evaluation: size, samples, temperature, length
+                       "num_problems": 128, "n": 2, "temperature": None, "max_tokens": 64,
+                       "engine": "vllm"}
     # the run's training pool, whose questions are never evaluated
     assert (pool.task, pool.size, pool.seed, pool.kwargs) == \
         ("chain_sum", config["task_size"], 0, config["task_kwargs"])
@@ -172,6 +175,11 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
     mixed = task_settings(str(tmp_path), "chain_sum", "{min_terms: 3}", 7)
     assert mixed["task"] == "chain_sum" and mixed["task_kwargs"] == {"min_terms": 3}
     assert mixed["seed"] == 7
+    # another --task drops the config's task_kwargs (they are chain_sum's)
+    other = task_settings(str(repo / "configs" / "default.yaml"), "countdown", None, None)
+    assert other["task"] == "countdown" and other["task_kwargs"] is None
+    (tmp_path / "config.yaml").write_text("task: gsm8k\n")  # held out: the test split
+    assert task_settings(str(tmp_path), None, None, None)["task"] == "gsm8k:test"
     plain = task_settings(None, None, None, None)
     assert plain["task"] == "chain_sum" and plain["seed"] == 0 and plain["task_kwargs"] is None
 

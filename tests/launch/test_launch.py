@@ -209,7 +209,8 @@ def test_vllm_server_sh_checks_inputs(tmp_path, tiny_model_dir):
     result = script("vllm_server.sh", "--model", tiny_model_dir, "--serve-fast")
     assert result.returncode == 2 and "unknown option '--serve-fast'" in result.stderr
     if not HAS_GPU:
-        result = script("vllm_server.sh", "--model", tiny_model_dir, "--gpus", "0,1")
+        result = script("vllm_server.sh", "--model", tiny_model_dir, "--gpus", "0,1",
+                        env={"ATTNRL_ROLLOUT_API_KEY": "k"})
         assert result.returncode == 2 and "no GPU on this machine" in result.stderr
 
 
@@ -217,7 +218,7 @@ def test_vllm_server_sh_dry_run(tiny_model_dir):
     port = free_port()
     result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "127.0.0.1",
                     "--port", port, "--max-model-len", 1024, "--dry-run", "--",
-                    "--max-num-seqs", 64)
+                    "--max-num-seqs", 64, env={"ATTNRL_ROLLOUT_API_KEY": "k"}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"rollout_server_url: http://127.0.0.1:{port}" in result.stdout
     command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
@@ -228,33 +229,60 @@ def test_vllm_server_sh_dry_run(tiny_model_dir):
         assert "--kv-cache-memory-bytes 1073741824 --no-enable-chunked-prefill" in command
 
 
-def test_vllm_server_sh_loopback_by_default_and_a_secret_off_loopback(tiny_model_dir,
-                                                                      tmp_path):
+def test_vllm_server_sh_loopback_by_default_with_guard_and_secret(tiny_model_dir, tmp_path):
     """Without --host the server listens on 127.0.0.1 behind attnrl's guard, with the
-    weights directory fixed at start-up; any other address needs ATTNRL_ROLLOUT_API_KEY
-    (never printed) or an explicit --insecure."""
+    weights directory fixed at start-up; the secret is required and never printed;
+    --insecure is gone."""
     port = free_port()
-    no_key = {"ATTNRL_ROLLOUT_API_KEY": ""}
+    secret = "s3cret-not-to-print"
+    key = {"ATTNRL_ROLLOUT_API_KEY": secret}
     weights = tmp_path / "weights"
     result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", port,
-                    "--weights-dir", weights, "--dry-run", env=no_key)
+                    "--weights-dir", weights, "--dry-run", env=key, timeout=120)
     assert result.returncode == 0, result.stderr
     command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
     assert f"--host 127.0.0.1 --port {port}" in command
     assert "--middleware attnrl.rollout.server_guard.ServerGuard" in command
     assert f"ATTNRL_ROLLOUT_WEIGHTS_DIR={weights.resolve()}" in command and weights.is_dir()
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" in command
-
-    result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
-                    "--port", port, "--dry-run", env=no_key)
-    assert result.returncode == 2 and "ATTNRL_ROLLOUT_API_KEY" in result.stderr
-    assert "--insecure" in result.stderr and not result.stdout.count("+ ")
-    secret = "s3cret-not-to-print"
-    result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
-                    "--port", port, "--dry-run", env={"ATTNRL_ROLLOUT_API_KEY": secret})
-    assert result.returncode == 0, result.stderr
-    assert "--host 0.0.0.0" in result.stdout and "API key: required" in result.stdout
+    assert "API key: required" in result.stdout
     assert secret not in result.stdout + result.stderr
     result = script("vllm_server.sh", "--model", tiny_model_dir, "--host", "0.0.0.0",
-                    "--port", port, "--insecure", "--dry-run", env=no_key)
+                    "--port", port, "--insecure", "--dry-run", env={"ATTNRL_ROLLOUT_API_KEY": ""})
+    assert result.returncode == 2 and "ATTNRL_ROLLOUT_API_KEY" in result.stderr
+
+
+def test_vllm_server_sh_always_requires_a_key(tiny_model_dir):
+    """No secret, no server: on loopback too (any local user could reload its weights)."""
+    for extra in ([], ["--host", "127.0.0.1"], ["--", "--host", "0.0.0.0"]):
+        result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                        *extra, "--dry-run", env={"ATTNRL_ROLLOUT_API_KEY": ""})
+        assert result.returncode == 2, (extra, result.stdout)
+        assert "ATTNRL_ROLLOUT_API_KEY" in result.stderr and "+ " not in result.stdout
+
+
+def test_vllm_server_sh_reads_forwarded_args_with_vllms_parser(tiny_model_dir, tmp_path):
+    """What follows `--` is parsed by vLLM's own parser, the last value winning as in vLLM:
+    a forwarded --logprobs-mode or --model is refused, a forwarded --host / --port is the
+    one checked and reported."""
+    key = {"ATTNRL_ROLLOUT_API_KEY": "k-9f2"}
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                    "--dry-run", "--", "--logprobs-mode", "raw_logprobs", env=key, timeout=120)
+    assert result.returncode == 2 and "--logprobs-mode raw_logprobs" in result.stderr
+    assert "processed_logprobs" in result.stderr
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                    "--dry-run", "--", "--model", tmp_path, env=key, timeout=120)
+    assert result.returncode == 2 and "--model" in result.stderr
+    port = free_port()
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                    "--dry-run", "--", "--host", "0.0.0.0", "--port", port, env=key, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert "listens on 0.0.0.0 (every interface)" in result.stdout
+    assert f":{port}" in result.stdout.split("rollout_server_url:")[1].splitlines()[0]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                        "--dry-run", "--", "--port", taken, env=key, timeout=120)
+    assert result.returncode == 2 and f"port {taken}" in result.stderr

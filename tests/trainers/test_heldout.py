@@ -32,6 +32,14 @@ def tiny_job(tmp_path, model_dir, **extra):
         "eval_samples": 2, "eval_every": 1, "eval_max_tokens": 8, **extra})
 
 
+def _attnrl(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "attnrl.cli", *args], capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
 def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_model_dir):
     from attnrl.evaluation import evaluate
     from attnrl.models import save_tiny_model
@@ -81,6 +89,29 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     for got, want in ((before, ref["models"][0]), (after, ref["models"][1])):
         assert [s["greedy"] for s in got["samples"]] == [s["greedy"] for s in want["samples"]]
         assert got["models"][0]["greedy_correct"] == want["greedy_correct"]
+
+    # `attnrl eval --config RUN` takes the run's task, kwargs, prompt format, held-out
+    # problems, size, samples, temperature, length and engine: the run's numbers, problem
+    # by problem
+    cli = _attnrl("eval", "--config", str(run), "--model", str(run / "final"), "--out",
+                  str(tmp_path / "eval"))
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "passk.json").read_text())
+    samples = [json.loads(x) for x in
+               (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert again["engine"] == "hf" and again["n"] == 2 and again["max_tokens"] == 8
+    assert [x["question"] for x in samples] == [x["question"] for x in after["problems"]]
+    assert [x["greedy"] for x in samples] == [x["greedy"] for x in after["problems"]]
+    for key in ("greedy_correct", "correct", "rewards"):
+        assert again["models"][0][key] == after["models"][0][key], key
+    # `attnrl generate --config RUN --json`: the run's final model on its held-out problems
+    gen = _attnrl("generate", "--config", str(run), "--num-prompts", "2", "-n", "1", "--json")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    data = json.loads(gen.stdout)
+    assert data["model"] == str(run / "final") and data["engine"] == "hf"
+    assert data["task_kwargs"] == config["task_kwargs"] and data["max_tokens"] == 12
+    assert [x["question"] for x in data["samples"]] == \
+        [x["question"] for x in after["problems"][:2]]
 
     # merged == target + alpha (trained - start), bit-exact (float32 arithmetic)
     start, trained, target = weights(tiny_model_dir), weights(run / "final"), \

@@ -145,3 +145,33 @@ def test_lora_bias_on_a_layer_without_bias_is_refused():
             r=4, lora_alpha=8, lora_bias=True, target_modules=["o_proj"]))
     with pytest.raises(UserError, match=r"lora_bias on .*o_proj, whose layer has no bias"):
         merged_lora_state_dict(model)
+
+
+def test_lora_on_a_tied_lm_head_is_refused(tmp_path):
+    """lm_head tied to the input embedding: vLLM loads only the embedding (the delta would
+    be lost), transformers loads the merged lm_head into both (the embedding would move).
+    Refused before the model loads (from config.json) and at the first sync."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from attnrl.errors import UserError
+    from attnrl.models import build_tiny_model, save_tiny_model
+    from trainers.grpo import merged_lora_state_dict
+
+    tied = save_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    untied = save_tiny_model(tmp_path / "untied")
+    for lora in ("{r: 4, target_modules: [q_proj, lm_head]}", "{r: 4, target_modules: lm_head}",
+                 "{r: 4, modules_to_save: [lm_head]}"):
+        with pytest.raises(UserError, match="tied to its input embedding.*leave lm_head"):
+            load_config(None, parse_overrides(["--model", str(tied), "--lora", lora]))
+        assert load_config(None, parse_overrides(["--model", str(untied), "--lora", lora]))
+    with pytest.raises(UserError, match="tied to its input embedding"):
+        load_config(None, parse_overrides(["--lora", "{r: 4, target_modules: [lm_head]}"]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(build_tiny_model(tie_word_embeddings=True),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    with pytest.raises(UserError, match=r"LoRA on .*lm_head, whose weight is tied"):
+        merged_lora_state_dict(model)

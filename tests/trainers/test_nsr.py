@@ -14,6 +14,7 @@ from attnrl.credit import CREDIT_STRATEGIES, compute_gamma
 from attnrl.errors import UserError
 from attnrl.models import build_tiny_model, build_tiny_tokenizer
 from attnrl.signals.reference import reference_token_signals
+from trainers import machine
 from trainers.job import CONFIG_DIR, load_config
 from trainers.nsr import NSRConfig, NSRTrainer
 
@@ -327,6 +328,8 @@ def test_packaged_configs_load(tmp_path, name, estimator):
     assert config["model"] == "smollm2" and config["task"] == "chain_sum"
     fields = {f.name for f in dataclasses.fields(NSRConfig)}
     trainer_keys = {k: v for k, v in config.items() if k in fields}
+    # the device keys the config leaves out, chosen for this machine as `attnrl train` does
+    trainer_keys.update(machine.choose(config)[0])
     args = NSRConfig(**{**trainer_keys, "output_dir": str(tmp_path), "report_to": "none"})
     options = args.estimator_kwargs()
     assert options["correctness_threshold"] == 1.0
@@ -338,4 +341,5 @@ def test_packaged_configs_load(tmp_path, name, estimator):
     bad = load_config(CONFIG_DIR / f"{name}.yaml", {"advantage_estimator": "grpo"})
     with pytest.raises(UserError, match="trainer nsr needs advantage_estimator"):
         NSRConfig(**{**{k: v for k, v in bad.items() if k in fields},
-                     "output_dir": str(tmp_path), "report_to": "none"})
+                     **machine.choose(bad)[0], "output_dir": str(tmp_path),
+                     "report_to": "none"})

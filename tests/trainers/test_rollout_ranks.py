@@ -95,3 +95,19 @@ def test_vllm_tensor_parallel_two_processes(tiny_model_dir, tmp_path):
     assert engines[0]["seed"] == engines[1]["seed"]
     assert_groups_distinct(calls)
     assert_first_step_ratio_is_one(metrics)
+
+
+@pytest.mark.slow
+def test_vllm_tensor_parallel_with_heldout_evaluation(tiny_model_dir, tmp_path):
+    """Held-out evaluation before and after training with one tensor-parallel engine over
+    both ranks: every rank of rank 0's TP group submits the evaluation's requests, so no
+    rank pairs its evaluation gather with another's training gather (before: a TP desync
+    or a hang). Both evaluations are written, and training rollouts are as without it."""
+    calls, _, engines = run(tiny_model_dir, tmp_path, "vllm",
+                            "--vllm_tensor_parallel_size", "2", "--eval_size", "4",
+                            "--eval_samples", "2", "--eval_max_tokens", "8")
+    assert all(facts["tp_size"] == 2 for facts in engines)
+    assert_groups_distinct(calls)
+    for kind in ("before", "after"):
+        result = json.loads((tmp_path / "run" / "heldout" / f"{kind}.json").read_text())
+        assert len(result["problems"]) == 4, result

@@ -85,9 +85,14 @@ def test_never_refuses_a_run_dir_and_overwrite_removes_only_the_run(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds a run .* resume is never; pass --overwrite"):
         run_dir.prepare(config(out, resume="never", credit="uniform"))
-    assert run_dir.prepare(config(out, resume="never", credit="uniform"), overwrite=True) is None
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    # nothing of the old run is left to resume: a later `resume: auto` starts fresh
+    new = config(out, resume="never", credit="uniform")
+    before = sorted(p.name for p in out.iterdir())
+    assert run_dir.prepare(new, overwrite=True) is None
+    # prepare only decides: a start that fails later leaves the old run as it was
+    assert sorted(p.name for p in out.iterdir()) == before
+    run_dir.start(new, overwrite=True, command="attnrl train (test)")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+    # nothing of the old run is left to resume: the new run's config is the recorded one
     assert run_dir.prepare(config(out, credit="uniform")) is None
 
 
@@ -128,3 +133,84 @@ def test_recorded_config_is_a_loadable_config_with_versions_and_command(tmp_path
     assert {"python", "torch", "transformers", "trl"} <= set(saved["recorded"]["versions"])
     assert saved["task_kwargs"] == resolved["task_kwargs"] and saved["lora"] is None
     assert resolve(load_config(path)) | {"recorded": None} == resolved | {"recorded": None}
+
+
+def test_run_lock_refuses_a_second_holder_and_releases(tmp_path):
+    out = tmp_path / "run"
+    first = run_dir.RunLock(out)
+    first.acquire()
+    assert "pid" in (out / run_dir.LOCK_NAME).read_text()
+    with pytest.raises(UserError, match=rf"output_dir {out} is in use by another run \(pid "):
+        run_dir.RunLock(out).acquire()
+    first.release()
+    # the directory was made for the lock and is empty again: removed, as it was before
+    assert not out.exists()
+    second = run_dir.RunLock(out)
+    second.acquire()
+    second.release()
+
+
+def test_run_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / run_dir.LOCK_NAME).write_text("pid 999999 on elsewhere since 2026-01-01T00:00:00")
+    lock = run_dir.RunLock(out)
+    lock.acquire()
+    assert "taking over the lock left by a run that ended without releasing it (pid 999999" \
+        in capsys.readouterr().out
+    lock.release()
+    assert out.is_dir() and not any(out.iterdir())  # it existed before: kept
+
+
+def test_second_train_into_a_locked_run_dir_exits_2_fast(tmp_path):
+    """A real second `attnrl train` while another process holds the directory (the holder
+    is a plain process with the lock: a training run holds it the same way)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ("import sys, time; from trainers.run_dir import RunLock; "
+                                f"RunLock({str(out)!r}).acquire(); print('held', flush=True); "
+                                "time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "attnrl.cli", "train", "--output_dir",
+                                 str(out), "--eval_size", "0"], capture_output=True, text=True,
+                                timeout=120, check=False)
+        seconds = time.perf_counter() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"output_dir {out} is in use by another run (pid " in lines[0]
+    assert result.stdout == "" and seconds < 10, seconds
+    assert sorted(p.name for p in out.iterdir()) == [run_dir.LOCK_NAME]  # nothing written
+
+
+def test_a_start_that_fails_after_the_model_loaded_leaves_the_directory_as_it_was(
+        tmp_path, tiny_model_dir):
+    """--overwrite of an existing run, then a failure while the trainer is built (here: PEFT
+    finds no module named by lora.target_modules): the old run is untouched, no lock is
+    left."""
+    from trainers.cli import run_job
+
+    out = tmp_path / "run"
+    fake_run(out, model=str(tiny_model_dir))
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    new = load_config(TINY, {"output_dir": str(out), "model": str(tiny_model_dir),
+                             "lora": {"r": 4, "target_modules": ["no_such_proj"]},
+                             "seed": 5})
+    with pytest.raises(ValueError, match="no_such_proj"):
+        run_job(new, overwrite=True)
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    # and a directory that did not exist is not left behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="no_such_proj"):
+        run_job({**new, "output_dir": str(fresh)})
+    assert not fresh.exists()

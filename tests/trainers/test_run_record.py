@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trainers import run_dir
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 KEYS = ("reward", "loss", "grad_norm", "accuracy", "completions/mean_length",
@@ -19,7 +21,8 @@ KEYS = ("reward", "loss", "grad_norm", "accuracy", "completions/mean_length",
 
 
 def train(*args, cwd):
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(cwd))
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("WANDB_DIR", None)  # W&B files go under the run's output_dir
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "attnrl.cli", "train", *map(str, args)],
                             check=False, capture_output=True, text=True, timeout=600,
@@ -30,8 +33,9 @@ def train(*args, cwd):
 
 def metrics(out) -> dict:
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "reward" in r]
-    assert len(steps) == len(set(steps)), f"two runs in one metrics.jsonl: {steps}"
+    steps = [r["step"] for r in rows if not r.get("summary")]
+    assert len(steps) == len(set(steps)), f"a step number twice in metrics.jsonl: {steps}"
+    assert all("train_runtime" in r for r in rows if r.get("summary"))
     return {r["step"]: r for r in rows if "reward" in r}
 
 
@@ -63,11 +67,30 @@ def test_resolved_config_is_recorded_everywhere(first_run, tiny_model_dir):
     card = (out / "final" / "README.md").read_text()
     assert str(tiny_model_dir) in card and "chain_sum" in card and "| credit strategy | " \
         "coupled |" in card and "attnrl train --config" in card
+    # one optimizer step = per-device batch x accumulation x processes completions
+    assert "| steps | 2 x 8 completions (1 prompts x 8 samples; micro-batch 8 x 1 " \
+        "accumulation)" in card
     assert "[None]" not in (out / "README.md").read_text()  # TRL's card replaced by ours
-    runs = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    # final/ carries the config the card points to; the record is complete
+    assert yaml.safe_load((out / "final" / "config.yaml").read_text()) == saved
+    fields = saved["recorded"]["trainer_fields"]
+    assert len(fields) > 150 and fields["adam_beta1"] == 0.9 and fields["use_cpu"] is True
+    assert saved["recorded"]["model_sha256"] == run_dir.model_sha256(tiny_model_dir)
+    assert len(saved["recorded"]["commands"]) == 1
+    # the config gives no device keys: chosen from the machine, said once
+    assert result.stdout.count("device: CPU (no CUDA device found); chose use_cpu true, "
+                               "bf16 false") == 1
+    assert saved["use_cpu"] is True and saved["bf16"] is False
+    metrics(out)  # unique step numbers, the summary row marked
+    assert not (root / "wandb").exists()
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     data = runs[0].read_bytes()
     assert b"task_kwargs" in data and b"min_digits" in data and b"versions" in data
+    # output to a file: no terminal codes, no progress bars, W&B's lines replaced by one
+    assert "\x1b[" not in result.stdout + result.stderr
+    assert "it/s]" not in result.stdout + result.stderr
+    assert result.stdout.count("W&B offline run: ") == 1
     # one start-up line with the versions; none of the known harmless warnings
     assert "transformers " in result.stdout and "| trl " in result.stdout
     for noise in ("TRL currently supports vLLM", "Setting accelerator to CPU", "Weave",
@@ -92,6 +115,7 @@ def test_recorded_config_reproduces_the_run(first_run):
     result = train("--config", out / "config.yaml", "--output_dir", again, "--report_to",
                    "none", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "WANDB" not in result.stdout and "wandb" not in result.stderr  # not reporting to it
     a, b = metrics(out), metrics(again)
     assert sorted(a) == sorted(b) == [1, 2]
     for key in KEYS:
@@ -117,3 +141,7 @@ def test_overwritten_run_leaves_nothing_to_resume(first_run):
     assert f"the run is complete ({out / 'checkpoint-1'} is step 1 of 1)" in resumed.stdout
     assert sorted(metrics(out)) == [1]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    # every command that touched the run, in order (the overwrite started it anew)
+    commands = yaml.safe_load((out / "config.yaml").read_text())["recorded"]["commands"]
+    assert len(commands) == 2 and "--overwrite" in commands[0]["command"] and \
+        "--resume auto" in commands[1]["command"]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from attnrl import cli_checks
 from attnrl.errors import UserError
 from trainers import schema
 from trainers.job import load_config, parse_overrides
@@ -43,10 +44,13 @@ def test_every_trainer_field_is_declared_with_its_default():
     for name, f in fields.items():
         if name in schema.ATTNRL_DEFAULT_TRL:
             continue
+        if name in schema.MACHINE_DEFAULT_TRL:  # chosen from the machine (trainers/machine.py)
+            assert KEYS[name].default is None, name
+            continue
         assert KEYS[name].default == _default(f), name
     for f in dataclasses.fields(NSRConfig):
         assert schema.default(f.name, "nsr") == _default(f) or \
-            f.name in schema.ATTNRL_DEFAULT_TRL, f.name
+            f.name in schema.ATTNRL_DEFAULT_TRL or f.name in schema.MACHINE_DEFAULT_TRL, f.name
     assert not set(schema.JOB_KEY_NAMES) & set(fields)
 
 
@@ -67,7 +71,7 @@ def test_registries_match_the_heavy_modules():
     import json
 
     config = json.loads((resolve_model("smollm2") / "config.json").read_text())
-    assert config["num_hidden_layers"] == schema.SMOLLM2_LAYERS
+    assert config["num_hidden_layers"] == cli_checks.SMOLLM2_LAYERS
 
 
 def test_checking_a_config_imports_nothing_heavy():
@@ -133,3 +137,35 @@ def test_signed_credit_is_refused_in_composition():
                               "credit_flip_fraction": 0.5})["credit_flip_fraction"] == 0.5
     with pytest.raises(UserError, match="credit_flip_fraction"):
         load_config(None, {"credit": "sign_flip", "credit_flip_fraction": 1.5})
+
+
+def test_top_p_below_one_is_refused_with_the_importance_sampling_correction():
+    """The engines' log-probs are of the nucleus (sampling) distribution, TRL's of the full
+    softmax: with TRL's IS correction on, each answer's weight would be the product of its
+    tokens' nucleus masses. Refused before anything loads; fine with either way out."""
+    with pytest.raises(UserError, match="top_p 0.9 with vllm_importance_sampling_correction"
+                                        ".*top_p: 1.0.*vllm_importance_sampling_correction: "
+                                        "false"):
+        load_config(None, {"top_p": 0.9})
+    with pytest.raises(UserError, match="top_p"):
+        check_config({"top_p": 0.95, "trainer": "nsr"})
+    assert check_config({"top_p": 0.9, "vllm_importance_sampling_correction": False})
+    assert check_config({"top_p": 1.0})
+
+
+def test_top_p_refusal_holds_for_the_trainer_config_itself():
+    """AttnGRPOConfig (the Python API, and what `attnrl train` builds before the model)."""
+    from trainers.grpo import AttnGRPOConfig
+
+    with pytest.raises(UserError, match="top_p 0.9"):
+        AttnGRPOConfig(output_dir="unused", top_p=0.9, use_cpu=True, report_to="none")
+    with pytest.raises(UserError, match="use_liger_kernel"):
+        AttnGRPOConfig(output_dir="unused", use_liger_kernel=True, use_cpu=True,
+                       report_to="none")
+
+
+def test_liger_kernel_is_refused_in_one_line():
+    """TRL's liger loss never calls the per-token log-prob code where credit is applied."""
+    with pytest.raises(UserError) as err:
+        load_config(None, {"use_liger_kernel": True})
+    assert "use_liger_kernel: false" in str(err.value) and "\n" not in str(err.value)

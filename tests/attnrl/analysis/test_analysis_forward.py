@@ -10,7 +10,7 @@ import torch
 
 from attnrl.analysis.forward import Sample, analyse_samples, response_signals
 from attnrl.models import build_tiny_model
-from attnrl.signals.aggregate import compute_token_signals
+from attnrl.signals import compute_token_signals
 from attnrl.signals.qk import premise_alignment, qk_scores
 from attnrl.signals.qk_select import answer_positions, key_positions, response_scores
 from attnrl.signals.receiver import receiver_kurtosis

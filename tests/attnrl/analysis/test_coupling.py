@@ -277,3 +277,10 @@ def test_bad_input_raises_one_line_errors():
         coupling(t, t, ~t)
     with pytest.raises(UserError, match="eligible"):
         coupling(~t, t, t)
+
+
+def test_command_default_of_position_bins_is_the_statistics_default():
+    """attnrl.analysis.cli keeps its own copy so that its argument checks import no torch."""
+    from attnrl.analysis import cli, coupling
+
+    assert cli.POSITION_BINS == coupling.POSITION_BINS

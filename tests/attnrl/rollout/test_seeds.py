@@ -56,3 +56,21 @@ def test_call_seeds_distinct_per_prompt_and_sample():
     assert len(set(flat)) == 400
     assert seeds[3][2] == sample_seed(0, 3, 2)
     assert call_seeds(None, 2, 2) is None
+
+
+def test_ranks_holding_different_row_counts_never_share_a_seed():
+    """Global rows come from the gathered counts (attnrl.rollout.seeds.first_rows, as the
+    GRPO trainer gathers them), not rank x local count: with 5 rows on rank 0 and 3 on
+    rank 1 the seeds are those of one 8-row batch; rank x count gave rank 1 rows 3..5,
+    two of them rank 0's."""
+    from attnrl.rollout.seeds import first_rows
+
+    assert first_rows([3, 5, 2]) == [0, 3, 8] and first_rows([4]) == [0]
+    counts = [5, 3]
+    split = [s for rank, count in enumerate(counts)
+             for s in training_seeds(7, "train", 2, 0, first_rows(counts)[rank], count)]
+    assert split == training_seeds(7, "train", 2, 0, 0, 8)
+    assert len(set(split)) == 8
+    old = [s for rank, count in enumerate(counts)
+           for s in training_seeds(7, "train", 2, 0, rank * count, count)]
+    assert len(set(old)) < 8

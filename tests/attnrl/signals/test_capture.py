@@ -8,12 +8,12 @@ absolute, head span within 1e-5 relative; bfloat16 as stated in `test_bfloat16_*
 
 import contextlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close
 
 from attnrl.data import gsm8k_path
 from attnrl.errors import UserError
@@ -21,8 +21,8 @@ from attnrl.models import build_tiny_model
 from attnrl.signals import SignalCapture, SignalConfig, compute_token_signals
 from attnrl.signals import reference as ref
 from attnrl.signals.aggregate import lookback_max, masked_lower_median, token_sets
-from attnrl.signals.capture import attention_with_lse, layer_statistics
-from tolerances import assert_close
+from attnrl.signals.band import layer_statistics
+from attnrl.signals.kernels import attention_with_lse
 
 GSM8K = gsm8k_path("test")
 
@@ -489,8 +489,8 @@ def test_bfloat16_statistics_under_autocast_equal_float64(path, mask_kind):
     """bf16 q / k (head dim 128) inside torch.autocast(bfloat16): the statistics are float32
     math, so they equal the float64 definition on the same bf16-rounded q / k within the
     float32 rule; bf16 arithmetic (products, the 1/sqrt(d) scaling) would be ~100x off."""
-    from attnrl.signals.capture import float32_qk, kernel_lse_and_span, kernel_width
-    from attnrl.signals.capture import padding_key_mask
+    from attnrl.signals.blocks import float32_qk, padding_key_mask
+    from attnrl.signals.kernels import kernel_lse_and_span, kernel_width
 
     gen = torch.Generator().manual_seed(7)
     B, H, h_kv, n, d = 2, 4, 2, 160, 128
@@ -562,12 +562,15 @@ def test_bfloat16_model_under_autocast_equals_float64_reference(use_kernel, chec
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(band_cases())
+@example(c={"n": 16, "h_kv": 1, "group": 1, "B": 2, "window": 1, "h_lo": 0, "h_hi": None,
+            "sliding": 15, "pads": [1, 1], "sides": ["left", "left"], "mask_kind": "bool",
+            "block": 1, "seed": 0})  # a window that removes only padded keys
 def test_kernel_lse_and_span_equal_full_softmax(c):
     """The statistics kernel beside sdpa (one fused call, key position in the value, padded
     keys by a key channel instead of an (N, N) mask) gives lse and span such that the
     layer's statistics equal the float64 softmax maps; padding masks are recognised."""
-    from attnrl.signals.capture import float32_qk, kernel_lse_and_span, kernel_width
-    from attnrl.signals.capture import padding_key_mask
+    from attnrl.signals.blocks import float32_qk, padding_key_mask
+    from attnrl.signals.kernels import kernel_lse_and_span, kernel_width
 
     gen = torch.Generator().manual_seed(c["seed"])
     B, n, h_kv, H = c["B"], c["n"], c["h_kv"], c["h_kv"] * c["group"]
@@ -581,7 +584,10 @@ def test_kernel_lse_and_span_equal_full_softmax(c):
                 ~allowed, torch.finfo(torch.float32).min)}[c["mask_kind"]]
     scaling = d ** -0.5
     key_keep = padding_key_mask(mask)
-    window_bites = c["sliding"] is not None and c["sliding"] < n and c["mask_kind"] != "none"
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    # the window removes a key a plain padding mask would allow (with left padding a window
+    # of n - 1 keys may remove only padded keys: then the mask is a padding mask)
+    window_bites = mask is not None and not torch.equal(allowed, causal & keep[:, None, None, :])
     if mask is not None and not window_bites:
         assert torch.equal(key_keep, keep)
     elif window_bites:
@@ -596,12 +602,13 @@ def test_kernel_lse_and_span_equal_full_softmax(c):
 
 
 def test_capture_records_its_path():
-    """fused (float32, no checkpointing), kernel (checkpointing or autocast: sdpa's output
-    plus the statistics kernel), blockwise (use_kernel=False); reported per layer."""
+    """fused (float32, with or without checkpointing: one kernel call for output, lse and
+    span), kernel (autocast: sdpa's output plus the statistics kernel), blockwise
+    (use_kernel=False); reported per layer, with the reason."""
     model = tiny("llama", 4, 2)
     ids, attention, response = padded_batch([40, 30], ["left", "right"], 40, [10, 10])
-    runs = {"fused": dict(), "blockwise": dict(use_kernel=False),
-            "kernel": dict(checkpointing=True), "kernel-autocast": dict(autocast=True)}
+    runs = {"fused": {}, "blockwise": {"use_kernel": False},
+            "fused-checkpointed": {"checkpointing": True}, "kernel-autocast": {"autocast": True}}
     for name, how in runs.items():
         model.train()
         if how.get("checkpointing"):
@@ -617,6 +624,7 @@ def test_capture_records_its_path():
         assert set(capture.paths.values()) == {path}
         metrics = capture.path_metrics()
         assert metrics[f"signals/path_{path}"] == 1.0 and sum(metrics.values()) == 1.0
+        assert set(capture.reasons) == set(capture.layers)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
@@ -645,3 +653,179 @@ def test_autocast_training_forward_gradients_equal_sdpa(checkpointing):
     assert torch.equal(loss_c, loss)
     for name in grads:
         assert torch.equal(grads_c[name], grads[name]), name
+
+
+# --------------------------------------------------------------------------- checkpoint recompute
+
+def response_loss_grads(model, ids, attention, response, capture=None, checkpointing=False,
+                        reentrant=False, autocast=False, backward_inside=False):
+    """Mean NLL of the response tokens (each predicted from a real token) and every
+    parameter's gradient; the backward runs after the `with capture` block unless
+    `backward_inside`. Returns (loss, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    labels = ids.masked_fill(~response, -100)
+    with capture or contextlib.nullcontext(), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, use_cache=False)
+        if backward_inside:
+            out.loss.backward()
+    if not backward_inside:
+        out.loss.backward()
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+CKPT_CASES = [("eager", "unpadded", False), ("eager", "unpadded", True),
+              ("eager", "padded", False), ("eager", "padded", True),
+              ("sdpa", "unpadded", False), ("sdpa", "padded", True)]
+
+
+@pytest.mark.parametrize("impl,padding,reentrant", CKPT_CASES,
+                         ids=[f"{i}-{p}-{'reentrant' if r else 'nonreentrant'}"
+                              for i, p, r in CKPT_CASES])
+def test_checkpointed_gradients_equal_unchecked_for_any_implementation(impl, padding,
+                                                                       reentrant):
+    """Issue 23 item 6: a model loaded with eager (or sdpa), gradient checkpointing on, the
+    backward after the capture ended. The recompute replays the capture's own calls, so the
+    gradients with checkpointing equal those without it bit for bit, and equal the model's
+    own (no capture, no checkpointing) within float32 rounding; the signals equal the
+    one-call ones. (Before: the recompute ran eager with the sdpa mask, None when unpadded:
+    bidirectional attention; torch raised a CheckpointError, or with use_reentrant=True the
+    gradients were silently those of another model.)"""
+    model = build_tiny_model("llama", seed=0, num_heads=4, num_kv_heads=2, num_layers=4,
+                             head_dim=32, attn_implementation=impl)
+    spiky(model)
+    if padding == "unpadded":
+        ids, attention, response = padded_batch([48, 48], ["left", "left"], 48, [16, 10])
+        attention = None
+    else:
+        ids, attention, response = padded_batch([48, 40], ["left", "right"], 48, [16, 10])
+    config = SignalConfig(window=5, h_lo=2, h_hi=10)
+    loss, grads = response_loss_grads(model, ids, attention, response)
+    plain = SignalCapture(model, config, response_mask=response)
+    loss_p, grads_p = response_loss_grads(model, ids, attention, response, plain)
+    ckpt = SignalCapture(model, config, response_mask=response)
+    loss_c, grads_c = response_loss_grads(model, ids, attention, response, ckpt,
+                                          checkpointing=True, reentrant=reentrant)
+    assert model.config._attn_implementation == impl
+    assert set(ckpt.paths.values()) == {"fused"}
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(loss_c, loss_p)
+    for name in grads:
+        assert torch.equal(grads_c[name], grads_p[name]), name
+    expect = compute_token_signals(model, ids, attention, response, config)
+    assert_signals_match(ckpt.token_signals(), expect, response, config)
+
+
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["after", "inside"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast"])
+def test_recompute_replays_the_forward_calls_without_recording(monkeypatch, autocast,
+                                                               backward_inside):
+    """Under checkpointing the recompute runs the forward's own calls (the fused kernel
+    call in sampled layers in float32; sdpa under autocast), records no statistics, leaves
+    the last forward's statistics as they were, and the model's implementation and
+    checkpointing functions are restored; gradients equal the unchecked capture's bit for
+    bit."""
+    import attnrl.signals.capture as capture_module
+
+    model = build_tiny_model("llama", seed=0, num_heads=4, num_kv_heads=2, num_layers=4,
+                             head_dim=32, attn_implementation="eager")
+    spiky(model)
+    ids, attention, response = padded_batch([40, 33], ["left", "right"], 40, [10, 10])
+    config = SignalConfig(layers=[1, 2], window=5, h_lo=2, h_hi=10)
+    calls = {"fused": 0, "stats": 0}
+    fused, stats = capture_module.attention_with_lse, capture_module.layer_statistics
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(capture_module, "attention_with_lse", count("fused", fused))
+    monkeypatch.setattr(capture_module, "layer_statistics", count("stats", stats))
+    _, grads_p = response_loss_grads(model, ids, attention, response,
+                                     SignalCapture(model, config, response_mask=response),
+                                     autocast=autocast)
+    calls.update(fused=0, stats=0)
+    capture = SignalCapture(model, config, response_mask=response)
+    _, grads_c = response_loss_grads(model, ids, attention, response, capture,
+                                     checkpointing=True, autocast=autocast,
+                                     backward_inside=backward_inside)
+    sampled = len(config.layers)
+    assert calls == {"fused": 0 if autocast else 2 * sampled, "stats": sampled}
+    assert set(capture.paths.values()) == {"kernel" if autocast else "fused"}
+    assert model.config._attn_implementation == "eager"
+    layers = capture_module._checkpointed_layers(model)
+    assert len(layers) == 4 and not any(
+        isinstance(layer.__dict__.get("_gradient_checkpointing_func"),
+                   capture_module._PinningCheckpoint) for layer in layers)
+    assert capture_module._REPLAY.get() is None
+    for name in grads_p:
+        assert torch.equal(grads_c[name], grads_p[name]), name
+
+
+def test_backward_of_an_earlier_forward_leaves_the_last_statistics():
+    """Two checkpointed forwards in one capture, then the first one's backward: its
+    recompute replays the first forward's calls and the statistics stay the second's."""
+    model = tiny("llama", 4, 2)
+    ids, attention, response = padded_batch([40, 33], ["left", "right"], 40, [10, 10])
+    ids2 = torch.flip(ids, [1])
+    config = SignalConfig(window=5, h_lo=2, h_hi=10)
+    model.train()
+    model.gradient_checkpointing_enable()
+    capture = SignalCapture(model, config, response_mask=response)
+    with capture:
+        loss1 = model(input_ids=ids, attention_mask=attention, labels=ids).loss
+        capture.set_batch(attention.flip(1), response.flip(1))
+        model(input_ids=ids2, attention_mask=attention.flip(1), use_cache=False)
+    before = capture.head_stats()
+    loss1.backward()
+    model.gradient_checkpointing_disable()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    after = capture.head_stats()
+    for a, b in zip((before.waad, before.fai_sum, before.span),
+                    (after.waad, after.fai_sum, after.span)):
+        assert torch.equal(a, b)
+    model.zero_grad(set_to_none=True)
+    with SignalCapture(model, config, response_mask=response):
+        model(input_ids=ids, attention_mask=attention, labels=ids).loss.backward()
+    model.eval()
+    for name, grad in grads.items():
+        assert torch.equal(grad, model.get_parameter(name).grad), name
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_checkpointing_the_capture_cannot_wrap(monkeypatch, impl):
+    """Checkpointing by other means than transformers' checkpointed layers (simulated: the
+    capture finds none to wrap): the recompute runs the model's own implementation, so an
+    sdpa model keeps sdpa's output in every layer (kernel path, gradients unchanged) and an
+    eager one is refused."""
+    import attnrl.signals.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_checkpointed_layers", lambda model: [])
+    model = build_tiny_model("llama", seed=0, num_heads=4, num_kv_heads=2, num_layers=4,
+                             head_dim=32, attn_implementation=impl)
+    spiky(model)
+    ids, _, response = padded_batch([40, 40], ["left", "left"], 40, [10, 10])
+    config = SignalConfig(window=5, h_lo=2, h_hi=10)
+    capture = SignalCapture(model, config, response_mask=response)
+    if impl == "eager":
+        with pytest.raises(UserError, match="recompute would run 'eager'"):
+            response_loss_grads(model, ids, None, response, capture, checkpointing=True)
+        model.gradient_checkpointing_disable()
+        assert model.config._attn_implementation == "eager"
+        return
+    _, grads = response_loss_grads(model, ids, None, response)
+    _, grads_c = response_loss_grads(model, ids, None, response, capture, checkpointing=True)
+    assert set(capture.paths.values()) == {"kernel"}
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-6, rtol=1e-4)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from attnrl.cli import main
 from attnrl.models import load_model, load_tokenizer
-from attnrl.signals.aggregate import compute_token_signals
+from attnrl.signals import compute_token_signals
 from attnrl.signals.types import SignalConfig
 
 QUESTION = "What is 3 + 4?"

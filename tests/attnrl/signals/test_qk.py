@@ -218,8 +218,7 @@ def test_select_heads_finds_planted_heads_and_symmetric_option():
 
 def test_capture_nests_inside_the_signal_capture():
     """One forward gives logits, WAAD / FAI signals and QK-scores, each as when alone."""
-    from attnrl.signals.aggregate import compute_token_signals
-    from attnrl.signals.capture import SignalCapture
+    from attnrl.signals import SignalCapture, compute_token_signals
     from attnrl.signals.types import SignalConfig
 
     model = build_tiny_model("qwen2", num_heads=4, num_kv_heads=2, num_layers=3)

@@ -1,0 +1,77 @@
+"""Every check of a job that needs no model, made before anything is written or loaded
+(imports nothing heavy but reasoning-gym's registry): the model and data exist, the task
+and its task_kwargs (against the task's own config class), a file task's fields, the
+held-out task, the reasoning-vector target, and the output path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from attnrl.attention_config import read_config
+from attnrl.cli_checks import is_packaged, model_problem
+from attnrl.data import check_task
+from attnrl.errors import UserError
+from trainers.heldout_keys import heldout_settings, vector_settings
+from trainers.schema import check_paths
+
+
+def check_job(resolved: dict) -> None:
+    """UserError (one line naming the key) for the first problem found in a resolved
+    job config; returns None when the job can start."""
+    check_paths(resolved)
+    check_task(str(resolved["task"]), resolved.get("task_kwargs"), "task")
+    heldout = heldout_settings(resolved)
+    if heldout.enabled and heldout.task != resolved["task"]:
+        check_task(heldout.task, heldout.task_kwargs, "eval_task")
+    check_output_dir(resolved["output_dir"], "output_dir")
+    vector = vector_settings(resolved)
+    if vector is not None:
+        check_vector(vector, resolved["model"])
+
+
+def check_output_dir(path, key: str) -> None:
+    """The directory can be created (or is one) and written to."""
+    path = Path(str(path)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key} {str(path)!r} is a file, not a directory; give another "
+                        f"--{key}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{key} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {str(path)!r} is not writable ({str(parent)!r} is not "
+                        "writable by this user); give another --" + key)
+
+
+def _model_shape(model) -> dict | None:
+    """The fields of a local model's config.json that decide whether two models' tensors
+    pair up (None for the packaged model, whose shape is known only after conversion)."""
+    config = None if is_packaged(model) else read_config(model)
+    if config is None:
+        return None
+    return {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                       "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads")}
+
+
+def check_vector(vector, model) -> None:
+    """reasoning_vector: target (and sft) exist and have the trained model's shape; out is a
+    directory path."""
+    for name in ("target", "sft"):
+        value = getattr(vector, name)
+        if value is None:
+            continue
+        problem = model_problem(value)
+        if problem:
+            raise UserError(f"reasoning_vector.{name} {value!r} {problem}")
+        shape, start = _model_shape(value), _model_shape(model)
+        if shape and start and shape != start:
+            diff = ", ".join(f"{k} {start[k]} vs {shape[k]}" for k in shape
+                             if shape[k] != start[k])
+            raise UserError(f"reasoning_vector.{name} {value!r} does not have the trained "
+                            f"model's shape ({diff}); give a model of the same architecture")
+    if vector.out is not None:
+        check_output_dir(vector.out, "reasoning_vector.out")
