@@ -9,6 +9,13 @@ collective: every rank walks the same buckets in the same order), handed to the 
 and released before the next one is gathered. Peak extra memory of a sync: one bucket (plus
 what the engine copies of it), not the model.
 
+On CPU a released bucket (gathered, or LoRA-merged) goes back to the C allocator, and
+glibc keeps much of it in its heap: a sync's extra RSS was about 6x the largest bucket
+(benchmarks/zero3_sync.py). So when the policy's parameters are on CPU, each released
+bucket is handed back to the system (`malloc_trim(0)`, where libc has it; a no-op
+elsewhere): about 2.5-3x, the same for a model 2.8x larger. GPU memory is left to
+PyTorch's caching allocator, which reuses a freed bucket's blocks for the next one.
+
 LoRA (PEFT) models: a LoRA layer's base weight and adapters are gathered in one bucket and
 merged there (`merged_lora_state_dict(model, only=...)`); the engine gets HF names.
 """
@@ -16,6 +23,8 @@ merged there (`merged_lora_state_dict(model, only=...)`); the engine gets HF nam
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +72,25 @@ def gathered_bytes(model) -> int:
                if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False))
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (musl, macOS, Windows: no such function)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
+        return None
+
+
+def release_cpu_heap() -> bool:
+    """Hand the C heap's free memory back to the system (glibc `malloc_trim(0)`); False
+    where libc has no such function (nothing is done)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class WeightStream:
     """The engine-facing weights of `model`: `names` (HF names, known before anything is
     gathered) and `chunks()`, which yields {HF name: tensor} one bucket at a time. A
@@ -72,6 +100,8 @@ class WeightStream:
     def __init__(self, model, zero3: bool, bucket_bytes: int | None = None):
         self.model, self.zero3 = model, zero3
         self.lora = hasattr(model, "peft_config")
+        first = next(model.parameters(), None)
+        self.cpu = first is not None and first.device.type == "cpu"  # trim the heap
         state = model.state_dict()  # ZeRO-3: placeholders, nothing is gathered
         params = self._params = dict(model.named_parameters(remove_duplicate=False))
         self._extra = {k: v for k, v in state.items() if k not in params}  # buffers
@@ -145,6 +175,8 @@ class WeightStream:
                     yield merged_lora_state_dict(self.model, only=set(raw))
                 else:
                     yield {n: self._params[n].detach() for n in raw}
+            if self.cpu and (self.zero3 or self.lora):  # released: give its heap back
+                release_cpu_heap()
 
 
 def _lora_only(raw: str) -> bool:

@@ -144,6 +144,9 @@ BAD_INPUTS = [
     (["analyze", "--task", "{noanswer.jsonl}"], "noanswer.jsonl:2 has no 'answer'"),
     (["train", "--rollout_engine", "vllm_server"], ("rollout_engine vllm_server needs "
                                                    "rollout_server_url")),
+    (["train", "--use_liger_kernel", "true"], ("use_liger_kernel: true would bypass attnrl's "
+                                              "credit")),
+    (["train", "--top_p", "0.9"], "top_p 0.9 with vllm_importance_sampling_correction"),
     (["generate", "-n", "0"], "-n 0 is out of range; -n takes an integer >= 1"),
     (["generate", "--top-p", "0"], "--top-p 0.0 is out of range"),
     (["eval", "--model", "smollm2", "-n", "0"], "-n and --max-tokens must be >= 1"),

@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch
 
+    from trainers import weight_sync
     from trainers.cli import run_job
     from trainers.job import load_config, parse_overrides
     from trainers.weight_sync import full_bytes, gathered_bytes
@@ -37,20 +38,26 @@ def main(argv: list[str]) -> None:
         for tensor in engine_model.state_dict().values():
             tensor.fill_(float("nan"))
 
-    peaks = []
+    peaks, events, trimmed = [], [], []
     context = deepspeed.zero.GatheredParameters
-    enter = context.__enter__
+    enter, release = context.__enter__, weight_sync.release_cpu_heap
 
     def observed_enter(self):
         result = enter(self)
         peaks.append(gathered_bytes(model))
+        events.append("gather")
         return result
 
-    context.__enter__ = observed_enter
+    def observed_release():  # the CPU heap hand-back between buckets, observed
+        trimmed.append(release())
+        events.append("release")
+        return trimmed[-1]
+
+    context.__enter__, weight_sync.release_cpu_heap = observed_enter, observed_release
     try:
         trainer.sync_engine_weights()  # a collective under ZeRO-3: every rank gathers
     finally:
-        context.__enter__ = enter
+        context.__enter__, weight_sync.release_cpu_heap = enter, release
 
     with context(list(model.parameters())), torch.no_grad():
         if hasattr(model, "peft_config"):  # LoRA: the merged weights, all at once
@@ -69,6 +76,8 @@ def main(argv: list[str]) -> None:
         "names_equal": sorted(engine_state) == sorted(reference),
         "not_equal": [k for k in reference if not torch.equal(engine_state[k], reference[k])],
         "gathers": len(peaks), "peak_gathered_bytes": max(peaks, default=0),
+        "events": events, "heap_released": trimmed,
+        "buckets": trainer.last_sync_stats.buckets,
         "partitioned_bytes": sum(sizes), "largest_partitioned_bytes": max(sizes),
         "model_bytes": sum(full_bytes(p) for p in params),
     }
