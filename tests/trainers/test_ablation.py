@@ -95,6 +95,9 @@ def test_miniature_ablation_end_to_end_and_resume(tmp_path, tiny_model_dir):
     from attnrl.data.unseen import normalize_question
 
     base = summary["settings"]["base_config"]
+    # the device is recorded as chosen for this machine (tiny.yaml leaves it out), so a
+    # resumed ablation compares settings with what its runs really used
+    assert (base["use_cpu"], base["bf16"]) == (True, False)
     pool = {normalize_question(r.question) for r in load_prompts(
         base["task"], size=base["task_size"], seed=base.get("task_seed", 0),
         **(base.get("task_kwargs") or {}))}
