@@ -120,6 +120,19 @@ def _positions(pos, batch: int, length: int, attention_mask, what: str) -> torch
     return pos.contiguous()
 
 
+def _checkpointed(model) -> bool:
+    """True when a training forward of `model` will be recomputed by gradient
+    checkpointing (transformers' checkpointing layers, what TRL turns on)."""
+    if not model.training:
+        return False
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    return any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+               for m in model.modules())
+
+
 class QKCapture:
     """Context manager recording S = q_a . k_s for `heads` during one forward of `model`.
 
@@ -177,6 +190,13 @@ class QKCapture:
 
     def __enter__(self):
         self._previous = _text_config(self.model)._attn_implementation
+        name = _capture_name(self._previous)
+        if not name.endswith(f"__{self._previous}") and _checkpointed(self.model):
+            raise UserError(
+                f"QK capture on a model loaded with attn_implementation {self._previous!r} "
+                "under gradient checkpointing: the capture's forward runs sdpa but the "
+                "recompute would run the model's own attention with another mask; load the "
+                "model with attn_implementation='sdpa', or turn gradient checkpointing off")
         self._pending = set(self._by_layer)
         self.scores = None
         self._modules = [m for m in self.model.modules()
@@ -184,7 +204,7 @@ class QKCapture:
                          and type(m).__name__.endswith("Attention")]
         for module in self._modules:
             setattr(module, _SINK_ATTR, self)
-        self.model.set_attn_implementation(_capture_name(self._previous))
+        self.model.set_attn_implementation(name)
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -272,3 +272,34 @@ def test_scores_under_bf16_autocast_are_float32_products_of_the_bf16_q_k():
     valid = mask.bool()[:, qpos][:, None, :, None] & mask.bool()[:, kpos][:, None, None, :]
     assert_close(capture.scores[valid.expand_as(expect)], expect[valid.expand_as(expect)],
                  terms=128)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_checkpointed_training_forward_is_refused_unless_the_recompute_runs_the_same(
+        implementation):
+    """Under gradient checkpointing the recompute runs after the capture, with the model's
+    own attention: for an eager model that would differ from the capture's sdpa (and read
+    an sdpa mask), so it is refused; an sdpa model recomputes exactly what ran, and its
+    gradients equal those without checkpointing."""
+    ids, mask = _batch(7)
+
+    def grads(checkpointing):
+        model = build_tiny_model("llama", num_heads=4, num_kv_heads=2, num_layers=2,
+                                 attn_implementation=implementation)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        with QKCapture(model, [(1, 3)], torch.tensor([13]), torch.arange(14)) as cap:
+            loss = model(input_ids=ids, attention_mask=mask).logits[mask.bool()].square().mean()
+        (loss + cap.scores.nan_to_num().sum() * 0).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    if implementation == "eager":
+        with pytest.raises(UserError, match="attn_implementation 'eager' under gradient "
+                                            "checkpointing"):
+            grads(True)
+        return
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
