@@ -288,26 +288,8 @@ class VLLMServerEngine(RolloutEngine):
             shutil.rmtree(target, ignore_errors=True)
 
     def _push(self, state_dict: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        self._version += 1
-        target = self.weights_dir / f"v{self._version:06d}-{os.getpid()}"
-        target.mkdir(parents=True, exist_ok=True)
-        tensors, seen = {}, set()
-        for name, tensor in state_dict.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            if tensor.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                tensor = tensor.clone()
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor
-        try:
-            save_file(tensors, str(target / "model.safetensors"))
-            self._call("/collective_rpc",
-                       {"method": "reload_weights", "kwargs": {"weights_path": str(target)}},
-                       timeout=self.request_timeout)
-            self._reset_prefix_cache()
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        """The whole state dict as one shard."""
+        self._push_shards(list(state_dict), [state_dict])
 
     def _reset_prefix_cache(self, attempts: int = 20) -> None:
         for _ in range(attempts):  # refused while blocks are held by running requests
