@@ -261,6 +261,7 @@ def test_vllm_server_sh_always_requires_a_key(tiny_model_dir):
         assert "ATTNRL_ROLLOUT_API_KEY" in result.stderr and "+ " not in result.stdout
 
 
+@pytest.mark.slow
 def test_vllm_server_sh_reads_forwarded_args_with_vllms_parser(tiny_model_dir, tmp_path):
     """What follows `--` is parsed by vLLM's own parser, the last value winning as in vLLM:
     a forwarded --logprobs-mode or --model is refused, a forwarded --host / --port is the

@@ -40,6 +40,7 @@ def _attnrl(*args):
                           text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_model_dir):
     from attnrl.evaluation import evaluate
     from attnrl.models import save_tiny_model
