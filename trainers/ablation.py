@@ -943,7 +943,7 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
 
     # the device every run will use, chosen as `attnrl train` chooses it (recorded, so an
     # ablation resumes only on the kind of machine it started on)
-    base.update(machine.choose({k: base.get(k) for k in (*machine.DEVICE_KEYS, "fp16")})[0])
+    base.update(machine.choose(base)[0])
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     check_strategies(strategies)
     check_sequential(args, strategies)

@@ -67,21 +67,6 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     locks output_dir (trainers/run_dir.py: one run per directory; resume only the same run);
     the resolved config is recorded and an --overwrite'n run removed only once the trainer
     is built, so a failed start leaves the directory as it was. Returns the trainer."""
-    from trainers import run_dir
-    from trainers.schema import resolve
-
-    lock = run_dir.RunLock(resolve(config)["output_dir"])
-    checked = _checked_job(config, lock, overwrite, allow_config_change)
-    try:
-        return _run_job(*checked, callbacks=callbacks, overwrite=overwrite, verbose=verbose,
-                        command=command)
-    finally:
-        lock.release()
-
-
-def _checked_job(config, lock, overwrite, allow_config_change):
-    """Checks, the draw of the held-out problems, the lock and the resume decision: all
-    before anything heavy is imported. Returns (config, resolved, heldout, draw, resume)."""
     from trainers import machine, preflight, run_dir
     from trainers.heldout_keys import heldout_settings
     from trainers.schema import resolve
@@ -92,20 +77,19 @@ def _checked_job(config, lock, overwrite, allow_config_change):
     # held-out problems never in the training pool: drawn (or refused) before anything is
     # written or loaded
     heldout_draw = heldout.draw() if heldout.enabled else None
+    lock = run_dir.RunLock(resolved["output_dir"])
     if run_dir._rank0():
         lock.acquire()
     try:
-        chosen, line = machine.choose({k: config.get(k) for k in (*machine.DEVICE_KEYS,
-                                                                   "fp16")})
-        config = {**config, **chosen}
-        resolved = {**resolved, **chosen}
+        chosen, line = machine.choose(config)
+        config, resolved = {**config, **chosen}, {**resolved, **chosen}
         resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
-    except BaseException:
+        if line and run_dir._rank0():
+            print(line, flush=True)
+        return _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=callbacks,
+                        overwrite=overwrite, verbose=verbose, command=command)
+    finally:
         lock.release()
-        raise
-    if line and run_dir._rank0():
-        print(line, flush=True)
-    return config, resolved, heldout, heldout_draw, resume
 
 
 def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,

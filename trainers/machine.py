@@ -15,8 +15,6 @@ from __future__ import annotations
 from attnrl.cli_checks import no_gpu_here
 from attnrl.errors import UserError
 
-DEVICE_KEYS = ("use_cpu", "bf16")
-
 
 def detect() -> dict:
     """{'cuda': int (visible CUDA devices), 'bf16': bool (every one supports bfloat16)}."""
@@ -29,7 +27,8 @@ def detect() -> dict:
 
 
 def choose(given: dict, machine: dict | None = None) -> tuple[dict, str | None]:
-    """The device keys missing from `given` (the config's own keys), chosen for `machine`
+    """The device keys missing from `given` (a config as given: only use_cpu, bf16 and fp16
+    are read), chosen for `machine`
     (detect() when None), and the line that says so (None when nothing was chosen).
     UserError when a given key cannot run on this machine."""
     machine = detect() if machine is None else machine
