@@ -99,12 +99,14 @@ class _ForwardPlan:
 
     def __init__(self):
         self.outputs: dict[int, str] = {}
+        self.key_keep: dict[int, torch.Tensor | None] = {}  # fused layers' padding plan
 
     def replay(self, module, query, key, value, attention_mask, kwargs):
         """The forward's attention call of this layer again; records nothing."""
-        if self.outputs.get(getattr(module, "layer_idx", None)) == "fused":
+        layer = getattr(module, "layer_idx", None)
+        if self.outputs.get(layer) == "fused":
             output = attention_with_lse(query, key, value, attention_mask,
-                                        _scaling(query, kwargs))[0]
+                                        _scaling(query, kwargs), self.key_keep.get(layer))[0]
             return output, None
         return _sdpa(module, query, key, value, attention_mask, kwargs)
 
@@ -368,16 +370,18 @@ class SignalCapture:
         lse = span = None
         fused = (self.use_kernel and not unpinned
                  and fused_available(query, key, value, kwargs))
+        with torch.profiler.record_function(PROFILE_REGION):
+            key_keep = self._mask_plan(attention_mask)
         if fused:
             with torch.profiler.record_function(PROFILE_REGION):
                 output, lse, span = attention_with_lse(query, key, value, attention_mask,
-                                                       scaling)
+                                                       scaling, key_keep)
             result = (output, None)
+            self._plan.key_keep[layer] = key_keep
         else:
             result = _sdpa(module, query, key, value, attention_mask, kwargs)
         self._plan.outputs[layer] = "fused" if fused else "sdpa"
         with float32_math(query.device), torch.profiler.record_function(PROFILE_REGION):
-            key_keep = self._mask_plan(attention_mask)
             width = None if fused or not self.use_kernel else kernel_width(query)
             d = query.shape[-1]
             prepared = float32_qk(query, key, scaling, 0 if width is None else width - d)

@@ -7,7 +7,8 @@ mask_ts) and span_t = sum_s A_ts (t - s). Which path runs (`SignalCapture._recor
 - `fused` (`attention_with_lse`): CPU, float32 q / k / v, no autocast, no dropout. ONE call of
   the fused flash kernel sdpa itself uses on CPU, with a zero channel appended to q and k
   and the key position appended to v, returns the layer's output, lse and sum_s A_ts s
-  together, and is differentiable (the kernel's own backward). It replaces sdpa in the
+  together, and is differentiable (the kernel's own backward). A padding mask becomes that
+  key channel (is_causal), so the kernel skips the keys above the diagonal. It replaces sdpa in the
   layer, with or without gradient checkpointing: under checkpointing the recompute replays
   this same call (`attnrl.signals.capture`), so forward and recompute are identical.
 - `kernel` (`kernel_lse_and_span`): where the layer's own output must stay sdpa's (bfloat16
@@ -56,7 +57,8 @@ def fused_available(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       mask: torch.Tensor | None, scaling: float
+                       mask: torch.Tensor | None, scaling: float,
+                       key_keep: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `fused` path: CPU attention from the same fused kernel sdpa uses, plus each row's
     log-sum-exp and sum_s A_ts s: the value gets one extra channel holding the key position
@@ -64,6 +66,12 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     (a bfloat16 channel cannot hold positions above 256 exactly).
 
     query (B, H, N, d), key / value (B, H_kv, N, d); mask as in `attnrl.signals.blocks`.
+    key_keep (B|1, N) bool (`padding_key_mask(mask)`: the mask is causal over these keys):
+    the kernel runs causal (it skips the key blocks above the diagonal, about half the work
+    of an explicit (N, N) mask) with the padding in the extra channel (query 1, padded key
+    -1e6 / scaling: exp underflows to exactly 0), and `mask` is not read. A query row whose
+    keys are all padding then averages its padded keys instead of sdpa's masked row; such
+    rows are padding themselves and reach no unpadded position.
     Returns (output (B, N, H, d) as transformers' sdpa_attention_forward, differentiable
     with respect to query, key and value through the kernel's backward; lse (B, H, N)
     float32; span (B, H, N) float32 = t - sum_s A_ts s), the last two without gradient.
@@ -80,7 +88,12 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     v_pad = value.new_empty(B, h_kv, group, N, d + 1)
     v_pad[..., :d] = value[:, :, None]
     v_pad[..., d] = torch.arange(N, device=query.device, dtype=value.dtype)
-    if mask is not None and mask.dtype == torch.bool:
+    if key_keep is not None:
+        q_pad[..., d] = 1.0
+        k_pad[..., d] = torch.where(key_keep.to(query.device)[:, None, None, :], 0.0,
+                                    _PAD_KEY / scaling)
+        mask = None
+    elif mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
                            ).masked_fill_(~mask, float("-inf"))
     elif mask is not None:

@@ -22,6 +22,7 @@ from attnrl.signals import SignalCapture, SignalConfig, compute_token_signals
 from attnrl.signals import reference as ref
 from attnrl.signals.aggregate import lookback_max, masked_lower_median, token_sets
 from attnrl.signals.band import layer_statistics
+from attnrl.signals.blocks import padding_key_mask
 from attnrl.signals.kernels import attention_with_lse
 
 GSM8K = gsm8k_path("test")
@@ -200,8 +201,13 @@ def test_layer_statistics_equal_full_softmax(c):
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     has_keys = allowed[:, 0].diagonal(dim1=-2, dim2=-1)[:, None, :].expand(B, H, n)
     kernel = attention_with_lse(q, k, v, mask, scaling)
+    # a padding mask also runs causal with the padding in the key channel: same statistics
+    key_keep = padding_key_mask(mask)
+    causal = attention_with_lse(q, k, v, mask, scaling, key_keep) if key_keep is not None \
+        else kernel
     # the kernel's span is t - sum_s A_ts s with s up to N: float32 error grows with N
-    for lse, span_in, span_terms in [(None, None, 1), (*kernel[1:], n * n)]:
+    for lse, span_in, span_terms in [(None, None, 1), (*kernel[1:], n * n),
+                                     (*causal[1:], n * n)]:
         got = layer_statistics(q, k, mask, scaling, response, c["window"], c["h_lo"],
                                c["h_hi"], c["block"], lse=lse, span=span_in)
         assert_close(got[0], waad * has_keys)
@@ -213,8 +219,9 @@ def test_layer_statistics_equal_full_softmax(c):
         q, k.repeat_interleave(c["group"], 1), v.repeat_interleave(c["group"], 1),
         attn_mask=mask, is_causal=mask is None, scale=scaling)
     rows = keep[:, None, :, None].expand_as(expect).transpose(1, 2)
-    torch.testing.assert_close(kernel[0][rows], expect.transpose(1, 2)[rows], atol=1e-5,
-                               rtol=1e-5)
+    for out in (kernel[0], causal[0]):
+        torch.testing.assert_close(out[rows], expect.transpose(1, 2)[rows], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_non_causal_mask_is_refused():
