@@ -8,9 +8,10 @@ mask_ts) and span_t = sum_s A_ts (t - s). Which path runs (`SignalCapture._recor
   the fused flash kernel sdpa itself uses on CPU, with a zero channel appended to q and k
   and the key position appended to v, returns the layer's output, lse and sum_s A_ts s
   together, and is differentiable (the kernel's own backward). A padding mask becomes that
-  key channel (is_causal), so the kernel skips the keys above the diagonal. It replaces sdpa in the
-  layer, with or without gradient checkpointing: under checkpointing the recompute replays
-  this same call (`attnrl.signals.capture`), so forward and recompute are identical.
+  key channel (is_causal), so the kernel skips the keys above the diagonal. It replaces
+  sdpa in the layer, with or without gradient checkpointing: under checkpointing the
+  recompute replays this same call (`attnrl.signals.capture`), so forward and recompute are
+  identical.
 - `kernel` (`kernel_lse_and_span`): where the layer's own output must stay sdpa's (bfloat16
   weights or autocast, where a bfloat16 value channel cannot hold key positions; CUDA).
   sdpa gives the output; ONE extra kernel call without gradient on q and k upcast once to
@@ -56,6 +57,17 @@ def fused_available(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             and not kwargs.get("softcap"))
 
 
+def _padding_channel(q: torch.Tensor, k: torch.Tensor, d: int, key_keep: torch.Tensor,
+                     scale: float) -> None:
+    """Channel d of q (B, H, N, w) and k (B, ..., N, w) made the padding mask, in place:
+    q 1, k 0 on kept keys and -1e6 / scale on padded ones (key_keep (B|1, N) bool), so a
+    kernel run causal with this `scale` adds exactly 0 to a kept key's logit and gives a
+    padded key exp(-1e6 - max) = exactly 0."""
+    q[..., d] = 1.0
+    keep = key_keep.to(k.device).view(key_keep.shape[0], *[1] * (k.dim() - 3), -1)
+    k[..., d] = torch.where(keep, 0.0, _PAD_KEY / scale)
+
+
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        mask: torch.Tensor | None, scaling: float,
                        key_keep: torch.Tensor | None = None,
@@ -89,9 +101,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     v_pad[..., :d] = value[:, :, None]
     v_pad[..., d] = torch.arange(N, device=query.device, dtype=value.dtype)
     if key_keep is not None:
-        q_pad[..., d] = 1.0
-        k_pad[..., d] = torch.where(key_keep.to(query.device)[:, None, None, :], 0.0,
-                                    _PAD_KEY / scaling)
+        _padding_channel(q_pad, k_pad, d, key_keep, scaling)
         mask = None
     elif mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
@@ -142,8 +152,7 @@ def kernel_lse_and_span(prepared: tuple[torch.Tensor, torch.Tensor], d: int,
     if device.type == "cuda" and not is_causal:
         return None
     if key_keep is not None:
-        q[..., d] = 1.0
-        k[..., d] = torch.where(key_keep.to(device)[:, None, :], 0.0, _PAD_KEY)
+        _padding_channel(q, k, d, key_keep, 1.0)
     v = k.new_zeros(B, h_kv, N, width)
     v[..., d] = torch.arange(N, device=device, dtype=torch.float32)
     bias = None
