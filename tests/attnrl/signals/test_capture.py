@@ -740,7 +740,8 @@ def test_recompute_replays_the_forward_calls_without_recording(monkeypatch, auto
     call in sampled layers in float32; sdpa under autocast), records no statistics, leaves
     the last forward's statistics as they were, and the model's implementation and
     checkpointing functions are restored; gradients equal the unchecked capture's bit for
-    bit."""
+    bit. The batch is padded: forward and recompute both run the fused call causal with
+    the padding in the key channel (key_keep), not with the explicit (N, N) mask."""
     import attnrl.signals.capture as capture_module
 
     model = build_tiny_model("llama", seed=0, num_heads=4, num_kv_heads=2, num_layers=4,
@@ -749,11 +750,14 @@ def test_recompute_replays_the_forward_calls_without_recording(monkeypatch, auto
     ids, attention, response = padded_batch([40, 33], ["left", "right"], 40, [10, 10])
     config = SignalConfig(layers=[1, 2], window=5, h_lo=2, h_hi=10)
     calls = {"fused": 0, "stats": 0}
+    key_keeps = []  # the key_keep argument of each fused call
     fused, stats = capture_module.attention_with_lse, capture_module.layer_statistics
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
             calls[name] += 1
+            if name == "fused":
+                key_keeps.append(args[5] if len(args) > 5 else kwargs.get("key_keep"))
             return fn(*args, **kwargs)
         return wrapped
 
@@ -763,12 +767,15 @@ def test_recompute_replays_the_forward_calls_without_recording(monkeypatch, auto
                                      SignalCapture(model, config, response_mask=response),
                                      autocast=autocast)
     calls.update(fused=0, stats=0)
+    key_keeps.clear()
     capture = SignalCapture(model, config, response_mask=response)
     _, grads_c = response_loss_grads(model, ids, attention, response, capture,
                                      checkpointing=True, autocast=autocast,
                                      backward_inside=backward_inside)
     sampled = len(config.layers)
     assert calls == {"fused": 0 if autocast else 2 * sampled, "stats": sampled}
+    for keep in key_keeps:
+        assert keep is not None and torch.equal(keep, attention.bool())
     assert set(capture.paths.values()) == {"kernel" if autocast else "fused"}
     assert model.config._attn_implementation == "eager"
     layers = capture_module._checkpointed_layers(model)
