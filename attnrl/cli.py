@@ -1,4 +1,4 @@
-"""`attnrl` command line: generate | signals | train | eval | merge | analyze | ablate.
+"""`attnrl` command line: generate | signals | train | eval | merge | analyze | fidelity | ablate.
 
 Each subcommand lives in the module that implements it; that module provides
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "merge": ("attnrl.merge", "reasoning-vector task arithmetic over safetensors checkpoints"),
     "analyze": ("attnrl.analysis.cli", "does a model show the preplan-and-anchor rhythm; "
                                        "do its QK heads predict correctness"),
+    "fidelity": ("attnrl.fidelity.cli", "is each credit strategy's per-token credit where the "
+                                        "outcome is decided (Monte-Carlo values)"),
     "ablate": ("trainers.ablation", "credit-strategy ablation: strategies x seeds, held-out table"),
 }
 

@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+from attnrl.analysis.stats import T975, t975  # noqa: F401  (T975: re-exported for tests)
 from attnrl.errors import UserError
 from attnrl.evaluation import HELDOUT_SEED_OFFSET
 
@@ -322,21 +323,7 @@ def _std(values):
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-# two-sided 95% quantiles of Student's t, df = 1..30 (t_{0.975, df})
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 Z80 = 0.8416  # the normal 80% quantile: seeds for ~80% power (normal approximation)
-
-
-def t975(df: int) -> float:
-    """t_{0.975, df}: T975 up to 30 degrees of freedom, past it the normal quantile with
-    the first three terms of the Cornish-Fisher expansion in 1/df (error < 1e-5)."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def paired_t_interval(diffs: list[float]) -> dict:
@@ -750,6 +737,7 @@ def format_table(summary: dict) -> str:
         lines.append(f"# sequential: {len(seq['seeds'])} seeds ({why}); target half-width "
                      f"{seq['half_width']:g} points on final accuracy, at most "
                      f"{seq['max_seeds']} seeds")
+    lines += [f"# {line}" for line in summary.get("fidelity", [])]
     return "\n".join(lines)
 
 
@@ -816,8 +804,10 @@ def plot_summary(summary: dict, path: Path) -> Path:
 
 
 def write_summary(runs, settings, out_dir: Path, untrained: dict | None = None,
-                  sequential: dict | None = None) -> dict:
+                  sequential: dict | None = None, fidelity: list[str] | None = None) -> dict:
     summary = summarize(runs, settings, untrained, sequential)
+    if fidelity:
+        summary["fidelity"] = fidelity
     _write_json(out_dir / "summary.json", summary)
     plot_summary(summary, out_dir / "credit_ablation.png")
     (out_dir / "table.md").write_text(format_table(summary) + "\n")
@@ -867,6 +857,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep the checkpoint-* dirs of finished runs (default: delete "
                              "them; final/ is kept)")
+    parser.add_argument("--fidelity", default=None, metavar="SUMMARY",
+                        help="an `attnrl fidelity` summary.json (or its --out) of this task: "
+                             "the table says which strategies beat their own permutation there "
+                             "(the others are not recommended for the task)")
     parser.add_argument("--summary-only", action="store_true",
                         help="rebuild summary.json and the PNG from finished runs; train nothing")
 
@@ -968,6 +962,10 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
                 "target_reward": budget["target_reward"] if args.target_reward is None
                 else args.target_reward}
     settings["heldout"] = heldout_draw(base, ev).summary()  # refuses before any run
+    if getattr(args, "fidelity", None):   # read now: a bad path is refused before any run
+        from attnrl.fidelity.advice import fidelity_notes
+
+        args.fidelity_notes = fidelity_notes(args.fidelity, strategies, settings["task"])
     runs = plan(base, ev, strategies, seeds, out)
     return runs, settings, out, base_run(base, ev, out)
 
@@ -979,6 +977,9 @@ def run(args) -> int:
     same decision."""
     runs, settings, out, untrained = build(args)
     record_settings(out, settings, write=not args.summary_only)
+    notes = getattr(args, "fidelity_notes", None)
+    for line in notes or []:
+        print(f"# {line}", flush=True)
     sequential = None
     if getattr(args, "until_half_width", None) is not None:
         sequential = {"half_width": args.until_half_width, "max_seeds": args.max_seeds,
@@ -995,7 +996,8 @@ def run(args) -> int:
         if sequential is None:
             if not args.summary_only:
                 failed += _execute_all(group, len(done) + 1, len(runs), args,
-                                       lambda: write_summary(runs, settings, out, untrained))
+                                       lambda: write_summary(runs, settings, out, untrained,
+                                                             fidelity=notes))
             done += group
             continue
         if args.summary_only and not any(run_status(r) == "done" for r in group):
@@ -1006,7 +1008,7 @@ def run(args) -> int:
             so_far = [*done, *group]
             failures = _execute_all(group, len(done) + 1, len(runs), args,
                                     lambda so_far=so_far: write_summary(
-                                        so_far, settings, out, untrained, sequential))
+                                        so_far, settings, out, untrained, sequential, notes))
             failed += failures
         done += group
         sequential["seeds"].append(seed)
@@ -1026,7 +1028,7 @@ def run(args) -> int:
             sequential["stopped"] = reason
             print(f"# sequential: stop ({reason})", flush=True)
             break
-    summary = write_summary(done, settings, out, untrained, sequential)
+    summary = write_summary(done, settings, out, untrained, sequential, notes)
     print(f"# wrote {out / 'summary.json'}, {out / 'credit_ablation.png'}")
     if failed:
         print(f"# failed runs: {', '.join(failed)} (re-run the same command to retry)")

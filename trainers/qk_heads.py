@@ -28,7 +28,7 @@ import torch
 
 from attnrl.credit import CreditConfig, strategy_parts
 from attnrl.errors import UserError
-from attnrl.signals.qk import QKCapture, all_heads, mean_key_alignment
+from attnrl.signals.qk import PremiseQKCapture, QKCapture, all_heads
 from attnrl.signals.qk_select import (
     REDUCE_CHOICES,
     HeadSelector,
@@ -55,27 +55,6 @@ def base_model(model):
     """The transformers model under a PEFT wrapper (DDP / DeepSpeed: unwrap it first, e.g.
     with accelerator.unwrap_model)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class PremiseQKCapture(QKCapture):
-    """The answer-query capture plus, for `qk_premise`, each query's alignment with the
-    mean prompt key per candidate head (`premise`, (B, H, N)), from the same forward."""
-
-    def __init__(self, model, heads, query_positions, key_positions, prompt_mask):
-        super().__init__(model, heads, query_positions, key_positions)
-        self.prompt_mask = prompt_mask
-        self.premise: torch.Tensor | None = None
-
-    def record(self, layer, query, key):
-        if layer in self._by_layer:
-            slots = [s for s, _ in self._by_layer[layer]]
-            q_heads = torch.tensor([h for _, h in self._by_layer[layer]])
-            values = mean_key_alignment(query, key, self.prompt_mask, q_heads)
-            if self.premise is None:
-                self.premise = torch.zeros(query.shape[0], len(self.heads), query.shape[2],
-                                           device=query.device)
-            self.premise[:, slots] = values
-        super().record(layer, query, key)
 
 
 class QKCredit:

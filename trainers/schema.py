@@ -33,17 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from attnrl.cli_checks import SMOLLM2_NAMES, layer_count, layers_problem, model_problem
+from attnrl.credit_names import (  # noqa: F401  (re-exported: the schema's registries)
+    ATTENTION_CREDIT,
+    CREDIT_STRATEGIES,
+    SIGNED_CREDIT,
+    credit_problem,
+)
 from attnrl.errors import UserError, nearest
 from trainers.trl_fields import TRL_FIELDS
 
 # Registries of the heavy modules, by name (tests/trainers/test_schema.py keeps them equal
-# to attnrl.credit.CREDIT_STRATEGIES, attnrl.advantages.ESTIMATORS, rewards.REWARDS).
-CREDIT_STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled", "random", "entropy",
-                     "bottom_q", "qk_tokens", "qk_consistency", "qk_premise", "sign_flip")
-SIGNED_CREDIT = ("sign_flip",)  # registered with signed=True: never composed
-ATTENTION_CREDIT = {  # strategies that read the attention, by what they read (credit.py)
-    "local_chunk": "signals", "global_anchor": "signals", "coupled": "signals",
-    "bottom_q": "signals", "qk_tokens": "qk", "qk_consistency": "qk", "qk_premise": "qk"}
+# to attnrl.advantages.ESTIMATORS and rewards.REWARDS; the credit names: attnrl.credit_names).
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "psr", "nsr", "w_reinforce")
 REWARDS = ("math", "gym", "answer", "format", "overlong")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -119,19 +119,6 @@ def _check_reasoning_vector(value) -> str | None:
         vector_settings({"reasoning_vector": value})
     except UserError as err:
         return str(err)
-    return None
-
-
-def _check_credit(value) -> str | None:
-    parts = [p.strip() for p in str(value).split("+")]
-    for part in parts:
-        if part not in CREDIT_STRATEGIES:
-            return (f"unknown credit strategy {part!r}{nearest(part, CREDIT_STRATEGIES)}; "
-                    f"registered: {', '.join(sorted(CREDIT_STRATEGIES))} (join several "
-                    "with '+')")
-        if part in SIGNED_CREDIT and len(parts) > 1:
-            return (f"{part!r} (a negative gamma) cannot be composed with '+': the product is "
-                    f"clipped at 0; use {part} alone")
     return None
 
 
@@ -288,7 +275,7 @@ JOB_KEYS = [
 
 ATTNRL_KEYS = [
     # ---- credit (methods.md 1.5)
-    Key("credit", "str", "uniform", "credit strategy; compose with '+'", check=_check_credit,
+    Key("credit", "str", "uniform", "credit strategy; compose with '+'", check=credit_problem,
         allowed="a registered credit strategy (" + ", ".join(CREDIT_STRATEGIES) + "), or "
         "several joined with '+'"),
     Key("gamma_amp", "float", 1.5, "amplification of marked tokens", gt=0),

@@ -215,6 +215,27 @@ class QKCapture:
         return False
 
 
+class PremiseQKCapture(QKCapture):
+    """The answer-query capture plus, for `qk_premise`, each query's alignment with the
+    mean prompt key per candidate head (`premise`, (B, H, N)), from the same forward."""
+
+    def __init__(self, model, heads, query_positions, key_positions, prompt_mask):
+        super().__init__(model, heads, query_positions, key_positions)
+        self.prompt_mask = prompt_mask
+        self.premise: torch.Tensor | None = None
+
+    def record(self, layer, query, key):
+        if layer in self._by_layer:
+            slots = [s for s, _ in self._by_layer[layer]]
+            q_heads = torch.tensor([h for _, h in self._by_layer[layer]])
+            values = mean_key_alignment(query, key, self.prompt_mask, q_heads)
+            if self.premise is None:
+                self.premise = torch.zeros(query.shape[0], len(self.heads), query.shape[2],
+                                           device=query.device)
+            self.premise[:, slots] = values
+        super().record(layer, query, key)
+
+
 def qk_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
               query_positions, key_positions, heads: list[HeadRef] | None = None,
               layers: list[int] | None = None) -> torch.Tensor:

@@ -138,6 +138,22 @@ def test_miniature_ablation_end_to_end_and_resume(tmp_path, tiny_model_dir):
     third = ablate(*args, "--steps", 3)
     assert third.returncode == 2 and "other settings" in third.stderr
 
+    # --fidelity: the table says which strategies beat their own permutation on the task
+    fidelity = tmp_path / "fidelity_summary.json"
+    fidelity.write_text(json.dumps({"settings": {"task": summary["settings"]["task"]},
+                                    "strategies": {"random": {
+                                        "measured": 10, "verdict": "no evidence it beats its "
+                                        "permutation", "S_vs_perm": {"mean": 0.01,
+                                                                     "p_holm": 0.6}}}}))
+    fourth = ablate(*args, "--summary-only", "--fidelity", fidelity)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "# random: no evidence it beats its permutation" in table
+    assert "not recommended" in table and "# uniform: the baseline" in table
+    assert json.loads((out / "summary.json").read_text())["fidelity"][0].startswith("fidelity (")
+    fifth = ablate(*args, "--summary-only", "--fidelity", tmp_path / "missing.json")
+    assert fifth.returncode == 2 and "not a readable fidelity summary" in fifth.stderr
+
 
 def after_file(run_dir):
     return json.loads((run_dir / "heldout" / "after.json").read_text())
