@@ -71,7 +71,7 @@ def _check_settings(num_problems, n, temperature, top_p, max_tokens) -> None:
 
 
 def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
-    from rewards import answer_reward
+    from attnrl.answers import answer_reward
 
     start = time.perf_counter()
     groups = engine.generate(prompt_ids, sampling)

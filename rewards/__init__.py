@@ -1,5 +1,9 @@
 """Verifiable reward functions: reward(prompts, completions, **columns) -> list[float].
 
+The answer checks (math, gym, answer: the task's correctness) live in the core,
+attnrl.answers, which the evaluation and analysis commands use too; this package adds the
+shaping rewards (format, overlong), the registry and the weighted mix.
+
 Columns carry per-sample data, one entry per completion (as TRL passes dataset columns):
 `answer` (gold final answer), `entry` / `task` / `metadata` (reasoning-gym),
 `completion_lengths` or `completion_ids` (token lengths). Unused columns are ignored.
@@ -14,34 +18,13 @@ from __future__ import annotations
 import inspect
 import math
 
+from attnrl.answers import answer_reward
+from attnrl.answers.gym_answer import extract_gym_answer, gym_reward
+from attnrl.answers.math_answer import extract_math_answer, math_reward
 from attnrl.errors import UserError, nearest
 from rewards.base import RewardFn, completion_text
 from rewards.format import DEFAULT_FORMAT_PATTERN, format_reward
-from rewards.gym import extract_gym_answer, gym_reward
 from rewards.length import overlong_penalty, overlong_reward
-from rewards.math_reward import extract_math_answer, math_reward
-
-
-def answer_reward(prompts, completions, answer=None, entry=None, task=None, metadata=None,
-                  **columns) -> list[float]:
-    """Correctness per completion: the reasoning-gym scorer where the sample carries a
-    reasoning-gym entry (column `entry`, or `metadata` with one), else the math reward
-    against `answer`."""
-    scores = []
-    for i, completion in enumerate(completions):
-        meta = metadata[i] if metadata is not None else {}
-        has_entry = (entry is not None and entry[i] is not None) or "entry" in (meta or {})
-        if has_entry:
-            scores += gym_reward(
-                [prompts[i] if prompts else ""], [completion],
-                entry=[entry[i]] if entry is not None else None,
-                task=[task[i]] if task is not None and not isinstance(task, str) else task,
-                metadata=[meta] if metadata is not None else None)
-        else:
-            scores += math_reward([""], [completion],
-                                  answer=[answer[i]] if answer is not None else None)
-    return scores
-
 
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,

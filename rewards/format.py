@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from attnrl.answers.text import completion_text
 from attnrl.errors import UserError
-from rewards.base import completion_text
 
 # '####' followed by a value, or a \boxed{ ... }
 DEFAULT_FORMAT_PATTERN = r"####[ \t]*[^\s#]|\\boxed\s*\{"

@@ -170,7 +170,7 @@ class WeightStream:
                                                     gathered_bytes(self.model))
                 raw = [n for unit in bucket for n in unit.names]
                 if self.lora:
-                    from trainers.grpo import merged_lora_state_dict
+                    from trainers.lora_merge import merged_lora_state_dict
 
                     yield merged_lora_state_dict(self.model, only=set(raw))
                 else:

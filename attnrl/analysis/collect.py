@@ -39,7 +39,7 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
     from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer
     from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
-    from rewards import answer_reward
+    from attnrl.answers import answer_reward
 
     tokenizer = load_tokenizer(model)
     records = load_prompts(task, size=num_problems, seed=seed)
@@ -85,7 +85,7 @@ def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sam
     from attnrl.data import jsonl_rows
     from attnrl.models import load_tokenizer
     from attnrl.rollout import encode_prompts
-    from rewards import math_reward
+    from attnrl.answers import math_reward
 
     path = Path(path)
     if not path.is_file():

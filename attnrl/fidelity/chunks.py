@@ -5,7 +5,8 @@ A response of T tokens is cut at b_0 = 0 < b_1 < ... < b_K = T (K <= max_chunks)
   than max_chunks, the K - 1 interior cuts are the sentence ends nearest to j T / K;
 - 'tokens': equal token chunks, b_j = round(j T / K) (fewer when T < K);
 - 'auto': sentences where the response has at least two, else equal token chunks.
-Every chunk holds at least one token.
+Every chunk holds at least one token. Special tokens (EOS) are given as '' and so join the
+sentence before them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Samples responses per problem, cuts each into at most K chunks, estimates the va
 prefix from k continuations (attnrl.fidelity.values), computes every strategy's gamma from
 the trainer's loss forward (attnrl.fidelity.weights) and scores the credit against the
 Monte-Carlo step advantages (attnrl.fidelity.stats, attnrl.fidelity.report). Writes
-records.jsonl (one response per line), summary.json and fidelity.png to --out.
+records.jsonl (one response per line), summary.json, table.md and fidelity.png to --out.
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def add_arguments(parser) -> None:
                              "(default: the --config run's held-out task, else chain_sum)")
     parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
                         help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
-    parser.add_argument("-n", "--num-problems", type=int, default=64, help="problems")
-    parser.add_argument("--samples", type=int, default=2, help="responses per problem")
+    parser.add_argument("-n", "--num-problems", type=int, default=64, help="problems (default 64)")
+    parser.add_argument("--samples", type=int, default=2, help="responses per problem (default 2)")
     parser.add_argument("--max-chunks", type=int, default=4,
-                        help="K: at most this many chunks per response (>= 2)")
+                        help="K: at most this many chunks per response (>= 2; default 4)")
     parser.add_argument("--chunking", choices=("auto", "sentence", "tokens"), default="auto",
                         help="auto: sentence ends where a response has >= 2 sentences, else "
                              "equal token chunks")
     parser.add_argument("--continuations", type=int, default=8,
-                        help="k: continuations sampled per prefix (>= 2)")
+                        help="k: continuations sampled per prefix (>= 2; default 8)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature (default: the run's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None, help="(default: the run's, else 1.0)")
@@ -59,9 +59,11 @@ def add_arguments(parser) -> None:
                         help="comma-separated credit strategies (default: every registered "
                              "one that places credit within a response)")
     parser.add_argument("--permutations", type=int, default=200,
-                        help="random placements of each response's gamma (the null)")
+                        help="random placements of each response's gamma (the null; default "
+                             "200)")
     parser.add_argument("--qk-top-k", type=int, default=None,
-                        help="QK heads selected (default: the run's qk_top_k, else 4)")
+                        help="QK heads selected, on the other half of the problems (default: the "
+                             "run's qk_top_k, else 4)")
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     parser.add_argument("--device", default="cpu", help="device of the credit forward")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -93,7 +95,10 @@ def _read_run(path: str | None) -> tuple[dict, Path | None]:
                         f"({' '.join(str(err).split())})") from None
     if not isinstance(config, dict):
         raise UserError(f"--config {config_path}: a config must be a mapping of keys to values")
-    return config, (run if run.is_dir() else None)
+    if run.is_dir():
+        return config, run
+    # OUTPUT_DIR/config.yaml of a run names the run (its final/ model) as its directory does
+    return config, (run.parent if (run.parent / "final").is_dir() else None)
 
 
 def _strategies(text: str | None) -> list[str]:
@@ -199,7 +204,7 @@ def _summary_only(args) -> int:
         raise UserError(f"--summary-only: {out} holds no records.jsonl and summary.json; give "
                         "the --out of a finished `attnrl fidelity` run")
     print(format_table(resummarize(out)))
-    print(f"# rewrote {out / 'summary.json'}, {out / 'fidelity.png'}")
+    print(f"# rewrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'fidelity.png'}")
     return 0
 
 
@@ -215,6 +220,7 @@ def run(args) -> int:
     from attnrl.fidelity.report import format_table
 
     print(format_table(summary))
-    print(f"# wrote {out / 'records.jsonl'}, {out / 'summary.json'}, {out / 'fidelity.png'} "
+    print(f"# wrote {out / 'records.jsonl'}, {out / 'summary.json'}, {out / 'table.md'}, "
+          f"{out / 'fidelity.png'} "
           f"({time.perf_counter() - start:.0f} s)")
     return 0

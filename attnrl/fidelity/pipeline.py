@@ -31,8 +31,14 @@ def _problems(resolved: dict, tokenizer, count: int):
     return records, prompt_ids
 
 
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text for the sentence rule; special tokens (EOS) read as '' so that they
+    join the sentence before them instead of forming a chunk of their own."""
+    return [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+
+
 def _scorer(records):
-    from rewards import answer_reward
+    from attnrl.answers import answer_reward
 
     def score(problems, texts):
         rewards = answer_reward([records[p].prompt for p in problems], texts,
@@ -61,7 +67,7 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
     credit = credit_config(resolved["credit"])       # a bad value: one line, nothing loaded
 
     from attnrl.fidelity.chunks import chunk_bounds
-    from attnrl.fidelity.report import plot_fidelity, response_records, summarize
+    from attnrl.fidelity.report import format_table, plot_fidelity, response_records, summarize
     from attnrl.fidelity.values import CutResponse, estimate_values
     from attnrl.fidelity.weights import strategy_weights
     from attnrl.models import load_model, load_tokenizer, resolve_model
@@ -92,7 +98,7 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
                 ids = list(completion.token_ids)
                 if not ids:
                     continue
-                bounds, how = chunk_bounds([tokenizer.decode([t]) for t in ids],
+                bounds, how = chunk_bounds(token_texts(tokenizer, ids),
                                            args.max_chunks, args.chunking)
                 cuts.append(CutResponse(problem=p, prompt_ids=list(prompt_ids[p]),
                                         response_ids=ids, correct=bool(correct),
@@ -147,6 +153,7 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _write(out / "summary.json", json.dumps(summary, indent=1))
+    _write(out / "table.md", format_table(summary) + "\n")
     plot_fidelity(rows, summary, out / "fidelity.png")
     return summary
 
@@ -154,7 +161,7 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
 def resummarize(out: Path) -> dict:
     """Recompute summary.json and fidelity.png from out/records.jsonl with the current
     statistics (the settings, timings and Monte-Carlo counts of the old summary are kept)."""
-    from attnrl.fidelity.report import CONTROLS, plot_fidelity, summarize
+    from attnrl.fidelity.report import CONTROLS, format_table, plot_fidelity, summarize
 
     old = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()
@@ -165,6 +172,7 @@ def resummarize(out: Path) -> dict:
         if key in old:
             summary[key] = old[key]
     _write(out / "summary.json", json.dumps(summary, indent=1))
+    _write(out / "table.md", format_table(summary) + "\n")
     plot_fidelity(rows, summary, out / "fidelity.png")
     return summary
 

@@ -1,11 +1,15 @@
 """Per-response records, the summary table and the picture of `attnrl fidelity`.
 
-Statistics: attnrl.fidelity.stats. Two rows are controls built from the very D they are
-scored against (in-sample), not strategies:
+Statistics: attnrl.fidelity.stats. Three rows are controls, not strategies. Two are built
+from the very D they are scored against (in-sample):
 - `mc_proportional`: gamma = 1 + (gamma_amp - 1) |D_j| / max_j |D_j| on chunk j's tokens,
   credit proportional to the Monte-Carlo step advantage, in the strategies' [1, gamma_amp];
 - `mc_ceiling`: the largest S any gamma in [1, gamma_amp] reaches on the response: gamma_amp
   on the m chunks of largest |D_j| (the best m), 1 elsewhere. No strategy can beat it.
+The third is the positive control with a predictable effect on the run's own data:
+- `mc_split`: the `mc_proportional` gamma from the first k // 2 continuations, scored on D
+  from the other k - k // 2 (independent draws): informative credit by construction, so it
+  must beat its permutation; if it does not, the run is too small to find anything.
 `uniform` must give S = 1 exactly.
 """
 
@@ -20,7 +24,8 @@ from attnrl.fidelity.values import binomial_se, step_advantages, values_of
 
 ORACLE = "mc_proportional"
 CEILING = "mc_ceiling"
-CONTROLS = (CEILING, ORACLE)
+SPLIT = "mc_split"
+CONTROLS = (CEILING, ORACLE, SPLIT)
 BASELINE = "random"
 LEVEL = 0.05
 
@@ -47,22 +52,25 @@ def ceiling_gamma(bounds, abs_d: np.ndarray, gamma_amp: float) -> np.ndarray:
 
 
 POSITION_DONORS = 20   # other problems' responses in each response's position null [D]
+TEST_DRAWS = 1000      # redraws of the randomization tests [D]
+GAMMA_DECIMALS = 6     # gamma as recorded (and as scored: the tests redraw recorded values)
 
 
 def response_records(cuts, gammas: dict, gamma_amp: float, permutations: int, seed: int,
                      records=None, tokenizer=None) -> list[dict]:
     """One dict per response: its cut, values, D and every strategy's gamma, w, S, rho, the
-    permutation means, the position-profile mean (S_position: up to POSITION_DONORS other
-    problems' responses) and S with D from half the continuations."""
+    permutation means and S with D from half the continuations. (The position-profile null
+    and the p-values are computed from these records by `summarize`.)"""
     rows = []
-    problems = np.array([c.problem for c in cuts])
     for r, cut in enumerate(cuts):
         d = step_advantages(cut)
-        abs_d, abs_half = np.abs(d), np.abs(step_advantages(cut, half=True))
+        abs_d, abs_half = np.abs(d), np.abs(step_advantages(cut, "first"))
+        abs_second = np.abs(step_advantages(cut, "second"))
         row = {"problem": cut.problem, "response": cut.text, "correct": cut.correct,
                "tokens": len(cut.response_ids), "bounds": cut.bounds, "chunking": cut.chunking,
                "values": [round(float(v), 4) for v in values_of(cut)],
                "successes": cut.successes, "trials": cut.trials,
+               "half_successes": cut.half_successes,
                "se": [round(binomial_se(s, t), 4) for s, t in zip(cut.successes, cut.trials)],
                "D": [round(float(x), 4) for x in d],
                "set_aside": not abs_d.sum() > 0, "strategies": {}}
@@ -75,7 +83,8 @@ def response_records(cuts, gammas: dict, gamma_amp: float, permutations: int, se
         for name, gamma in weights.items():
             if gamma is None:
                 continue
-            entry = {"gamma": [round(float(x), 3) for x in gamma],
+            gamma = np.round(np.asarray(gamma, dtype=float), GAMMA_DECIMALS)
+            entry = {"gamma": gamma.tolist(),
                      "w": [round(float(x), 4) for x in stats.chunk_weights(gamma, cut.bounds)]}
             if not row["set_aside"]:
                 entry["S"], entry["rho"] = stats.response_scores(gamma, cut.bounds, abs_d)
@@ -83,17 +92,64 @@ def response_records(cuts, gammas: dict, gamma_amp: float, permutations: int, se
                     gamma, cut.bounds, abs_d, permutations, rng)
                 entry["S_half"] = float(stats.decisive_share(
                     stats.chunk_weights(gamma, cut.bounds), abs_half))
-                if name in gammas:
-                    others = np.flatnonzero((problems != cut.problem) & np.array(
-                        [g is not None for g in gammas[name]]))
-                    if others.size:
-                        chosen = rng.choice(others, size=min(POSITION_DONORS, others.size),
-                                            replace=False)
-                        entry["S_position"] = stats.position_means(
-                            [gammas[name][i] for i in chosen], cut.bounds, abs_d)
             row["strategies"][name] = entry
+        split = np.round(oracle_gamma(cut.bounds, abs_half, gamma_amp), GAMMA_DECIMALS)
+        entry = {"gamma": split.tolist(),
+                 "w": [round(float(x), 4) for x in stats.chunk_weights(split, cut.bounds)]}
+        if not row["set_aside"] and abs_second.sum() > 0:
+            entry["S"], entry["rho"] = stats.response_scores(split, cut.bounds, abs_second)
+            entry["S_perm"], entry["rho_perm"] = stats.permutation_means(
+                split, cut.bounds, abs_second, permutations, rng)
+        row["strategies"][SPLIT] = entry
         rows.append(row)
     return rows
+
+
+def abs_steps(row: dict, part: str = "all") -> np.ndarray:
+    """|D| (K,) of a record, from all its continuations or one half ('second': the split
+    control is scored on it)."""
+    from attnrl.fidelity.values import CutResponse
+
+    cut = CutResponse(row["problem"], [], [], bool(row["correct"]), row["bounds"],
+                      successes=row["successes"], trials=row["trials"],
+                      half_successes=row.get("half_successes", []))
+    return np.abs(step_advantages(cut, part))
+
+
+def strategy_tests(rows: list[dict], name: str, rng: np.random.Generator,
+                   draws: int = TEST_DRAWS, position: bool = True) -> dict:
+    """From the records of the kept responses the strategy weighted: the paired differences
+    S - E_perm[S] and S - E_position[S] with their intervals over problems and their
+    randomization p-values (attnrl.fidelity.stats.sign_flip_p, exchange_test_p).
+    Position donors: up to POSITION_DONORS responses of other problems, same strategy."""
+    part = "second" if name == SPLIT else "all"
+    items = [r for r in rows if not r["set_aside"] and "S" in r["strategies"].get(name, {})]
+    if not items:
+        return {}
+    groups = np.array([r["problem"] for r in items])
+    entries = [r["strategies"][name] for r in items]
+    gammas = [np.asarray(e["gamma"], dtype=float) for e in entries]
+    bounds = [r["bounds"] for r in items]
+    abs_d = [abs_steps(r, part) for r in items]
+    own = np.array([e["S"] for e in entries])
+    perm = np.array([e["S_perm"] for e in entries])
+    out = {"S_vs_perm": stats.cluster_mean(own - perm, groups)}
+    out["S_vs_perm"]["p"] = stats.sign_flip_p(own - perm, groups, draws=20 * draws,
+                                              seed=int(rng.integers(1 << 30)))
+    if not position:
+        return out
+    donors = []
+    for i, row in enumerate(items):
+        others = np.flatnonzero(groups != row["problem"])
+        if others.size == 0:
+            return out
+        chosen = rng.choice(others, size=min(POSITION_DONORS, others.size), replace=False)
+        donors.append(stats.donor_shares([gammas[k] for k in chosen], bounds[i], abs_d[i]))
+    width = min(len(d) for d in donors)
+    donors = np.stack([d[:width] for d in donors])
+    out["S_vs_position"] = stats.cluster_mean(own - donors.mean(1), groups)
+    out["S_vs_position"]["p"] = stats.exchange_test_p(own, donors, groups, draws, rng)
+    return out
 
 
 def _column(rows, name, key, minus=None):
@@ -121,10 +177,74 @@ def _column(rows, name, key, minus=None):
     return np.asarray(values, dtype=float), np.asarray(groups)
 
 
-def summarize(rows: list[dict], names: list[str], settings: dict) -> dict:
+CALIBRATION_REDRAWS = 100   # random-credit redraws in the null calibration [D]
+
+
+def _random_credit(n: int, q: float, gamma_amp: float, rng: np.random.Generator,
+                   runs: bool = False) -> np.ndarray:
+    """(n,) gamma_amp on ceil(q n) tokens unrelated to anything: single tokens drawn without
+    replacement, or runs of 1-5 consecutive tokens (circular: every position equally likely)
+    until ceil(q n) are marked."""
+    count = math.ceil(q * n - 1e-9)
+    g = np.ones(n)
+    if not runs:
+        g[rng.choice(n, size=count, replace=False)] = gamma_amp
+        return g
+    marked = np.zeros(n, dtype=bool)
+    while marked.sum() < count:
+        start, length = int(rng.integers(n)), int(rng.integers(1, 6))
+        for k in range(length):
+            if marked.sum() >= count:
+                break
+            marked[(start + k) % n] = True
+    g[marked] = gamma_amp
+    return g
+
+
+def null_calibration(rows: list[dict], q: float, gamma_amp: float, redraws: int,
+                     seed: int = 0, permutations: int = 50, draws: int = 200) -> dict:
+    """How often the two tests reject at LEVEL on this run's own D when the credit has no link
+    to D: `redraws` times, every kept response gets ceil(q n) tokens at gamma_amp, drawn as
+    single tokens (the `random` strategy) or, in every other redraw, as runs of 1-5
+    consecutive tokens at uniform circular offsets (the run structure of attention credit,
+    every position equally likely), and S is compared with its permutation and its position
+    profile over problems as in `summarize`. Returns the rejection rates (nominal LEVEL) with
+    their binomial standard errors."""
+    kept = [r for r in rows if not r["set_aside"]]
+    if not kept or redraws < 1:
+        return {"redraws": 0}
+    rng = np.random.default_rng([int(seed), 99])
+    abs_d = [abs_steps(r) for r in kept]
+    rejected = {"permutation": 0, "position": 0}
+    for redraw in range(redraws):
+        gammas = []
+        for r in kept:
+            n = int(r["tokens"])
+            gammas.append(_random_credit(n, q, gamma_amp, rng, runs=redraw % 2 == 1))
+        synthetic = []
+        for r, g, d in zip(kept, gammas, abs_d):
+            s_own, _ = stats.response_scores(g, r["bounds"], d)
+            s_perm, _ = stats.permutation_means(g, r["bounds"], d, permutations, rng)
+            synthetic.append({**r, "strategies": {"random": {
+                "gamma": g.tolist(), "S": s_own, "S_perm": s_perm}}})
+        tests = strategy_tests(synthetic, "random", rng, draws)
+        for key, test in (("permutation", "S_vs_perm"), ("position", "S_vs_position")):
+            rejected[key] += bool(tests.get(test, {}).get("p", 1.0) < LEVEL)
+    out = {"redraws": redraws, "level": LEVEL}
+    for key, count in rejected.items():
+        rate = count / redraws
+        out[key] = {"rejection_rate": rate, "se": math.sqrt(max(rate * (1 - rate), 1e-12)
+                                                             / redraws)}
+    return out
+
+
+def summarize(rows: list[dict], names: list[str], settings: dict,
+              calibration_redraws: int = CALIBRATION_REDRAWS,
+              test_draws: int = TEST_DRAWS) -> dict:
     """The summary dict: counts, per-strategy statistics with intervals over problems,
-    paired differences against the permutation and against `random` (Holm-adjusted over the
-    strategies compared), the controls and the recommendation."""
+    paired differences against the permutation, the position profile and `random`
+    (Holm-adjusted over the strategies compared), the controls (the null calibration on
+    this run's D included) and the recommendation."""
     kept = [r for r in rows if not r["set_aside"]]
     seed = int(settings.get("seed", 0))
     table = {}
@@ -136,14 +256,10 @@ def summarize(rows: list[dict], names: list[str], settings: dict) -> dict:
         entry = {"measured": int(s.size), "S": stats.cluster_mean(s, groups),
                  "rho": stats.cluster_mean(*_column(rows, name, "rho")),
                  "S_half": stats.cluster_mean(*_column(rows, name, "S_half")),
-                 "S_vs_perm": stats.cluster_mean(*_column(rows, name, "S", "S_perm")),
                  "rho_vs_perm": stats.cluster_mean(*_column(rows, name, "rho", "rho_perm"))}
-        entry["S_vs_perm"]["p"] = stats.sign_flip_p(*_column(rows, name, "S", "S_perm"),
-                                                    seed=seed)
-        position = _column(rows, name, "S", "S_position")
-        if position[0].size:
-            entry["S_vs_position"] = stats.cluster_mean(*position)
-            entry["S_vs_position"]["p"] = stats.sign_flip_p(*position, seed=seed)
+        if name not in (CEILING, ORACLE):       # in-sample controls: S is their only number
+            entry.update(strategy_tests(rows, name, np.random.default_rng([seed, 7]),
+                                        test_draws, position=name in names))
         if BASELINE in names and name != BASELINE:
             diff = _column(rows, name, "S", ("strategy", BASELINE))
             entry["S_vs_random"] = stats.cluster_mean(*diff)
@@ -163,10 +279,16 @@ def summarize(rows: list[dict], names: list[str], settings: dict) -> dict:
     def above_best(control):
         return best is None or not table[control].get("measured") or \
             table[control]["S"]["mean"] >= table[best]["S"]["mean"] - 1e-12
+    split = table[SPLIT].get("S_vs_perm") or {}
     controls = {
+        "split_control_detected": bool(split.get("mean") is not None and split["mean"] > 0
+                                       and split.get("p", 1.0) < LEVEL),
         "uniform_S_is_1": bool(uniform) and all(abs(v - 1.0) < 1e-9 for v in uniform),
         "ceiling_on_top": above_best(CEILING), "proportional_above_strategies":
-        above_best(ORACLE), "best_strategy": best, "mc_noise": _noise_note(table, names)}
+        above_best(ORACLE), "best_strategy": best, "mc_noise": _noise_note(table, names),
+        "null_calibration": null_calibration(
+            rows, float(settings.get("q", 0.4)), float(settings.get("gamma_amp", 1.5)),
+            calibration_redraws, seed)}
     return {"format": 1, "settings": settings, "responses": len(rows),
             "set_aside_all_D_zero": len(rows) - len(kept), "kept": len(kept),
             "problems_kept": len({r["problem"] for r in kept}),
@@ -184,8 +306,10 @@ def summarize(rows: list[dict], names: list[str], settings: dict) -> dict:
                        "chunk j; rho = Spearman(w, |D|); nulls: the same gamma permuted within "
                        "the response, and other problems' gamma at the same relative positions "
                        "(position profile); intervals: 95% t over problems of per-problem "
-                       "means; p: sign-flip randomization over problems, Holm over the "
-                       "strategies compared (uniform and the MC controls excluded)")}
+                       "means; p: sign flips of the problems' paired differences (permutation, "
+                       "random), the exchange of each response's S with its donors' (position "
+                       "profile); Holm over the strategies compared (uniform and the MC "
+                       "controls excluded)")}
 
 
 def _why_unmeasured(name: str, rows: list[dict], settings: dict) -> str:
@@ -212,7 +336,7 @@ def _side(diff: dict | None) -> int | None:
 
 def _verdict(entry: dict) -> str:
     """Against its own permutation (the primary test), then its position profile."""
-    side = _side(entry["S_vs_perm"])
+    side = _side(entry.get("S_vs_perm"))
     if side is None:
         return "not measurable"
     text = {1: "beats its permutation", -1: "worse than its permutation",
@@ -254,13 +378,19 @@ def table_rows(summary: dict) -> list[list[str]]:
     names = sorted((n for n in table if table[n].get("measured")),
                    key=lambda n: (n not in CONTROLS, -table[n]["S"]["mean"]))
     labels = {CEILING: f"{CEILING} (control: best any gamma can do)",
-              ORACLE: f"{ORACLE} (control: gamma ~ |D|)"}
+              ORACLE: f"{ORACLE} (control: gamma proportional to abs D)",
+              SPLIT: f"{SPLIT} (positive control: gamma from half the continuations, "
+                     "scored on the other half; p unadjusted)"}
     rows = []
     for name in names:
         e = table[name]
         control = name in CONTROLS
+        shown = name == SPLIT or not control
+        split_p = e.get("S_vs_perm", {}).get("p")
         rows.append([labels.get(name, name), _ci(e["S"]), _ci(e["rho"]),
-                     "-" if control else _ci(e["S_vs_perm"], "+.3f"), _p(e["S_vs_perm"]),
+                     _ci(e.get("S_vs_perm"), "+.3f") if shown else "-",
+                     (f"{split_p:.3g}" if name == SPLIT and split_p is not None
+                      else _p(e.get("S_vs_perm"))),
                      "-" if control else _ci(e.get("S_vs_position"), "+.3f"),
                      _p(e.get("S_vs_position")),
                      "-" if control else _ci(e.get("S_vs_random"), "+.3f"),
@@ -288,9 +418,20 @@ def format_table(summary: dict) -> str:
              "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
     c = summary["controls"]
+    lines.append(f"positive control (credit from half the continuations, scored on the other "
+                 f"half) detected: {c['split_control_detected']}")
     lines.append(f"controls: uniform S = 1 exactly: {c['uniform_S_is_1']}; ceiling above every "
                  f"strategy: {c['ceiling_on_top']}; gamma ~ |D| above every strategy: "
                  f"{c['proportional_above_strategies']}; {c['mc_noise']}")
+    cal = c.get("null_calibration", {})
+    if cal.get("redraws"):
+        lines.append(
+            f"null calibration on this run's D ({cal['redraws']} redraws of random credit, "
+            "single tokens and runs, "
+            f"nominal {cal['level']:.0%}): the permutation test rejects in "
+            f"{cal['permutation']['rejection_rate']:.1%} (se {cal['permutation']['se']:.1%}), "
+            f"the position test in {cal['position']['rejection_rate']:.1%} "
+            f"(se {cal['position']['se']:.1%}), for one strategy's unadjusted p")
     rec, position = summary["recommended"], summary.get("position_only", [])
     lines.append("recommended on this task (beat their own permutation and their position "
                  "profile, Holm 5%): " + (", ".join(rec) if rec else "none"))

@@ -15,13 +15,18 @@ The null for "attention places the credit": the same gamma values placed at rand
 response's tokens. `permutation_means` gives each response's expected S and rho under that
 placement (M permutations); the paired difference S - E_perm[S] is the strategy's gain over
 its own permutation. A strategy can beat its permutation by position alone (credit early,
-and D large early); `position_means` is the null that keeps the strategy's position profile:
-the gamma of other problems' responses at the same relative positions.
+and D large early); `donor_shares` gives the null that keeps the strategy's position
+profile: the S of other problems' responses' gamma at the same relative positions.
 
 Inference: the problem is the unit (its responses share the prompt and V(b_0)). Every
 per-response number is averaged within its problem; intervals are t intervals over problems
-(`cluster_mean`), p-values come from a sign-flip randomization over problems (`sign_flip_p`,
-exact under a null symmetric about 0), adjusted with Holm over the strategies compared. The
+(`cluster_mean`). Against the permutation (and another strategy) the p-value is a sign-flip
+randomization of the problems' mean differences (`sign_flip_p`): it uses the spread between
+problems, so credit that comes in runs (whose S varies more than its token permutation's)
+is not mistaken for credit that follows D. (A test that redraws token placements would be:
+on run-structured credit unrelated to D it rejected 21% at 5%; the sign flip 6%.) Against
+the position profile, `exchange_test_p` swaps each response's S with one of its donors'
+(exact under exchangeability). Holm adjusts over the strategies compared. The
 Monte-Carlo noise of D is inside each problem's number, so the interval over problems carries
 it; noise in |D| that is independent of w pulls S towards 1 (conservative).
 """
@@ -105,16 +110,6 @@ def resample_profile(gamma: np.ndarray, length: int) -> np.ndarray:
     return gamma[np.minimum(index, gamma.size - 1)]
 
 
-def position_means(donors: list[np.ndarray], bounds, abs_d: np.ndarray) -> float:
-    """E[S] of the response's cut and |D| under the gamma of other responses (`donors`,
-    other problems' responses of the same strategy) placed at the same relative positions:
-    the null that keeps the strategy's position profile (early / late credit, a sink at the
-    first token) and breaks only its link to this response."""
-    length = int(bounds[-1])
-    w = np.stack([chunk_weights(resample_profile(g, length), bounds) for g in donors])
-    return float(np.nanmean(decisive_share(w, abs_d)))
-
-
 def problem_means(values, groups) -> np.ndarray:
     """Mean of the finite values (R,) within each problem (groups (R,)); problems without
     one are dropped. Returns (P,)."""
@@ -136,6 +131,44 @@ def cluster_mean(values, groups) -> dict:
         return {"mean": mean, "low": None, "high": None, "problems": 1}
     half = t975(m - 1) * float(per_problem.std(ddof=1)) / math.sqrt(m)
     return {"mean": mean, "low": mean - half, "high": mean + half, "problems": m}
+
+
+def _problem_average(matrix: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(B,) mean over problems of the per-problem means of `matrix` (R, B) rows."""
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    sums = np.zeros((codes.max() + 1, matrix.shape[1]))
+    np.add.at(sums, codes, matrix)
+    counts = np.bincount(codes)[:, None]
+    return (sums / counts).mean(0)
+
+
+def exchange_test_p(own, donors, groups, draws: int = 1000,
+                    rng: np.random.Generator | None = None) -> float:
+    """Two-sided p of 'each response's S is exchangeable with the S its donors' gammas give
+    on its cut' (the position-profile null) for T = mean over problems of the per-problem
+    mean of own - mean(donors). The null draws, per response, which of the M + 1 values
+    plays 'own' (the rest are its donors): exact under exchangeability."""
+    rng = rng or np.random.default_rng(0)
+    groups = np.asarray(groups)
+    own = np.asarray(own, dtype=float)
+    donors = np.asarray(donors, dtype=float)                      # (R, M)
+    values = np.concatenate([own[:, None], donors], axis=1)       # (R, M + 1)
+    m = donors.shape[1]
+    totals = values.sum(1, keepdims=True)
+    pick = rng.integers(0, m + 1, size=(len(own), draws))
+    chosen = np.take_along_axis(values, pick, axis=1)             # (R, B)
+    null = chosen - (totals - chosen) / m
+    t_obs = _problem_average((own - donors.mean(1))[:, None], groups)[0]
+    t_null = _problem_average(null, groups)
+    return float((1 + np.sum(np.abs(t_null) >= abs(t_obs) - 1e-12)) / (1 + draws))
+
+
+def donor_shares(donors: list[np.ndarray], bounds, abs_d: np.ndarray) -> np.ndarray:
+    """(M,) S of the response's cut and |D| under each donor's gamma at the same relative
+    positions (`resample_profile`)."""
+    length = int(bounds[-1])
+    w = np.stack([chunk_weights(resample_profile(g, length), bounds) for g in donors])
+    return decisive_share(w, abs_d)
 
 
 def sign_flip_p(values, groups, draws: int = 20000, seed: int = 0) -> float:

@@ -55,18 +55,30 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def values_of(cut: CutResponse, half: bool = False) -> np.ndarray:
+PARTS = ("all", "first", "second")
+
+
+def values_of(cut: CutResponse, part: str = "all") -> np.ndarray:
     """V (K + 1,): the estimated values at b_0 .. b_{K-1}, then the response's outcome.
-    half: from the first k // 2 continuations only (the Monte-Carlo noise check)."""
-    wins = cut.half_successes if half else cut.successes
-    trials = [t // 2 for t in cut.trials] if half else cut.trials
+    part: from all k continuations, the first k // 2 ('first': the Monte-Carlo noise check
+    and the split control's credit) or the other k - k // 2 ('second': what the split
+    control is scored on)."""
+    if part == "first":
+        wins, trials = cut.half_successes, [t // 2 for t in cut.trials]
+    elif part == "second":
+        wins = [s - h for s, h in zip(cut.successes, cut.half_successes)]
+        trials = [t - t // 2 for t in cut.trials]
+    elif part == "all":
+        wins, trials = cut.successes, cut.trials
+    else:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     estimated = [w / t if t else math.nan for w, t in zip(wins, trials)]
     return np.asarray([*estimated, float(cut.correct)], dtype=float)
 
 
-def step_advantages(cut: CutResponse, half: bool = False) -> np.ndarray:
-    """D (K,): V(b_{j+1}) - V(b_j)."""
-    return np.diff(values_of(cut, half))
+def step_advantages(cut: CutResponse, part: str = "all") -> np.ndarray:
+    """D (K,): V(b_{j+1}) - V(b_j), from the continuations of `part` (values_of)."""
+    return np.diff(values_of(cut, part))
 
 
 def continuation_requests(cuts: list[CutResponse]) -> tuple[list[list[int]], list[tuple]]:

@@ -101,7 +101,7 @@ def _grade(record, response_text: str) -> dict:
     without --answer has no gold and no verdict)."""
     if not record.answer and "entry" not in record.metadata:
         return {"gold": None, "reward": None, "correct": None}
-    from rewards import answer_reward
+    from attnrl.answers import answer_reward
 
     reward = answer_reward([record.prompt], [response_text], answer=[record.answer],
                            metadata=[record.metadata])[0]

@@ -86,7 +86,7 @@ def test_eval_end_to_end_hf(tiny_model_dir, tmp_path, capsys):
     accuracy must be exactly 1/2 (second gold is wrong on purpose)."""
     from attnrl.data import apply_chat_template, load_jsonl
     from attnrl.rollout import SamplingConfig, make_engine
-    from rewards.math_reward import extract_math_answer, math_reward
+    from attnrl.answers.math_answer import extract_math_answer, math_reward
 
     questions = ["What is 21 + 18?", "Alice has 3 apples and buys 9 more. How many?"]
     path = tmp_path / "q.jsonl"
@@ -119,7 +119,7 @@ def test_eval_end_to_end_hf(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_eval_end_to_end_vllm(tiny_model_dir, tmp_path):
     from attnrl.data import load_gym_task
-    from rewards.gym import gym_reward
+    from attnrl.answers.gym_answer import gym_reward
 
     out = tmp_path / "eval"
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", "chain_sum",

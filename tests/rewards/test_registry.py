@@ -6,7 +6,7 @@ from attnrl.errors import UserError
 from rewards import REWARDS, combine_rewards, get_reward
 from rewards.format import format_reward
 from rewards.length import overlong_reward
-from rewards.math_reward import math_reward
+from attnrl.answers.math_answer import math_reward
 
 
 def test_registry_names_and_unknown_name():

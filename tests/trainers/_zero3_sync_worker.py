@@ -6,7 +6,7 @@ Before the sync every engine tensor is set to NaN (a tensor the sync skips stays
 observation: every `deepspeed.zero.GatheredParameters` entered during the sync records the
 bytes of non-persistent ZeRO-3 parameters gathered at that moment (trainers.weight_sync.
 gathered_bytes; the real DeepSpeed context runs, only wrapped). The reference is the full
-model gathered at once after the sync (LoRA: merged, trainers.grpo.merged_lora_state_dict). REPORT_DIR/rank{R}.json holds the facts.
+model gathered at once after the sync (LoRA: merged, trainers.lora_merge.merged_lora_state_dict). REPORT_DIR/rank{R}.json holds the facts.
 """
 
 import json
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
 
     with context(list(model.parameters())), torch.no_grad():
         if hasattr(model, "peft_config"):  # LoRA: the merged weights, all at once
-            from trainers.grpo import merged_lora_state_dict
+            from trainers.lora_merge import merged_lora_state_dict
 
             reference = merged_lora_state_dict(model)
         else:

@@ -108,7 +108,7 @@ def test_synced_weights_equal_peft_merge_with_lora_bias(dtype):
     from peft import LoraConfig, get_peft_model
 
     from attnrl.models import build_tiny_model
-    from trainers.grpo import merged_lora_state_dict
+    from trainers.lora_merge import merged_lora_state_dict
 
     base = build_tiny_model("qwen2", seed=0, dtype=dtype)  # q/k/v projections have biases
     bias = "model.layers.0.self_attn.q_proj.bias"
@@ -137,7 +137,7 @@ def test_lora_bias_on_a_layer_without_bias_is_refused():
 
     from attnrl.errors import UserError
     from attnrl.models import build_tiny_model
-    from trainers.grpo import merged_lora_state_dict
+    from trainers.lora_merge import merged_lora_state_dict
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that it cannot merge this either
@@ -157,7 +157,7 @@ def test_lora_on_a_tied_lm_head_is_refused(tmp_path):
 
     from attnrl.errors import UserError
     from attnrl.models import build_tiny_model, save_tiny_model
-    from trainers.grpo import merged_lora_state_dict
+    from trainers.lora_merge import merged_lora_state_dict
 
     tied = save_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     untied = save_tiny_model(tmp_path / "untied")

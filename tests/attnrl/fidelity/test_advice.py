@@ -29,7 +29,7 @@ def _summary_file(tmp_path):
             flat.append(np.ones(bounds[-1]) + 0.5 * (rng.random(bounds[-1]) < 0.4))
     rows = response_records(cuts, {"coupled": aligned, "random": flat}, 1.5, 50, 0)
     summary = summarize(rows, ["coupled", "random"], {"seed": 0, "task": "chain_sum",
-                                                      "qk_heads": {}})
+                                                      "qk_heads": {}}, calibration_redraws=0)
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(summary))
     return path

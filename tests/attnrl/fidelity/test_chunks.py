@@ -56,3 +56,17 @@ def test_decimal_points_do_not_end_a_sentence():
 
 def test_chunk_index_labels_every_token():
     assert chunk_index([0, 2, 3, 6]) == [0, 0, 1, 2, 2, 2]
+
+
+def test_the_eos_token_joins_the_last_sentence(tiny_model_dir):
+    """With a real tokenizer: the response's EOS token is part of its last chunk, never a
+    chunk of its own."""
+    from attnrl.fidelity.pipeline import token_texts
+    from attnrl.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer("First add 3 and 4. That gives 7.", add_special_tokens=False)["input_ids"]
+    ids = ids + [tokenizer.eos_token_id]
+    bounds, how = chunk_bounds(token_texts(tokenizer, ids), 4)
+    assert how == "sentence" and len(bounds) == 3 and bounds[-1] == len(ids)
+    assert bounds[-1] - bounds[-2] > 1                 # the EOS rides with "That gives 7."

@@ -99,3 +99,22 @@ def test_a_softcapping_model_is_refused_for_attention_strategies(tmp_path, capsy
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "softcapped" in err and "--strategies random" in err, err
+
+
+def test_the_runs_credit_keys_build_the_trainers_credit_config(tmp_path):
+    """--config RUN: the credit fidelity measures is the one the run trains with (the
+    trainer's AttnGRPOConfig.credit_config() of the same keys)."""
+    from attnrl.fidelity.cli import CREDIT_KEYS
+    from attnrl.fidelity.pipeline import credit_config
+    from trainers.grpo import AttnGRPOConfig
+
+    values = {"gamma_amp": 1.3, "credit_seed": 7, "signal_layers": [1, 2],
+              "signal_head_quantile": 0.25, "signal_window": 6, "signal_h_lo": 3,
+              "signal_h_hi": 40, "signal_q": 0.3, "preplan_by": "waad", "coupled_k": 2,
+              "coupled_alpha": 0.4, "tau_waad": 1.5, "tau_delta": None, "qk_damp": 0.3}
+    assert set(values) == set(CREDIT_KEYS)
+    trainer = AttnGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                             **values).credit_config()
+    ours = credit_config({CREDIT_KEYS[k]: v for k, v in values.items()})
+    trainer.strategy = ours.strategy
+    assert ours == trainer

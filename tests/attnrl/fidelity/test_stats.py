@@ -137,7 +137,8 @@ def _planted(problems=24, seed=0, shift=0):
 
 def _summary(cuts, gammas, permutations=100, seed=0):
     rows = response_records(cuts, gammas, 1.5, permutations, seed)
-    return summarize(rows, list(gammas), {"seed": seed, "qk_heads": {}})
+    return summarize(rows, list(gammas), {"seed": seed, "qk_heads": {}},
+                     calibration_redraws=0, test_draws=300)
 
 
 def test_planted_decisive_chunk_is_recovered_and_a_shifted_strategy_is_not():
@@ -234,3 +235,73 @@ def test_credit_at_a_fixed_position_beats_its_permutation_but_not_its_position_p
     assert entry["S_vs_position"]["p_holm"] >= 0.05
     assert entry["verdict"] == "beats its permutation (not beyond its position profile)"
     assert summary["recommended"] == [] and summary["position_only"] == ["sink"]
+
+
+def test_null_calibration_on_a_runs_own_data_is_near_nominal():
+    """The summary's built-in calibration: random credit redrawn on the run's own D (here the
+    structured null data) is rejected at about the nominal 5% by both tests."""
+    from attnrl.fidelity.report import null_calibration
+
+    cuts, gamma = _null_dataset(np.random.default_rng(5))
+    rows = response_records(cuts, {"x": gamma}, 1.5, 20, 0)
+    out = null_calibration(rows, 0.4, 1.5, redraws=60, seed=1, permutations=20)
+    assert out["redraws"] == 60
+    for key in ("permutation", "position"):
+        # binomial sd of a 5% rate over 60 redraws: 2.8 points
+        assert out[key]["rejection_rate"] <= 0.12, (key, out[key])
+    assert null_calibration(rows, 0.4, 1.5, redraws=0)["redraws"] == 0
+
+
+def test_exchange_test_p_equals_the_exact_enumeration():
+    own = np.array([1.2, 0.9])
+    donors = np.array([[1.0, 1.1], [1.05, 0.95]])
+    groups = np.array([0, 1])
+    values = np.concatenate([own[:, None], donors], 1)
+    t_obs = np.mean(own - donors.mean(1))
+    stats_null = []
+    for i in range(3):
+        for j in range(3):
+            picks = [values[0, i] - (values[0].sum() - values[0, i]) / 2,
+                     values[1, j] - (values[1].sum() - values[1, j]) / 2]
+            stats_null.append(np.mean(picks))
+    exact = np.mean(np.abs(stats_null) >= abs(t_obs) - 1e-12)
+    p = stats.exchange_test_p(own, donors, groups, 20000, np.random.default_rng(2))
+    assert p == pytest.approx(exact, abs=0.01)
+
+
+@pytest.mark.slow
+def test_randomization_tests_are_calibrated_on_skewed_null_data():
+    """Few problems (12), short responses, one decisive chunk: the per-response differences
+    are skewed, so neither test is exact by symmetry; both keep their level."""
+    rng = np.random.default_rng(11)
+    rejected = {"perm": 0, "position": 0}
+    reps = 200
+    for _ in range(reps):
+        gammas, bounds, abs_d, groups = [], [], [], []
+        for p in range(12):
+            n = int(rng.integers(3, 8))
+            cut = sorted(rng.choice(np.arange(1, n), size=min(2, n - 1), replace=False))
+            b = [0, *map(int, cut), n]
+            d = np.zeros(len(b) - 1)
+            d[-1] = 1.0                                       # the last chunk decides
+            g = np.ones(n)
+            g[rng.choice(n, size=math.ceil(0.4 * n), replace=False)] = 1.5
+            gammas.append(g)
+            bounds.append(b)
+            abs_d.append(d)
+            groups.append(p)
+        groups = np.array(groups)
+        base = np.array([stats.permutation_means(g, b, d, 400, rng)[0]
+                         for g, b, d in zip(gammas, bounds, abs_d)])
+        own = np.array([stats.response_scores(g, b, d)[0]
+                        for g, b, d in zip(gammas, bounds, abs_d)])
+        rejected["perm"] += stats.sign_flip_p(own - base, groups, 2000,
+                                              int(rng.integers(1 << 30))) < 0.05
+        donors = np.array([[stats.response_scores(
+            stats.resample_profile(gammas[k], bounds[i][-1]), bounds[i], abs_d[i])[0]
+            for k in range(12) if k != i][:8] for i in range(12)])
+        # under the position null the own gamma is one more draw like the donors'
+        rejected["position"] += stats.exchange_test_p(own, donors, groups, 200, rng) < 0.05
+    for key, count in rejected.items():
+        # nominal 5%: binomial sd over 200 repetitions is 1.5 points
+        assert count / reps <= 0.08, (key, count)

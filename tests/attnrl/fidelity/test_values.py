@@ -91,7 +91,8 @@ def test_values_binomial_uncertainty():
                       half_successes=[1, 4])
     assert values_of(cut).tolist() == [0.25, 0.75, 1.0]
     assert step_advantages(cut).tolist() == [0.5, 0.25]
-    assert values_of(cut, half=True).tolist() == [0.25, 1.0, 1.0]
+    assert values_of(cut, "first").tolist() == [0.25, 1.0, 1.0]
+    assert values_of(cut, "second").tolist() == [0.25, 0.5, 1.0]     # (2-1)/4, (6-4)/4
 
 
 def test_planted_decisive_token_is_recovered_from_scripted_continuations():
@@ -121,8 +122,12 @@ def test_planted_decisive_token_is_recovered_from_scripted_continuations():
     # misses: a wrong outcome (10%) makes the last step the largest
     assert hits >= 0.75 * len(cuts)
     rows = response_records(cuts, {"marked": marked, "late": late}, 1.5, 100, 0)
-    summary = summarize(rows, ["marked", "late"], {"seed": 0, "qk_heads": {}})
+    summary = summarize(rows, ["marked", "late"], {"seed": 0, "qk_heads": {}},
+                        calibration_redraws=0)
     table = summary["strategies"]
     assert table["marked"]["verdict"] == "beats its permutation and its position profile"
     assert not table["late"]["verdict"].startswith("beats")
     assert table[CEILING]["S"]["mean"] >= table["marked"]["S"]["mean"]
+    # the positive control: credit from 8 continuations, scored on the other 8
+    assert summary["controls"]["split_control_detected"]
+    assert table["mc_split"]["S"]["low"] > 1.0

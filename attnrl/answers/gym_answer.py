@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from functools import cache
 
+from attnrl.answers.text import completion_text
 from attnrl.errors import UserError, nearest
-from rewards.base import completion_text
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"answer\s*:", re.IGNORECASE)

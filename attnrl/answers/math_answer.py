@@ -22,7 +22,7 @@ import threading
 from fractions import Fraction
 from functools import lru_cache
 
-from rewards.base import column, completion_text
+from attnrl.answers.text import column, completion_text
 
 MAX_ANSWER_CHARS = 512   # longer extracted answers score 0 (never parsed)
 TIMEOUT_SECONDS = 5      # math-verify parse/verify limit, main thread only

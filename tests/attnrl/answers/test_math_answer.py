@@ -10,7 +10,7 @@ import pytest
 
 from attnrl.data import DEFAULT_INSTRUCTION, gsm8k_final_answer, gsm8k_path
 from attnrl.errors import UserError
-from rewards.math_reward import extract_math_answer, math_reward
+from attnrl.answers.math_answer import extract_math_answer, math_reward
 
 GSM8K_TEST = gsm8k_path("test")
 

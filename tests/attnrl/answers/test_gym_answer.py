@@ -4,8 +4,8 @@ import pytest
 
 from attnrl.data import load_gym_task
 from attnrl.errors import UserError
-from rewards import answer_reward
-from rewards.gym import extract_gym_answer, gym_reward
+from attnrl.answers import answer_reward
+from attnrl.answers.gym_answer import extract_gym_answer, gym_reward
 
 FORMATS = [
     "Adding step by step.\n#### {a}",
