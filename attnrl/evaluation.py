@@ -353,6 +353,27 @@ def _dtype_kwargs(name: str | None) -> dict:
     return {} if name is None else {"dtype": getattr(torch, name)}
 
 
+def read_run_config(config_path: str) -> tuple[dict, Path]:
+    """(config dict, its config.yaml path) of --config: a training config YAML or an
+    output_dir holding config.yaml. Bad path or YAML: UserError naming it."""
+    import yaml
+
+    path = Path(config_path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--config {config_path!r} not found; give a training config YAML "
+                        "or an output_dir holding config.yaml")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") \
+            from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: a config must be a mapping of keys to values")
+    return config, path
+
+
 def task_settings(config_path: str | None, task: str | None, task_kwargs: str | None,
                   seed: int | None) -> dict:
     """What to evaluate. From a training config (a YAML or a run's output_dir): its held-out
@@ -367,19 +388,7 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
     settings = {"task": "chain_sum", "task_kwargs": None, "instruction": None,
                 "system_prompt": None, "seed": 0, "pool": None, **dict.fromkeys(RUN_EVAL_KEYS)}
     if config_path:
-        path = Path(config_path)
-        if path.is_dir():
-            path = path / "config.yaml"
-        if not path.is_file():
-            raise UserError(f"--config {config_path!r} not found; give a training config YAML "
-                            "or an output_dir holding config.yaml")
-        try:
-            config = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") \
-                from None
-        if not isinstance(config, dict):
-            raise UserError(f"--config {path}: a config must be a mapping of keys to values")
+        config = read_run_config(config_path)[0]
         settings.update(run_eval_settings(config))
         from attnrl.data.unseen import TrainingPool
 

@@ -30,16 +30,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None,
                         help="local HF model directory or 'smollm2' (default: the --config "
                              "run's final/ model, else its model, else smollm2)")
-    parser.add_argument("--config", default=None,
-                        help="a training run (output_dir or config.yaml): its task, "
-                             "task_kwargs, instruction, held-out problems, sampling "
-                             "(temperature, top_p, max_completion_length) and credit settings; "
-                             "any flag overrides")
-    parser.add_argument("--task", default=None,
-                        help="reasoning-gym task, gsm8k:test, or a .jsonl of question / answer "
-                             "(default: the --config run's held-out task, else chain_sum)")
-    parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
-                        help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
+    from attnrl.evaluation import add_run_arguments
+
+    add_run_arguments(parser, "measure on its task (task_kwargs, instruction), its held-out "
+                              "problems, its sampling (temperature, top_p, "
+                              "max_completion_length) and its credit settings")
     parser.add_argument("-n", "--num-problems", type=int, default=64, help="problems (default 64)")
     parser.add_argument("--samples", type=int, default=2, help="responses per problem (default 2)")
     parser.add_argument("--max-chunks", type=int, default=4,
@@ -78,27 +73,15 @@ def add_arguments(parser) -> None:
 
 
 def _read_run(path: str | None) -> tuple[dict, Path | None]:
-    """(the run's config dict, its output_dir or None) from --config."""
-    import yaml
+    """(the run's config dict, its output_dir or None) from --config: a directory, or a
+    config.yaml beside a final/ model, names a run."""
+    from attnrl.evaluation import read_run_config
 
     if path is None:
         return {}, None
-    run = Path(path)
-    config_path = run / "config.yaml" if run.is_dir() else run
-    if not config_path.is_file():
-        raise UserError(f"--config {path!r} not found; give a training config YAML or an "
-                        "output_dir holding config.yaml")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {config_path}: not valid YAML "
-                        f"({' '.join(str(err).split())})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--config {config_path}: a config must be a mapping of keys to values")
-    if run.is_dir():
-        return config, run
-    # OUTPUT_DIR/config.yaml of a run names the run (its final/ model) as its directory does
-    return config, (run.parent if (run.parent / "final").is_dir() else None)
+    config, config_path = read_run_config(path)
+    run = config_path.parent
+    return config, (run if Path(path).is_dir() or (run / "final").is_dir() else None)
 
 
 def _strategies(text: str | None) -> list[str]:

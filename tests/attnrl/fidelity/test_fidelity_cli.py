@@ -118,3 +118,17 @@ def test_the_runs_credit_keys_build_the_trainers_credit_config(tmp_path):
     ours = credit_config({CREDIT_KEYS[k]: v for k, v in values.items()})
     trainer.strategy = ours.strategy
     assert ours == trainer
+
+
+def test_a_run_is_named_by_its_directory_or_its_config_yaml(tmp_path):
+    """--config RUN and --config RUN/config.yaml both measure the run's final/ model; a
+    config file elsewhere (configs/default.yaml) names no run."""
+    from attnrl.fidelity.cli import _read_run
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: chain_sum\n")
+    assert _read_run(str(run)) == ({"task": "chain_sum"}, run)
+    assert _read_run(str(run / "config.yaml")) == ({"task": "chain_sum"}, run)
+    (tmp_path / "plain.yaml").write_text("task: chain_sum\n")
+    assert _read_run(str(tmp_path / "plain.yaml")) == ({"task": "chain_sum"}, None)
