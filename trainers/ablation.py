@@ -277,22 +277,30 @@ def heldout_draw(config: dict, eval_settings: dict):
                              "eval_seed": heldout_seed(config)}).draw()
 
 
-def evaluate_run(model_dir: Path, config: dict, settings: dict) -> dict:
-    """`attnrl eval` of one checkpoint on the held-out problems the trained runs evaluate
-    (same task and task kwargs, task seed + HELDOUT_SEED_OFFSET, none in the training pool),
-    prompts formatted as in training, greedy included."""
+def reference_eval_args(config: dict) -> dict:
+    """What the untrained reference is evaluated on: the trained runs' own held-out
+    evaluation (trainers.heldout_keys.heldout_settings of the same config: its eval task,
+    gsm8k -> gsm8k:test, eval_task for a JSONL task; its task kwargs only on the training
+    task; seed task seed + HELDOUT_SEED_OFFSET; the training pool left out; the prompt
+    format of training)."""
     from attnrl.data import DEFAULT_INSTRUCTION
-    from attnrl.evaluation import evaluate
     from trainers.heldout_keys import heldout_settings
 
-    instruction = config.get("instruction")
+    heldout = heldout_settings({**config, "eval_seed": heldout_seed(config)})
+    return {"task": heldout.task, "seed": heldout.seed, "task_kwargs": heldout.task_kwargs,
+            "instruction": DEFAULT_INSTRUCTION if heldout.instruction is None
+            else heldout.instruction, "system_prompt": heldout.system_prompt,
+            "pool": heldout.pool}
+
+
+def evaluate_run(model_dir: Path, config: dict, settings: dict) -> dict:
+    """`attnrl eval` of one checkpoint on the held-out problems the trained runs evaluate
+    (`reference_eval_args`), greedy included."""
+    from attnrl.evaluation import evaluate
+
     settings = {k: v for k, v in settings.items() if k != "every"}
-    return evaluate([str(model_dir)], config.get("task", "chain_sum"),
-                    seed=heldout_seed(config), greedy=True,
-                    task_kwargs=config.get("task_kwargs") or {},
-                    instruction=DEFAULT_INSTRUCTION if instruction is None else instruction,
-                    system_prompt=config.get("system_prompt"),
-                    pool=heldout_settings(config).pool, **settings)
+    args = reference_eval_args(config)
+    return evaluate([str(model_dir)], args.pop("task"), greedy=True, **args, **settings)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -929,7 +937,7 @@ def build(args) -> tuple[list[dict], dict, Path, dict]:
     base = load_config(args.config, overrides)
     for key in ("credit", "seed", "credit_seed", "output_dir", "run_name", "eval_size",
                 "eval_seed", "eval_samples", "eval_temperature", "eval_max_tokens",
-                "eval_before", "eval_after", "eval_every", "eval_task", "reasoning_vector"):
+                "eval_before", "eval_after", "eval_every", "reasoning_vector"):
         base.pop(key, None)  # set per run (or not used by the ablation)
     if base.get("model") not in (None, "smollm2"):
         base["model"] = str(Path(base["model"]).resolve())

@@ -524,3 +524,36 @@ def test_sequential_driver_stops_resumes_and_extends(tmp_path, monkeypatch):
     trained.clear()
     assert ablation.run(args("--until-half-width", "0.01", "--max-seeds", "5")) == 0
     assert sorted({s for _, s in trained}) == [4]
+
+
+@pytest.mark.parametrize("config", [
+    {"task": "gsm8k", "task_size": 16},                          # runs evaluate gsm8k:test
+    {"task": "chain_sum", "task_size": 16, "task_seed": 3,
+     "task_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
+])
+def test_the_untrained_reference_scores_the_runs_own_heldout_problems(config):
+    """The untrained model's step-0 point and 'uniform vs untrained' compare like with like:
+    the reference's problems are exactly the trained runs' held-out problems (for gsm8k the
+    test split, not the training lines)."""
+    from attnrl.data.unseen import draw_unseen
+    from trainers.ablation import heldout_draw, reference_eval_args
+
+    args = reference_eval_args(config)
+    reference = draw_unseen(args["task"], 8, args["seed"], args["task_kwargs"], args["pool"])
+    runs = heldout_draw(config, {"num_problems": 8})
+    assert [r.question for r in reference.records] == [r.question for r in runs.records]
+    if config["task"] == "gsm8k":
+        assert args["task"] == "gsm8k:test"
+
+
+def test_a_jsonl_task_is_ablated_on_its_eval_task(tmp_path):
+    """eval_task is kept in the ablation's base config (a JSONL task needs one)."""
+    from trainers.ablation import reference_eval_args
+
+    rows = [{"question": f"What is {a} + 1?", "answer": str(a + 1)} for a in range(12)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+    args = reference_eval_args({"task": str(train), "eval_task": str(held), "task_size": 6,
+                                "eval_size": 4})
+    assert args["task"] == str(held)
