@@ -449,6 +449,20 @@ def request_note(models: int, num_problems: int, n: int, max_tokens: int, greedy
             "quick look")
 
 
+def which_problems_note(task: str, num_problems: int, seed: int) -> str:
+    """The one line `attnrl eval` prints without --config: which problems it scores, and
+    that they may be a run's training problems."""
+    from attnrl.data import is_file_task
+
+    if is_file_task(task):
+        what = f"the first {num_problems} lines of {task}"
+    else:
+        what = (f"the first {num_problems} problems {task} generates from seed {seed} (the "
+                f"problems a run with task_seed {seed} trains on)")
+    return (f"attnrl eval: note: scoring {what}; to score a run's held-out problems (none in "
+            "its training pool) give --config RUN")
+
+
 COMMAND_DEFAULTS = {"num_problems": 32, "n": 8, "temperature": 0.6, "max_tokens": 512,
                     "engine": "vllm"}
 """`attnrl eval`'s defaults where neither the command line nor --config says."""
@@ -474,6 +488,9 @@ def run(args) -> int:
                           task_kwargs=settings["task_kwargs"])
     note = request_note(len(args.model), args.num_problems, args.n, args.max_tokens,
                         args.greedy, args.engine)
+    if not args.config:   # say which problems: a bare task's seed may be a run's training seed
+        which = which_problems_note(settings["task"], args.num_problems, settings["seed"])
+        note = which if note is None else f"{which}\n{note}"
     result = evaluate(args.model, settings["task"], num_problems=args.num_problems, n=args.n,
                       temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, engine=args.engine, seed=settings["seed"],

@@ -84,9 +84,9 @@ def _check_outputs(out, rescore):
 def test_eval_end_to_end_hf(tiny_model_dir, tmp_path, capsys):
     """GSM8K-format file whose first gold answer is the model's own greedy answer: greedy
     accuracy must be exactly 1/2 (second gold is wrong on purpose)."""
+    from attnrl.answers.math_answer import extract_math_answer, math_reward
     from attnrl.data import apply_chat_template, load_jsonl
     from attnrl.rollout import SamplingConfig, make_engine
-    from attnrl.answers.math_answer import extract_math_answer, math_reward
 
     questions = ["What is 21 + 18?", "Alice has 3 apples and buys 9 more. How many?"]
     path = tmp_path / "q.jsonl"
@@ -106,8 +106,11 @@ def test_eval_end_to_end_hf(tiny_model_dir, tmp_path, capsys):
                "2", "-n", "4", "--max-tokens", "12", "--engine", "hf", "--greedy",
                "--out", str(out)])
     assert rc == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "pass@1" in table and "pass@4" in table and "greedy" in table
+    # without --config it says which problems it scored (they may be a run's training set)
+    assert f"scoring the first 2 lines of {path}" in captured.err
 
     golds = [answer, "no such answer"]
     result = _check_outputs(out, lambda p, s: math_reward(
@@ -118,8 +121,8 @@ def test_eval_end_to_end_hf(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_end_to_end_vllm(tiny_model_dir, tmp_path):
-    from attnrl.data import load_gym_task
     from attnrl.answers.gym_answer import gym_reward
+    from attnrl.data import load_gym_task
 
     out = tmp_path / "eval"
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", "chain_sum",
@@ -207,3 +210,11 @@ def test_eval_with_a_run_config_generates_the_trained_task(tiny_model_dir, tmp_p
     # three terms: two operators in every question
     assert all(sum(s["question"].count(op) for op in "+-") >= 2 for s in samples)
     assert '{"min_terms": 3' in capsys.readouterr().out
+
+
+def test_a_bare_gym_task_says_it_scores_the_training_seed():
+    from attnrl.evaluation import which_problems_note
+
+    line = which_problems_note("chain_sum", 32, 0)
+    assert "from seed 0" in line and "task_seed 0 trains on" in line and "--config RUN" in line
+    assert "\n" not in line
