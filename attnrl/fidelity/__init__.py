@@ -6,6 +6,7 @@ ground truth (`attnrl fidelity`).
     weights.py   every strategy's gamma_t from the trainer's loss forward (QK heads cross-fit)
     stats.py     S (share of credit on decisive chunks), rank correlation, the permutation
                  null, intervals over problems, Holm
-    report.py    per-response records, the summary table, the picture
+    report.py    per-response records, the tests against both nulls, the summary
+    render.py    the table and the picture
     pipeline.py  the command's steps; cli.py its arguments and checks
 """

@@ -3,7 +3,7 @@
 Samples responses per problem, cuts each into at most K chunks, estimates the value of every
 prefix from k continuations (attnrl.fidelity.values), computes every strategy's gamma from
 the trainer's loss forward (attnrl.fidelity.weights) and scores the credit against the
-Monte-Carlo step advantages (attnrl.fidelity.stats, attnrl.fidelity.report). Writes
+Monte-Carlo step advantages (attnrl.fidelity.stats, .report, .render). Writes
 records.jsonl (one response per line), summary.json, table.md and fidelity.png to --out.
 """
 
@@ -180,7 +180,7 @@ def _check(args) -> dict:
 
 def _summary_only(args) -> int:
     from attnrl.fidelity.pipeline import resummarize
-    from attnrl.fidelity.report import format_table
+    from attnrl.fidelity.render import format_table
 
     out = Path(args.out)
     if not (out / "records.jsonl").is_file() or not (out / "summary.json").is_file():
@@ -200,7 +200,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     summary = measure(args, resolved, out, start)
-    from attnrl.fidelity.report import format_table
+    from attnrl.fidelity.render import format_table
 
     print(format_table(summary))
     print(f"# wrote {out / 'records.jsonl'}, {out / 'summary.json'}, {out / 'table.md'}, "

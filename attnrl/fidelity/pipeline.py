@@ -67,7 +67,8 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
     credit = credit_config(resolved["credit"])       # a bad value: one line, nothing loaded
 
     from attnrl.fidelity.chunks import chunk_bounds
-    from attnrl.fidelity.report import format_table, plot_fidelity, response_records, summarize
+    from attnrl.fidelity.render import format_table, plot_fidelity
+    from attnrl.fidelity.report import response_records, summarize
     from attnrl.fidelity.values import CutResponse, estimate_values
     from attnrl.fidelity.weights import strategy_weights
     from attnrl.models import load_model, load_tokenizer, resolve_model
@@ -161,7 +162,8 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
 def resummarize(out: Path) -> dict:
     """Recompute summary.json and fidelity.png from out/records.jsonl with the current
     statistics (the settings, timings and Monte-Carlo counts of the old summary are kept)."""
-    from attnrl.fidelity.report import CONTROLS, format_table, plot_fidelity, summarize
+    from attnrl.fidelity.render import format_table, plot_fidelity
+    from attnrl.fidelity.report import CONTROLS, summarize
 
     old = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()
