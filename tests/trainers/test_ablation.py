@@ -437,18 +437,18 @@ def test_stop_rule_stops_when_narrow_continues_when_wide_and_stops_at_max():
     from trainers.ablation import SEQUENTIAL_MIN_SEEDS, stop_rule
 
     narrow, wide = synthetic_summary([3.0, 4.9]), synthetic_summary([3.0, 5.1])
-    assert stop_rule(narrow, 5.0, 10, 4) == "half-width"
-    assert stop_rule(wide, 5.0, 10, 4) is None            # one interval still too wide
+    assert stop_rule(narrow, 5.0, 10, 6) == "half-width"
+    assert stop_rule(wide, 5.0, 10, 6) is None            # one interval still too wide
     assert stop_rule(wide, 5.0, 10, 10) == "max-seeds"   # N seeds spent
     assert stop_rule(wide, 5.0, 10, 11) == "max-seeds"
     assert stop_rule(narrow, 5.0, 10, 10) == "half-width"
-    assert stop_rule(narrow, 2.0, 10, 4) is None          # H in points: 3 is not < 2
-    # never before SEQUENTIAL_MIN_SEEDS seeds (an sd from 2 seeds is luck)
+    assert stop_rule(narrow, 2.0, 10, 6) is None          # H in points: 3 is not < 2
+    # never before SEQUENTIAL_MIN_SEEDS seeds (stopping on a lucky small sd inflates errors)
     assert stop_rule(narrow, 5.0, 10, SEQUENTIAL_MIN_SEEDS - 1) is None
     assert stop_rule(narrow, 5.0, 10, SEQUENTIAL_MIN_SEEDS) == "half-width"
     # a strategy without an interval is not narrow
-    assert stop_rule(synthetic_summary([1.0, None]), 5.0, 10, 4) is None
-    assert stop_rule(synthetic_summary([]), 5.0, 10, 4) is None
+    assert stop_rule(synthetic_summary([1.0, None]), 5.0, 10, 6) is None
+    assert stop_rule(synthetic_summary([]), 5.0, 10, 6) is None
 
 
 def test_sequential_seed_order_and_options():
@@ -468,7 +468,7 @@ def test_sequential_seed_order_and_options():
             (5.0, None, ["uniform", "random"], "go together"),
             (None, 6, ["uniform", "random"], "go together"),
             (0.0, 6, ["uniform", "random"], "> 0"),
-            (5.0, 2, ["uniform", "random"], ">= 3"),
+            (5.0, 4, ["uniform", "random"], ">= 5"),
             (5.0, 6, ["random", "coupled"], "needs uniform")):
         Args.until_half_width, Args.max_seeds = half, most
         with pytest.raises(UserError, match=match):
@@ -509,21 +509,22 @@ def test_sequential_driver_stops_resumes_and_extends(tmp_path, monkeypatch):
     assert ablation.run(args("--until-half-width", "2", "--max-seeds", "8")) == 0
     summary = json.loads((tmp_path / "seq" / "summary.json").read_text())
     seq = summary["sequential"]
-    assert seq["stopped"] == "half-width" and seq["seeds"] == [0, 1, 2]  # noise sd 0.4 points
+    # noise sd 0.4 points: narrow from the start, so it stops at the minimum of 5 seeds
+    assert seq["stopped"] == "half-width" and seq["seeds"] == [0, 1, 2, 3, 4]
     assert all(w < 2 for w in seq["half_widths"].values())
-    assert sorted({s for _, s in trained}) == [0, 1, 2] and len(trained) == 9
+    assert sorted({s for _, s in trained}) == [0, 1, 2, 3, 4] and len(trained) == 15
     assert summary["power"]["final"]["status"] == "detected"
     trained.clear()
     assert ablation.run(args("--until-half-width", "2", "--max-seeds", "8")) == 0
     assert trained == []  # resumable: finished runs reused, the same decision
     # a target no budget reaches: max-seeds, then a larger budget continues from there
-    assert ablation.run(args("--until-half-width", "0.01", "--max-seeds", "4")) == 0
+    assert ablation.run(args("--until-half-width", "0.01", "--max-seeds", "6")) == 0
     seq = json.loads((tmp_path / "seq" / "summary.json").read_text())["sequential"]
-    assert seq["stopped"] == "max-seeds" and seq["seeds"] == [0, 1, 2, 3]
-    assert sorted({s for _, s in trained}) == [3]
+    assert seq["stopped"] == "max-seeds" and seq["seeds"] == [0, 1, 2, 3, 4, 5]
+    assert sorted({s for _, s in trained}) == [5]
     trained.clear()
-    assert ablation.run(args("--until-half-width", "0.01", "--max-seeds", "5")) == 0
-    assert sorted({s for _, s in trained}) == [4]
+    assert ablation.run(args("--until-half-width", "0.01", "--max-seeds", "7")) == 0
+    assert sorted({s for _, s in trained}) == [6]
 
 
 @pytest.mark.parametrize("config", [
@@ -557,3 +558,38 @@ def test_a_jsonl_task_is_ablated_on_its_eval_task(tmp_path):
     args = reference_eval_args({"task": str(train), "eval_task": str(held), "task_size": 6,
                                 "eval_size": 4})
     assert args["task"] == str(held)
+
+
+@pytest.mark.parametrize("target", [1.0, 1.5])
+def test_sequential_stop_keeps_the_level_on_null_ablations(target):
+    """Null ablations (paired differences ~ N(0, 1 point)) run through stop_rule seed by
+    seed with a target half-width of 1 or 1.5 sd: the final 95% interval excludes 0 in
+    about 5% of them with the 5-seed minimum. With a 3-seed minimum it did not (7.7% at a
+    target of 1 sd): stopping on a lucky small sd."""
+    from trainers import ablation
+    from trainers.ablation import paired_t_interval, stop_rule
+
+    def rate(min_seeds, trials=4000, max_seeds=12):
+        rng, rejected = random.Random(7), 0
+        for _ in range(trials):
+            diffs = []
+            for n in range(1, max_seeds + 1):
+                diffs.append(rng.gauss(0, 0.01))
+                if n < 2:
+                    continue
+                interval = paired_t_interval(diffs)
+                table = [{"strategy": "uniform"}, {"strategy": "x", "diff_final": interval}]
+                if stop_rule({"table": table}, target, max_seeds, n):
+                    break
+            rejected += interval["low"] > 0 or interval["high"] < 0
+        return rejected / trials
+
+    assert ablation.SEQUENTIAL_MIN_SEEDS == 5
+    assert rate(5) <= 0.062              # nominal 5%; binomial sd over 4000 trials 0.34 points
+    if target == 1.0:
+        old = ablation.SEQUENTIAL_MIN_SEEDS
+        ablation.SEQUENTIAL_MIN_SEEDS = 3
+        try:
+            assert rate(3) > 0.065       # the old minimum: the inflation this fixes
+        finally:
+            ablation.SEQUENTIAL_MIN_SEEDS = old
