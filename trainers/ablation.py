@@ -56,7 +56,7 @@ CONTROL_DIRECTION = -1  # expected sign of (control - uniform) on final accuracy
 DEFAULT_TARGET_HALF_WIDTH = 5.0  # points: the half-width seeds are estimated for [D]
 SEQUENTIAL_MIN_SEEDS = 5  # --until-half-width stops no earlier [D]: stopping on a narrow
 #   interval after 3 seeds lets the 95% interval miss 0 in up to 7.7% of null ablations; from
-#   5 seeds on, 5.0-5.6% (simulated: tests/trainers/test_ablation.py)
+#   5 seeds on, 4.9-5.6% (simulated: tests/trainers/test_ablation.py)
 ABLATION_FORMAT = 2  # ablation.json of format 1 (pooled intervals; held-out set that
 #   overlapped the training pool) are refused: those runs are not mixed with new ones
 METRIC_TEXT = {"final": "final accuracy", "auc": "area under curve"}
