@@ -107,6 +107,18 @@ def in_rank0_tp_group(engine) -> bool:
     return 0 in dist.get_process_group_ranks(group)
 
 
+def _rank_zero_says(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank (a collective when a process group is up; one
+    process: `flag`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 class HeldoutCallback(TrainerCallback):
     """Before training (unless before.json exists from an earlier attempt), every
     `eval_every` steps (greedy only) and after training: evaluate and write the files."""
@@ -126,7 +138,10 @@ class HeldoutCallback(TrainerCallback):
             keep = [line for line in curve.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= state.global_step]
             curve.write_text("".join(line + "\n" for line in keep))
-        if s.before and state.global_step == 0 and not (ev.dir / "before.json").exists():
+        # rank 0's view decides for every rank: a slower rank must not see the before.json
+        # that rank 0 has just written and skip an evaluation whose sync is collective
+        if s.before and state.global_step == 0 and \
+                _rank_zero_says(not (ev.dir / "before.json").exists()):
             self._evaluate("before", s.samples)
 
     def on_step_end(self, args, state, control, **kwargs):
