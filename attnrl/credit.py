@@ -63,6 +63,9 @@ INPUT_DESCRIPTIONS = {
                          "selected heads (B, N), NaN where not eligible "
                          "(attnrl.signals.qk_select.premise_token_scores)",
 }
+QK_INPUTS = frozenset({"qk_token_scores", "qk_validity", "qk_premise_scores"})
+"""Credit inputs that come from the QK capture (a trainer or command captures QK scores
+only when a strategy requires one of them)."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from attnrl.credit import CreditConfig, strategy_parts
+from attnrl.credit import QK_INPUTS, CreditConfig, strategy_parts
 from attnrl.errors import UserError
 from attnrl.signals.qk import PremiseQKCapture, QKCapture, all_heads
 from attnrl.signals.qk_select import (
@@ -41,8 +41,6 @@ from attnrl.signals.qk_select import (
     validity,
 )
 
-QK_INPUTS = frozenset({"qk_token_scores", "qk_validity", "qk_premise_scores"})
-"""Credit inputs that need the QK capture."""
 STATE_FILE = "qk_heads.json"
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from attnrl.analysis.forward import Sample
 from attnrl.errors import UserError
+from attnrl.evaluation import CORRECT_THRESHOLD
 from attnrl.signals.receiver import min_sentences
 
-CORRECT_THRESHOLD = 1.0
 MIN_SENTENCES = min_sentences()   # receiver heads: proximity_ignore (4) + 10 vertical scores
 
 
@@ -36,10 +36,10 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
     """Sample and score. Returns (samples, prompt records, info)."""
     import time
 
+    from attnrl.answers import answer_reward
     from attnrl.data import DEFAULT_INSTRUCTION, apply_chat_template, load_prompts
     from attnrl.models import load_tokenizer
     from attnrl.rollout import SamplingConfig, encode_prompts, make_engine
-    from attnrl.answers import answer_reward
 
     tokenizer = load_tokenizer(model)
     records = load_prompts(task, size=num_problems, seed=seed)
@@ -82,10 +82,10 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
 
 def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sample], list]:
     """Samples from a responses JSONL (module docstring). Bad lines -> UserError."""
+    from attnrl.answers import math_reward
     from attnrl.data import jsonl_rows
     from attnrl.models import load_tokenizer
     from attnrl.rollout import encode_prompts
-    from attnrl.answers import math_reward
 
     path = Path(path)
     if not path.is_file():

@@ -37,7 +37,7 @@ def fidelity_notes(path, strategies: list[str], task: str | None = None) -> list
     if task is not None and measured_task != task:
         lines.append(f"warning: the fidelity summary measured {measured_task}, this ablation "
                      f"trains {task}: its verdicts are about another task")
-    table = summary["strategies"]
+    table, recommended = summary["strategies"], set(summary.get("recommended", []))
     for name in strategies:
         entry = table.get(name)
         if name == "uniform":
@@ -48,9 +48,8 @@ def fidelity_notes(path, strategies: list[str], task: str | None = None) -> list
             lines.append(f"{name}: not measured ({entry.get('reason', 'no gamma')})")
         else:
             diff = entry["S_vs_perm"]
-            verdict = entry.get("verdict", "")
-            advice = "recommended" if verdict == ("beats its permutation and its position "
-                                                  "profile") else "not recommended"
-            lines.append(f"{name}: {verdict} (S - permuted {diff['mean']:+.3f}, Holm p "
+            advice = "recommended" if name in recommended else "not recommended"
+            lines.append(f"{name}: {entry.get('verdict', '')} (S - permuted "
+                         f"{diff['mean']:+.3f}, Holm p "
                          f"{diff.get('p_holm', float('nan')):.3g}): {advice}")
     return lines

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from attnrl.errors import UserError
-
-CORRECT_THRESHOLD = 1.0   # a response is correct when its answer reward is >= 1
+from attnrl.evaluation import CORRECT_THRESHOLD  # correct: answer reward >= 1
 
 
 def _say(start: float, text: str) -> None:
@@ -147,7 +146,7 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
                 "permutations": args.permutations, "seed": resolved["seed"],
                 "engine": args.engine, "dtype": args.dtype, "qk_heads": info["qk_heads"]}
     rows = response_records(cuts, gammas, credit.gamma_amp, args.permutations,
-                            resolved["seed"], records, tokenizer)
+                            resolved["seed"], records)
     summary = summarize(rows, list(gammas), settings)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["monte_carlo"] = mc

@@ -58,7 +58,7 @@ GAMMA_DECIMALS = 6     # gamma as recorded (and as scored: the tests redraw reco
 
 
 def response_records(cuts, gammas: dict, gamma_amp: float, permutations: int, seed: int,
-                     records=None, tokenizer=None) -> list[dict]:
+                     records=None) -> list[dict]:
     """One dict per response: its cut, values, D and every strategy's gamma, w, S, rho, the
     permutation means and S with D from half the continuations. (The position-profile null
     and the p-values are computed from these records by `summarize`.)"""

@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from attnrl.analysis.stats import t975
+from attnrl.analysis.stats import group_codes, t975
 
 
 def chunk_weights(gamma: np.ndarray, bounds) -> np.ndarray:
@@ -135,7 +135,7 @@ def cluster_mean(values, groups) -> dict:
 
 def _problem_average(matrix: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """(B,) mean over problems of the per-problem means of `matrix` (R, B) rows."""
-    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    codes = group_codes(groups, matrix.shape[0])
     sums = np.zeros((codes.max() + 1, matrix.shape[1]))
     np.add.at(sums, codes, matrix)
     counts = np.bincount(codes)[:, None]

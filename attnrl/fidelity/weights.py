@@ -15,7 +15,7 @@ whose other half lacks correct or incorrect responses gets no QK credit (None).
 
 Strategies that are per-response factors (they read the outcome `advantages`) or that flip
 signs (`sign_flip`) place no credit within a response (S = 1 by construction) and are not
-measured; `excluded_reason` says why.
+measured (attnrl.credit_names.within_response_problem says why).
 """
 
 from __future__ import annotations
@@ -25,20 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from attnrl.credit import CreditConfig, compute_gamma, required_inputs
-from attnrl.credit_names import within_response_problem, within_response_strategies
-
-QK_INPUTS = frozenset({"qk_token_scores", "qk_premise_scores", "qk_validity"})
-
-
-def excluded_reason(strategy: str) -> str | None:
-    """Why a (possibly '+'-joined) strategy cannot be measured within a response, or None."""
-    return within_response_problem(strategy)
-
-
-def default_strategies() -> list[str]:
-    """Every registered strategy that places credit within a response."""
-    return within_response_strategies()
+from attnrl.credit import QK_INPUTS, CreditConfig, compute_gamma, required_inputs
 
 
 def _entropy(model, hidden, input_ids, response, temperature: float) -> torch.Tensor:
@@ -65,16 +52,9 @@ def strategy_weights(model, cuts, strategies: list[str], credit: CreditConfig,
     None where not measurable]}, and info (QK heads per half, per-half reasons)."""
     from dataclasses import replace
 
-    from attnrl.analysis.stats import split_groups
     from attnrl.signals.capture import SignalCapture
-    from attnrl.signals.qk import PremiseQKCapture, all_heads, select_heads_by_auc
-    from attnrl.signals.qk_select import (
-        answer_positions,
-        key_positions,
-        premise_token_scores,
-        response_scores,
-        token_scores,
-    )
+    from attnrl.signals.qk import PremiseQKCapture, all_heads
+    from attnrl.signals.qk_select import answer_positions, key_positions, response_scores
 
     device = next(model.parameters()).device
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -139,15 +119,17 @@ def strategy_weights(model, cuts, strategies: list[str], credit: CreditConfig,
     info = {"qk_heads": {}}
     if want_qk:
         info["qk_heads"] = _qk_gammas(cuts, strategies, needs, credit, qk_rows, heads,
-                                      qk_top_k, seed, gammas, split_groups,
-                                      select_heads_by_auc, token_scores, premise_token_scores)
+                                      qk_top_k, seed, gammas)
     return gammas, info
 
 
-def _qk_gammas(cuts, strategies, needs, credit, qk_rows, heads, top_k, seed, gammas,
-               split_groups, select_heads_by_auc, token_scores, premise_token_scores) -> dict:
+def _qk_gammas(cuts, strategies, needs, credit, qk_rows, heads, top_k, seed, gammas) -> dict:
     """Cross-fitted QK credit: heads selected on one half of the problems weight the other."""
     from dataclasses import replace
+
+    from attnrl.analysis.stats import split_groups
+    from attnrl.signals.qk import select_heads_by_auc
+    from attnrl.signals.qk_select import premise_token_scores, token_scores
 
     groups = np.array([c.problem for c in cuts])
     halves = split_groups(groups, len(cuts), seed=seed)

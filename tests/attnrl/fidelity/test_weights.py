@@ -9,8 +9,9 @@ import torch
 from tolerances import tolerance
 
 from attnrl.credit import CreditConfig, compute_gamma
+from attnrl.credit_names import within_response_problem, within_response_strategies
 from attnrl.fidelity.values import CutResponse
-from attnrl.fidelity.weights import default_strategies, excluded_reason, strategy_weights
+from attnrl.fidelity.weights import strategy_weights
 from attnrl.models import build_tiny_model
 from attnrl.signals.capture import compute_token_signals
 from attnrl.signals.types import SignalConfig
@@ -143,6 +144,8 @@ def test_bf16_weights_under_autocast_give_the_same_shapes_and_range():
 
 
 def test_strategies_without_within_response_credit_are_not_measured():
-    assert excluded_reason("sign_flip") and excluded_reason("qk_consistency")
-    assert excluded_reason("coupled") is None and excluded_reason("coupled+qk_consistency") is None
-    assert "sign_flip" not in default_strategies() and "coupled" in default_strategies()
+    assert within_response_problem("sign_flip") and within_response_problem("qk_consistency")
+    assert within_response_problem("coupled") is None
+    assert within_response_problem("coupled+qk_consistency") is None
+    assert "sign_flip" not in within_response_strategies()
+    assert "coupled" in within_response_strategies()
