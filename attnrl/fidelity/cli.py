@@ -105,9 +105,9 @@ def _strategies(text: str | None) -> list[str]:
         if why:
             raise UserError(f"--strategies {name!r} {why}, so fidelity cannot measure it; "
                             "leave it out")
-        if "qk" in reads and (reads - {"qk"} or "entropy" in name.split("+")):
+        if {"qk", "signals"} <= reads:   # the QK path gets entropy and draws, not signals
             raise UserError(f"--strategies {name!r} joins a QK strategy with one that reads "
-                            "signals or entropy, which fidelity does not measure; measure "
+                            "the attention signals, which fidelity does not measure; measure "
                             "the parts one at a time")
     return names
 

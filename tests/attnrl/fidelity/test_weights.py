@@ -149,3 +149,24 @@ def test_strategies_without_within_response_credit_are_not_measured():
     assert within_response_problem("coupled+qk_consistency") is None
     assert "sign_flip" not in within_response_strategies()
     assert "coupled" in within_response_strategies()
+
+
+def test_a_qk_strategy_composed_with_entropy_or_random_is_measured():
+    """Only QK + signal strategies are refused: a QK strategy joined with entropy or random
+    gets its gamma (the QK path passes the entropy and the credit generator)."""
+    from attnrl.errors import UserError
+    from attnrl.fidelity.cli import _strategies
+
+    assert _strategies("qk_tokens+entropy,qk_premise+random") == ["qk_tokens+entropy",
+                                                                   "qk_premise+random"]
+    with pytest.raises(UserError, match="attention signals"):
+        _strategies("coupled+qk_tokens")
+    model = build_tiny_model("llama", num_heads=4, num_kv_heads=2).eval()
+    cuts, credit = _cuts(3, problems=8, per_problem=2), _credit()
+    gammas, _ = strategy_weights(model, cuts, ["qk_tokens+entropy"], credit, 1.0, [2, 3],
+                                    qk_top_k=2)
+    measured = [g for g in gammas["qk_tokens+entropy"] if g is not None]
+    assert len(measured) == len(cuts)
+    # composed and clipped to [0, gamma_amp]; both parts amplify, so some tokens reach 1.5
+    assert all(g.min() >= 1.0 and g.max() <= 1.5 for g in measured)
+    assert any((g > 1).any() for g in measured)
