@@ -124,11 +124,12 @@ def aggregate(result_root: Path, seeds: list[int], name: str) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"# {result['name']}: held-out greedy accuracy per training seed "
-             f"({result['per_seed'][0]['problems'] if result['per_seed'] else 0} unseen, "
-             "equivalence-free problems)",
-             "| seed | before % | after % | gain (points) | pass@1 gain | equivalent to training "
-             "| wall s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    count = result["per_seed"][0]["problems"] if result["per_seed"] else 0
+    lines = [(f"# {result['name']}: held-out greedy accuracy per training seed ({count} "
+              "unseen, equivalence-free problems)"),
+             ("| seed | before % | after % | gain (points) | pass@1 gain | equivalent to "
+              "training | wall s |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["per_seed"]:
         wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-"
         lines.append(f"| {r['seed']} | {100 * r['greedy_before']:.1f} | "

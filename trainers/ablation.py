@@ -24,12 +24,16 @@ the paired differences to uniform over seeds with a t interval (`paired_t_interv
 seed is the unit (same seed = same data order, rollout seeds and held-out problems), no
 interval pools problems across seeds.
 
-The positive control `sign_flip` (attnrl.credit: a quarter of the responses' advantages
-flipped) is known in advance to learn more slowly than uniform. If its interval excludes 0
-in that direction, 'no difference' verdicts of the other arms are stated as such; if not,
-the table says that this budget cannot decide and how many seeds would (`power_check`).
-`--until-half-width H --max-seeds N` adds seeds one round at a time until every paired
-interval on final accuracy is narrower than +-H points or N seeds are spent (`stop_rule`).
+The registered tests (trainers/ablation_tests.py, stated under the table): the primary test
+is coupled - uniform on AUC (paired t over seeds); every other arm and metric is a secondary
+test, Holm-corrected; the positive control `uniform_half_lr` (uniform credit at half the
+learning rate) has an effect predicted from uniform's own curves (about -4 AUC points at
+the cpu budget) and is judged on AUC. If its interval excludes 0 below, 'no difference'
+verdicts of the other arms are stated as such; if not, the table says that this budget
+cannot decide and how many seeds would (`power_check`). `--until-half-width H --max-seeds
+N` adds seeds one round at a time until every paired interval on AUC (the primary metric)
+is narrower than +-H points, after at least SEQUENTIAL_MIN_SEEDS seeds, or N seeds are
+spent (`stop_rule`).
 """
 
 from __future__ import annotations
@@ -47,11 +51,18 @@ from pathlib import Path
 from attnrl.analysis.stats import T975, t975  # noqa: F401  (T975: re-exported for tests)
 from attnrl.errors import UserError
 from attnrl.evaluation import HELDOUT_SEED_OFFSET
+from trainers.ablation_tests import (
+    CONTROL,
+    VARIANTS,
+    predicted_control_diff,
+    registered,
+    registered_lines,
+)
 
-DEFAULT_STRATEGIES = ("uniform", "coupled", "random", "sign_flip")
+DEFAULT_STRATEGIES = ("uniform", "coupled", "random", CONTROL)
 BASELINE = "uniform"
-POSITIVE_CONTROL = "sign_flip"  # attnrl.credit.sign_flip: expected advantage (1 - 2f) A
-POSITIVE_CONTROL_LABEL = "positive control (expected: slower than uniform)"
+POSITIVE_CONTROL = CONTROL  # uniform at half the learning rate (trainers/ablation_tests.py)
+POSITIVE_CONTROL_LABEL = "positive control (expected: lower AUC than uniform, predicted below)"
 CONTROL_DIRECTION = -1  # expected sign of (control - uniform) on final accuracy and area
 DEFAULT_TARGET_HALF_WIDTH = 5.0  # points: the half-width seeds are estimated for [D]
 SEQUENTIAL_MIN_SEEDS = 5  # --until-half-width stops no earlier [D]: stopping on a narrow
@@ -62,7 +73,8 @@ ABLATION_FORMAT = 2  # ablation.json of format 1 (pooled intervals; held-out set
 METRIC_TEXT = {"final": "final accuracy", "auc": "area under curve"}
 INTERVAL_TEXT = ("95% t interval over seeds of paired differences (the seed is the unit: same "
                  "seed = same data order, rollout seeds and held-out problems; no interval "
-                 "pools problems across seeds; no multiplicity correction)")
+                 "pools problems across seeds; the intervals are not corrected for "
+                 "multiplicity, the secondary tests below are: Holm)")
 CENSORING_TEXT = ("steps to target: a run that never reached the target reward by max_steps "
                   "is censored: it counts in 'reached k/n' and ranks last in the median, never "
                   "as a number; the steps interval uses only the pairs where both runs "
@@ -99,8 +111,9 @@ BUDGETS = {
                   "gradient_checkpointing": False,
                   "rollout_engine": "vllm", "report_to": "none",
                   "lr_scheduler_type": "constant", "beta": 0.0, "instruction": ""},
-        "eval": {"num_problems": 128, "n": 2, "max_tokens": 64, "engine": "vllm", "every": 4},
-        "seeds": [0, 1, 2],
+        "eval": {"num_problems": 107, "n": 2, "max_tokens": 64, "engine": "vllm", "every": 4},
+        "seeds": list(range(10)),   # 80% power at 3 AUC points (plan: benchmarks/results/
+        #   credit_ablation_cpu_v3/PLAN.md)
         "target_reward": 0.4,
     },
     "medium": {
@@ -151,7 +164,11 @@ def plan(base_config: dict, eval_settings: dict, strategies, seeds, out_dir) -> 
     for seed in seeds:
         for strategy in strategies:
             run_dir = Path(out_dir) / "runs" / run_name(strategy, seed)
-            config = {**base_config, "credit": strategy, "seed": int(seed),
+            variant = VARIANTS.get(strategy, {})
+            lr = {"learning_rate": float(base_config.get("learning_rate", 1e-6))
+                  * variant["learning_rate_scale"]} if variant else {}
+            config = {**base_config, **lr, "credit": variant.get("credit", strategy),
+                      "seed": int(seed),
                       "credit_seed": int(seed), "output_dir": str(run_dir),
                       "run_name": f"{Path(out_dir).name}-{run_name(strategy, seed)}",
                       "resume": "auto", **heldout}
@@ -167,7 +184,8 @@ def check_strategies(strategies) -> None:
     if not strategies:
         raise UserError("--strategies is empty; give names such as uniform,random,coupled")
     for name in strategies:
-        strategy_parts(name)  # raises naming the registered strategies
+        if name not in VARIANTS:
+            strategy_parts(name)  # raises naming the registered strategies
     if len(set(strategies)) != len(strategies):
         raise UserError(f"--strategies lists a strategy twice: {','.join(strategies)}")
 
@@ -500,7 +518,7 @@ def control_verdict(diff: dict, what: str, power: dict) -> str:
     if status in ("no interval", "absent"):
         return "no data" if diff["n"] == 0 else f"{diff['n']} seed: no interval yet"
     if status == "detected":
-        return f"detected: slower than uniform, as expected ({what})"
+        return f"detected: below uniform, as expected ({what})"
     if status == "opposite":
         return (f"faster than uniform ({what}): opposite to the expected direction, check "
                 "the setup; this budget cannot decide")
@@ -512,12 +530,13 @@ def control_verdict(diff: dict, what: str, power: dict) -> str:
 
 def stop_rule(summary: dict, half_width: float, max_seeds: int, seeds_spent: int) -> str | None:
     """The sequential option's rule after a round of seeds: 'half-width' when every
-    strategy's paired 95% interval against uniform on final held-out greedy accuracy has a
-    half-width below `half_width` (in points) and at least SEQUENTIAL_MIN_SEEDS seeds are
-    spent; else 'max-seeds' when `seeds_spent` >= max_seeds; else None (another round).
-    A strategy without an interval (fewer than 2 paired seeds) is not narrow."""
+    strategy's paired 95% interval against uniform on the area under the held-out curve
+    (the primary metric) has a half-width below `half_width` (in points) and at least
+    SEQUENTIAL_MIN_SEEDS seeds are spent; else 'max-seeds' when `seeds_spent` >= max_seeds;
+    else None (another round). A strategy without an interval (fewer than 2 paired seeds)
+    is not narrow."""
     rows = [r for r in summary["table"] if r["strategy"] != BASELINE]
-    widths = [r["diff_final"]["half_width"] for r in rows]
+    widths = [r["diff_auc"]["half_width"] for r in rows]
     if seeds_spent >= SEQUENTIAL_MIN_SEEDS and rows and \
             all(w is not None and 100 * w < half_width for w in widths):
         return "half-width"
@@ -606,6 +625,16 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None,
             parts.setdefault(text, []).append(METRIC_TEXT[name])
         row["verdict"] = "; ".join(text.replace("{what}", " and ".join(whats))
                                    for text, whats in parts.items())
+    predicted = []
+    if reference is not None:  # the control's prediction from uniform's own curves
+        for e in entries:
+            if e["strategy"] == BASELINE and e["heldout"]:
+                value = predicted_control_diff(
+                    [(0, reference["greedy_accuracy"]), *e["curve"],
+                     (max_steps, e["heldout"]["greedy_accuracy"])], max_steps)
+                if value is not None:
+                    predicted.append(value)
+    tests = registered(rows, predicted, len({r["seed"] for r in runs}))
     learned = None
     if reference is not None:  # the untrained model is one fixed reference: seeds vary
         learned = paired_t_interval([e["heldout"]["greedy_accuracy"]
@@ -614,8 +643,8 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None,
     return {"settings": settings, "metric": PRIMARY_METRIC, "baseline": BASELINE,
             "interval": INTERVAL_TEXT, "censoring": CENSORING_TEXT,
             "target_reward": target, "untrained": reference, "uniform_vs_untrained": learned,
-            "power": power, "sequential": sequential, "runs": entries, "curves": curves,
-            "table": table}
+            "power": power, "registered": tests, "sequential": sequential, "runs": entries,
+            "curves": curves, "table": table}
 
 
 def _pct(value, fmt=".1f"):
@@ -675,41 +704,42 @@ HEADERS = ["strategy", "seeds", "final greedy %", "AUC %", "pass@1 %",
 
 
 def power_lines(summary: dict) -> list[str]:
-    """The positive control's statement about this budget's power, for the table's text."""
+    """The positive control's statement about this budget's power, for the table's text:
+    judged on the area under the curve (the primary metric), final accuracy beside it."""
     power = summary["power"]
-    name, final = power["control"], power["final"]
-    if final["status"] == "absent":
+    name, auc = power["control"], power["auc"]
+    if auc["status"] == "absent":
         return [(f"# POWER UNKNOWN: the positive control {name} was not run (add it to "
                  "--strategies); 'no difference shown' is no evidence of no effect")]
-    if final["status"] == "no interval":
+    if auc["status"] == "no interval":
         return [(f"# power not known yet: the positive control {name} has fewer than 2 "
                  "seeds paired with uniform")]
-    diff = final["diff"]
-    if final["status"] == "detected":
-        lines = [(f"# positive control {name} detected on final accuracy ({_ci(diff)} "
-                  "points, expected < 0): this budget shows an effect of that size; 'no "
-                  "difference' verdicts beside it are stated as such")]
+    diff = auc["diff"]
+    if auc["status"] == "detected":
+        lines = [(f"# positive control {name} detected on AUC ({_ci(diff)} points, expected "
+                  "< 0): this budget shows an effect of that size; 'no difference' verdicts "
+                  "beside it are stated as such")]
     else:
-        how = ("was not detected" if final["status"] == "not detected"
+        how = ("was not detected" if auc["status"] == "not detected"
                else "went the opposite way (check the setup)")
-        text = (f"# THIS BUDGET CANNOT DECIDE: the positive control {name} (expected: slower "
-                f"than uniform) {how} on final accuracy ({_ci(diff)} points)")
+        text = (f"# THIS BUDGET CANNOT DECIDE: the positive control {name} (expected: lower "
+                f"AUC than uniform) {how} ({_ci(diff)} points)")
         sd = 100 * diff["sd"]
-        if final.get("seeds_needed"):
-            text += (f"; from its paired sd ({sd:.1f} points) about {final['seeds_needed']} "
+        if auc.get("seeds_needed"):
+            text += (f"; from its paired sd ({sd:.1f} points) about {auc['seeds_needed']} "
                      f"seeds would bring the 95% half-width down to its observed effect "
-                     f"({100 * final['effect']:.1f} points; ~{final['seeds_needed_80']} "
+                     f"({100 * auc['effect']:.1f} points; ~{auc['seeds_needed_80']} "
                      "seeds for 80% power)")
-        elif final.get("effect") is not None:
-            text += f"; its effect ({100 * final['effect']:.1f} points) needs > 1000 seeds"
-        if final.get("seeds_for_target"):
-            text += (f"; about {final['seeds_for_target']} seeds for a half-width of "
-                     f"{100 * final['target_half_width']:g} points")
+        elif auc.get("effect") is not None:
+            text += f"; its effect ({100 * auc['effect']:.1f} points) needs > 1000 seeds"
+        if auc.get("seeds_for_target"):
+            text += (f"; about {auc['seeds_for_target']} seeds for a half-width of "
+                     f"{100 * auc['target_half_width']:g} points")
         lines = [text]
-    auc = power["auc"]
-    if auc["status"] in ("detected", "not detected", "opposite"):
-        lines.append(f"# positive control on the area under the curve: {auc['status']} "
-                     f"({_ci(auc['diff'])} points)")
+    final = power["final"]
+    if final["status"] in ("detected", "not detected", "opposite"):
+        lines.append(f"# positive control on final accuracy: {final['status']} "
+                     f"({_ci(final['diff'])} points)")
     return lines
 
 
@@ -737,6 +767,7 @@ def format_table(summary: dict) -> str:
     lines.append(f"# {summary['interval']}")
     lines.append(f"# {summary['censoring']}")
     lines += power_lines(summary)
+    lines += registered_lines(summary["registered"]) if summary.get("registered") else []
     seq = summary.get("sequential")
     if seq:
         why = {"half-width": f"every half-width below {seq['half_width']:g} points",
@@ -745,7 +776,7 @@ def format_table(summary: dict) -> str:
                "no finished runs": "no further finished runs (--summary-only)",
                None: "not stopped yet"}[seq.get("stopped")]
         lines.append(f"# sequential: {len(seq['seeds'])} seeds ({why}); target half-width "
-                     f"{seq['half_width']:g} points on final accuracy, at most "
+                     f"{seq['half_width']:g} points on AUC, at most "
                      f"{seq['max_seeds']} seeds")
     lines += [f"# {line}" for line in summary.get("fidelity", [])]
     return "\n".join(lines)
@@ -847,7 +878,7 @@ def add_arguments(parser) -> None:
                              "integers")
     parser.add_argument("--until-half-width", type=float, default=None, metavar="H",
                         help="sequential: add one seed of every strategy at a time until every "
-                             "paired 95%% interval against uniform on final held-out accuracy "
+                             "paired 95%% interval against uniform on the held-out AUC "
                              f"has a half-width below H points (after >= {SEQUENTIAL_MIN_SEEDS} "
                              "seeds), or --max-seeds are spent")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="N",
@@ -1024,12 +1055,12 @@ def run(args) -> int:
         sequential["seeds"].append(seed)
         summary = summarize(done, settings, untrained, sequential)
         sequential["half_widths"] = {
-            r["strategy"]: None if r["diff_final"]["half_width"] is None
-            else 100 * r["diff_final"]["half_width"]
+            r["strategy"]: None if r["diff_auc"]["half_width"] is None
+            else 100 * r["diff_auc"]["half_width"]
             for r in summary["table"] if r["strategy"] != BASELINE}
         widths = ", ".join(f"{name} {'-' if w is None else format(w, '.1f')}"
                            for name, w in sequential["half_widths"].items())
-        print(f"# after seed {seed} ({k} seeds): half-widths on final accuracy vs uniform "
+        print(f"# after seed {seed} ({k} seeds): half-widths on AUC vs uniform "
               f"(points): {widths}; target < {sequential['half_width']:g}", flush=True)
         reason = stop_rule(summary, sequential["half_width"], sequential["max_seeds"], k)
         if reason is None and failures and len(failures) == len(group):

@@ -214,14 +214,15 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def accuracy_line(comparison: dict, what: str = "held-out accuracy") -> str:
-    """'held-out accuracy 23.4% -> 61.0% on 128 unseen problems (+37.6 points, greedy; 95% CI
-    +29.1 to +46.1 over problems, this run)'. The interval covers the sampling of problems
-    for one training run, not the spread between training seeds."""
+    """'held-out accuracy 23.4% -> 61.0% on 107 unseen problems (+37.6 points, greedy; one
+    training run: 95% CI +29.1 to +46.1 over problems)'. The interval covers the sampling of
+    problems for one training run, not the spread between training seeds (a recipe over seeds:
+    benchmarks/main_job_seeds.py)."""
     d = comparison["greedy_diff"]
     return (f"{what} {100 * comparison['greedy_before']:.1f}% -> "
             f"{100 * comparison['greedy_after']:.1f}% on {d['items']} unseen problems "
-            f"({100 * d['mean']:+.1f} points, greedy; 95% CI {100 * d['low']:+.1f} to "
-            f"{100 * d['high']:+.1f} over problems, this run)")
+            f"({100 * d['mean']:+.1f} points, greedy; one training run: 95% CI "
+            f"{100 * d['low']:+.1f} to {100 * d['high']:+.1f} over problems)")
 
 
 def problem_rows(before: dict, after: dict) -> list[dict]:

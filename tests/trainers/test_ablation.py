@@ -343,16 +343,16 @@ def test_positive_control_detected_licenses_no_difference(tmp_path):
     base, control = planted(rng, 5, -0.10, 0.01)
     null = [b + d for b, d in zip(base, (0.01, -0.01, 0.02, -0.02, 0.0))]
     summary = fake_ablation(tmp_path, {"uniform": base, "coupled": null,
-                                       "sign_flip": control})
+                                       "uniform_half_lr": control})
     rows = {r["strategy"]: r for r in summary["table"]}
-    assert summary["power"]["final"]["status"] == "detected"
-    assert rows["sign_flip"]["positive_control"]
-    assert "detected: slower than uniform" in rows["sign_flip"]["verdict"]
+    assert summary["power"]["auc"]["status"] == "detected"
+    assert rows["uniform_half_lr"]["positive_control"]
+    assert "detected: below uniform" in rows["uniform_half_lr"]["verdict"]
     assert rows["coupled"]["verdict"].startswith(
         "no difference (final accuracy and area under curve; the positive control was detected")
     text = format_table(summary)
-    assert "sign_flip: positive control (expected: slower than uniform)" in text
-    assert "positive control sign_flip detected on final accuracy" in text
+    assert "uniform_half_lr: positive control (expected: lower AUC than uniform" in text
+    assert "positive control uniform_half_lr detected on AUC" in text
     assert "CANNOT DECIDE" not in text and "cannot decide" not in text
 
 
@@ -376,18 +376,20 @@ def test_positive_control_not_detected_says_budget_cannot_decide(tmp_path):
     control = [b + d for b, d in zip(base, (-0.10, 0.06, -0.08, 0.04, -0.02))]
     null = [b + d for b, d in zip(base, (0.03, -0.03, 0.01, -0.01, 0.0))]
     summary = fake_ablation(tmp_path, {"uniform": base, "coupled": null,
-                                       "sign_flip": control})
+                                       "uniform_half_lr": control})
     rows = {r["strategy"]: r for r in summary["table"]}
-    power = summary["power"]["final"]
+    power = summary["power"]["auc"]
     assert power["status"] == "not detected"
-    diff = rows["sign_flip"]["diff_final"]
-    assert diff["mean"] == pytest.approx(-0.02) and diff["low"] < 0 < diff["high"]
-    assert power["effect"] == pytest.approx(0.02)
-    assert power["seeds_needed"] == seeds_reference(diff["sd"], 0.02)
+    # planted runs: curve point at step 2 = final accuracy, so AUC differences are 3/4 of
+    # the final ones (area of (0, 0.3), (2, a), (4, a) over 4 steps = (0.3 + 3a) / 4)
+    diff = rows["uniform_half_lr"]["diff_auc"]
+    assert diff["mean"] == pytest.approx(-0.015) and diff["low"] < 0 < diff["high"]
+    assert power["effect"] == pytest.approx(0.015)
+    assert power["seeds_needed"] == seeds_reference(diff["sd"], 0.015)
     assert power["seeds_for_target"] == seeds_reference(diff["sd"], 0.05)  # 5 points [D]
     assert power["seeds_needed_80"] > power["seeds_needed"]
-    assert seeds_needed(diff["sd"], 0.02, Z80) == power["seeds_needed_80"]
-    assert rows["sign_flip"]["verdict"].startswith(
+    assert seeds_needed(diff["sd"], 0.015, Z80) == power["seeds_needed_80"]
+    assert rows["uniform_half_lr"]["verdict"].startswith(
         "NOT detected (final accuracy and area under curve): this budget cannot decide")
     assert rows["coupled"]["verdict"].startswith("cannot decide at this budget (final accuracy")
     text = format_table(summary)
@@ -400,28 +402,28 @@ def test_positive_control_not_detected_says_budget_cannot_decide(tmp_path):
 def test_positive_control_opposite_or_absent(tmp_path):
     base = [0.5, 0.6, 0.4, 0.55]
     better = [b + d for b, d in zip(base, (0.10, 0.11, 0.09, 0.10))]
-    summary = fake_ablation(tmp_path / "a", {"uniform": base, "sign_flip": better})
-    assert summary["power"]["final"]["status"] == "opposite"
+    summary = fake_ablation(tmp_path / "a", {"uniform": base, "uniform_half_lr": better})
+    assert summary["power"]["auc"]["status"] == "opposite"
     row = summary["table"][1]
     assert "opposite to the expected direction" in row["verdict"]
     assert "THIS BUDGET CANNOT DECIDE" in format_table(summary)
     summary = fake_ablation(tmp_path / "b", {"uniform": base, "coupled": base})
-    assert summary["power"]["final"]["status"] == "absent"
+    assert summary["power"]["auc"]["status"] == "absent"
     assert "power unknown" in summary["table"][1]["verdict"]
     assert "POWER UNKNOWN" in format_table(summary)
-    summary = fake_ablation(tmp_path / "c", {"uniform": base[:1], "sign_flip": base[:1]})
-    assert summary["power"]["final"]["status"] == "no interval"
+    summary = fake_ablation(tmp_path / "c", {"uniform": base[:1], "uniform_half_lr": base[:1]})
+    assert summary["power"]["auc"]["status"] == "no interval"
     assert "1 seed: no interval yet" in summary["table"][1]["verdict"]
 
 
 # ---- the sequential stopping rule (synthetic summaries, no training) -------------------------
 
 def synthetic_summary(half_widths):
-    """A summary whose strategies' paired intervals on final accuracy have the given
-    half-widths (points; None: no interval yet)."""
+    """A summary whose strategies' paired intervals on AUC (the primary metric, which the
+    rule checks) have the given half-widths (points; None: no interval yet)."""
     from trainers.ablation import paired_t_interval
 
-    table = [{"strategy": "uniform", "diff_final": paired_t_interval([])}]
+    table = [{"strategy": "uniform", "diff_auc": paired_t_interval([])}]
     for i, width in enumerate(half_widths):
         if width is None:
             diff = paired_t_interval([0.01])
@@ -429,7 +431,8 @@ def synthetic_summary(half_widths):
             d = width / 100 / 12.7062
             diff = paired_t_interval([0.02 + d, 0.02 - d])
             assert 100 * diff["half_width"] == pytest.approx(width)
-        table.append({"strategy": f"arm{i}", "diff_final": diff})
+        table.append({"strategy": f"arm{i}", "diff_auc": diff,
+                      "diff_final": paired_t_interval([0.5, -0.5])})  # wide: not checked
     return {"table": table}
 
 
@@ -484,7 +487,7 @@ def test_sequential_driver_stops_resumes_and_extends(tmp_path, monkeypatch):
     from trainers import ablation
 
     rng = random.Random(4)
-    shift = {"uniform": 0.0, "coupled": 0.0, "sign_flip": -0.08}
+    shift = {"uniform": 0.0, "coupled": 0.0, "uniform_half_lr": -0.08}
     trained = []
 
     def fake_execute(run, keep_checkpoints=False):
@@ -503,7 +506,8 @@ def test_sequential_driver_stops_resumes_and_extends(tmp_path, monkeypatch):
         parser = argparse.ArgumentParser()
         ablation.add_arguments(parser)
         return parser.parse_args(["--budget", "cpu", "--out", str(tmp_path / "seq"),
-                                  "--strategies", "uniform,coupled,sign_flip", "--seeds", "0",
+                                  "--strategies", "uniform,coupled,uniform_half_lr", "--seeds",
+                                  "0",
                                   *extra])
 
     assert ablation.run(args("--until-half-width", "2", "--max-seeds", "8")) == 0
@@ -578,7 +582,7 @@ def test_sequential_stop_keeps_the_level_on_null_ablations(target):
                 if n < 2:
                     continue
                 interval = paired_t_interval(diffs)
-                table = [{"strategy": "uniform"}, {"strategy": "x", "diff_final": interval}]
+                table = [{"strategy": "uniform"}, {"strategy": "x", "diff_auc": interval}]
                 if stop_rule({"table": table}, target, max_seeds, n):
                     break
             rejected += interval["low"] > 0 or interval["high"] < 0

@@ -138,7 +138,7 @@ def test_job_evaluates_before_after_and_applies_reasoning_vector(tmp_path, tiny_
     assert got["low"] == pytest.approx(statistics.fmean(d) - 1.959964 * se)
     assert summary["lines"][0].startswith("held-out accuracy ")
     assert "on 4 unseen problems" in summary["lines"][0]
-    assert "95% CI" in summary["lines"][0] and "over problems, this run" in summary["lines"][0]
+    assert "95% CI" in summary["lines"][0] and "one training run: 95% CI" in summary["lines"][0]
     assert "merge" in summary["lines"][2]
     png = run / "reward_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,6 @@
-"""Held-out problems are never training problems: compared by question text against the
-whole training pool, deduplicated, refused when too few exist (attnrl.data.unseen)."""
+"""Held-out problems are never training problems: compared by question text and canonical
+form against the whole training pool, deduplicated, refused when too few exist
+(attnrl.data.unseen)."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from attnrl.data import load_prompts
+from attnrl.data.equivalence import canonical_form
 from attnrl.data.unseen import TrainingPool, draw_unseen, normalize_question
 from attnrl.errors import UserError
 
@@ -49,6 +51,9 @@ def test_shipped_job_heldout_shares_no_question_with_its_training_pool(path):
                           config["task_kwargs"] or {})
     assert len(held) == config["eval_size"] == len(set(held))
     assert not set(held) & pool
+    forms = [canonical_form(r) for r in draw.records]
+    assert len(set(forms)) == len(forms)
+    assert not set(forms) & TrainingPool.from_config(config).keys()[1]
     assert draw.summary()["problems"] == config["eval_size"]
     from_eval = task_settings(str(path), None, None, None)
     again = draw_unseen(from_eval["task"], config["eval_size"], from_eval["seed"],
@@ -69,7 +74,7 @@ def test_neighbouring_seeds_are_no_guard_text_is(eval_seed):
     held = questions(draw.records)
     assert len(set(held)) == 64 and not set(held) & seen
     assert draw.dropped_seen >= 54 and draw.candidates == 64 + draw.dropped_seen + \
-        draw.dropped_duplicate
+        draw.dropped_duplicate + draw.dropped_equivalent + draw.dropped_equivalent_duplicate
 
 
 def test_task_size_above_the_seed_offset():
