@@ -1,7 +1,7 @@
 """Credit ablation: the same GRPO job under several credit strategies x seeds, with a
 held-out learning curve per run (same task, task seed + 10000); writes summary.json,
 table.md and credit_ablation.png and prints the table of paired differences to `uniform`
-with 95% intervals over seeds. The logic lives in trainers/ablation.py (also
+with 95% intervals over seeds. The logic lives in trainers/ablation/ (also
 `attnrl ablate`).
 
     .venv/bin/python benchmarks/credit_ablation.py --budget cpu     # SmolLM2, 2 CPU cores

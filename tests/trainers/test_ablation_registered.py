@@ -1,4 +1,4 @@
-"""The ablation's registered tests (trainers/ablation_tests.py): the t p-value and Holm
+"""The ablation's registered tests (trainers/ablation/registered.py): the t p-value and Holm
 against plain references, the half-learning-rate control's prediction on known curves, the
 control arm's config, and the plan's outcome on planted ablations (primary found, secondary
 corrected, control detected or not)."""
@@ -12,7 +12,7 @@ from tests.trainers.test_ablation import fake_ablation, t_cdf
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 30, 100])
 def test_t_p_value_matches_the_integrated_density(df):
-    from trainers.ablation_tests import t_two_sided_p
+    from trainers.ablation.registered import t_two_sided_p
 
     for t in (0.0, 0.3, 1.0, 2.0, 3.5, 8.0):
         want = 2 * (1 - t_cdf(t, df)) if t else 1.0
@@ -24,7 +24,7 @@ def test_t_p_value_matches_the_integrated_density(df):
 
 
 def test_holm_matches_its_definition():
-    from trainers.ablation_tests import holm
+    from trainers.ablation.registered import holm
 
     rng = random.Random(0)
     for _ in range(300):
@@ -39,7 +39,7 @@ def test_holm_matches_its_definition():
 
 
 def test_half_rate_prediction_on_known_curves():
-    from trainers.ablation_tests import curve_area_between, predicted_control_diff
+    from trainers.ablation.registered import curve_area_between, predicted_control_diff
 
     linear = [(s, 0.4 + 0.01 * s) for s in range(0, 17, 4)]   # rises 1 point per step
     # AUC[0, 8] = 0.44, AUC[0, 16] = 0.48: half the rate predicts 4 points less
@@ -72,7 +72,7 @@ def test_registered_outcome_on_planted_ablations(tmp_path):
     """coupled +6 points on every seed: primary significant; random null: its secondary
     tests are not; the control -8: detected; the secondary p-values are Holm over the
     family (random final / AUC, coupled final)."""
-    from trainers.ablation_tests import holm, paired_test
+    from trainers.ablation.registered import holm, paired_test
 
     rng = random.Random(8)
     base = [rng.uniform(0.35, 0.7) for _ in range(8)]
@@ -121,7 +121,7 @@ def test_primary_test_keeps_its_level_under_the_null():
     """The primary test alone at alpha 0.05 over simulated 10-seed null ablations: about 5%
     rejections (binomial sd 0.49 points over 2000)."""
     from trainers.ablation import paired_t_interval
-    from trainers.ablation_tests import paired_test
+    from trainers.ablation.registered import paired_test
 
     rng = random.Random(12)
     trials = 2000

@@ -1,0 +1,142 @@
+"""Running one ablation run: its name and status, the child process that trains and
+evaluates it (`python -m trainers.ablation RUN_DIR`), and reading back what it wrote
+(metrics.jsonl rewards, eval.json, the held-out curve)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainers.ablation.constants import write_json
+from trainers.ablation.reference import evaluate_run
+
+
+def run_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-seed{seed}"
+
+
+def base_run(base_config: dict, eval_settings: dict, out_dir) -> dict:
+    """The untrained model's evaluation on the same held-out split (a reference row)."""
+    return {"strategy": "untrained", "seed": None, "dir": Path(out_dir) / "untrained",
+            "config": base_config, "eval": eval_settings, "train": False}
+
+
+def run_status(run: dict) -> str:
+    """'done' (trained and evaluated), 'evaluate' (trained) or 'train'."""
+    if (run["dir"] / "eval.json").exists():
+        return "done"
+    if (run["dir"] / "train_done.json").exists() or not run.get("train", True):
+        return "evaluate"
+    return "train"
+
+
+def execute(run: dict, keep_checkpoints: bool = False) -> int:
+    """Train (resuming from a checkpoint if any) and evaluate one run in a child process;
+    its output is appended to <run dir>/log.txt. Returns the exit status."""
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    spec = {"config": run["config"], "eval": run["eval"], "keep_checkpoints": keep_checkpoints,
+            "train": run.get("train", True)}
+    write_json(run["dir"] / "run.json", spec)
+    env = dict(os.environ, WANDB_DIR=str(run["dir"]))
+    for key, value in (("OMP_NUM_THREADS", "1"), ("WANDB_MODE", "offline"),
+                       ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
+        env.setdefault(key, value)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(run["dir"] / "log.txt", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run_status(run)}\n")
+        log.flush()
+        proc = subprocess.run([sys.executable, "-m", "trainers.ablation", str(run["dir"])],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+                              check=False)
+    return proc.returncode
+
+
+def worker(run_dir: Path) -> None:
+    """Child process: train unless train_done.json exists (the job evaluates the learning
+    curve and the final model on the held-out problems, heldout/), then copy the final
+    evaluation to eval.json. The untrained model (the spec says no training) is evaluated
+    with attnrl.evaluation on the same problems and settings."""
+    spec = json.loads((run_dir / "run.json").read_text())
+    config = spec["config"]
+    if spec.get("train", True):
+        after = run_dir / "heldout" / "after.json"
+        if not (run_dir / "train_done.json").exists() or not after.exists():
+            from trainers.cli import run_job
+
+            start = time.perf_counter()
+            run_job(config)
+            write_json(run_dir / "train_done.json",
+                        {"seconds": time.perf_counter() - start,
+                         "final": str(run_dir / "final")})
+        if not spec.get("keep_checkpoints"):
+            for ckpt in run_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        result = json.loads(after.read_text())
+        result["models"][0]["model"] = str(run_dir / "final")
+    else:
+        from attnrl.models import resolve_model
+
+        result = evaluate_run(resolve_model(config.get("model", "smollm2")), config,
+                              spec["eval"])
+    write_json(run_dir / "eval.json", result)
+    print(f"eval: greedy accuracy {result['models'][0]['greedy_accuracy']:.3f}", flush=True)
+
+
+def read_rewards(metrics_path: Path) -> tuple[list[int], list[float]]:
+    """(steps, mean rewards) of the logged training steps in a metrics.jsonl."""
+    steps, rewards = [], []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("reward") is not None:
+                steps.append(int(row["step"]))
+                rewards.append(float(row["reward"]))
+    return steps, rewards
+
+
+def read_heldout(run_dir: Path) -> dict:
+    model = json.loads((run_dir / "eval.json").read_text())["models"][0]
+    return {"greedy_accuracy": model["greedy_accuracy"], "pass_at_k": model["pass_at_k"],
+            "mean_reward": model["mean_reward"],
+            "greedy_correct": model.get("greedy_correct")}
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "heldout" / "curve.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["greedy_accuracy"])) for r in rows]
+
+
+def execute_all(items, first_index: int, total: int, args, after=None) -> list[str]:
+    """Run the unfinished `items` one after another (finished ones are skipped); `after()`
+    once after each run that succeeded. Returns the names of the failed runs."""
+    failed = []
+    for i, item in enumerate(items, start=first_index):
+        name = "untrained" if item["seed"] is None else run_name(item["strategy"], item["seed"])
+        status = run_status(item)
+        if status == "done":
+            print(f"[{i}/{total}] skip {name}: finished (eval.json exists)", flush=True)
+            continue
+        what = "evaluating" if status == "evaluate" else "training + evaluating"
+        print(f"[{i}/{total}] {time.strftime('%H:%M:%S')} {name}: {what} "
+              f"(log: {item['dir'] / 'log.txt'})", flush=True)
+        start = time.perf_counter()
+        code = execute(item, keep_checkpoints=args.keep_checkpoints)
+        if code != 0:
+            failed.append(name)
+            print(f"    {name} FAILED (exit {code}); see {item['dir'] / 'log.txt'}",
+                  flush=True)
+            continue
+        print(f"    {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        if after is not None:
+            after()
+    return failed
