@@ -1,4 +1,4 @@
-"""Outcome advantage estimators, registered by name (methods.md sections 3 and 6).
+"""Outcome advantage estimators, registered by name (docs/methods.md sections 3 and 6).
 
 An estimator maps one scalar reward per response to one advantage per response:
 
@@ -32,7 +32,7 @@ ESTIMATORS: dict[str, EstimatorFn] = {}
 """Registered estimators by name."""
 
 GRPO_EPS = 1e-6
-"""Default eps of `grpo` (methods.md section 6)."""
+"""Default eps of `grpo` (docs/methods.md section 6)."""
 TRL_GRPO_EPS = 1e-4
 """The eps TRL's GRPOTrainer (1.16) adds to the std; pass eps=TRL_GRPO_EPS to match it."""
 SCALE_STD_CHOICES = ("group", "batch", "none")

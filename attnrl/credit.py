@@ -1,4 +1,4 @@
-"""Per-token credit strategies, registered by name (methods.md section 1.5).
+"""Per-token credit strategies, registered by name (docs/methods.md section 1.5).
 
 A strategy turns a response's tokens into weights gamma_t; the trainer's per-token advantage
 is A_{i,t} = gamma_t * A_i:
@@ -32,7 +32,7 @@ less learning signal at the same noise, known in advance to learn more slowly th
 `uniform`. (A constant scale of the advantages would not do: Adam's update is invariant to
 it, and gradient clipping keeps its direction.)
 
-QK strategies (methods.md section 2; formulas in attnrl.signals.qk_select): `qk_tokens`
+QK strategies (docs/methods.md section 2; formulas in attnrl.signals.qk_select): `qk_tokens`
 reads extras['qk_token_scores'] (B, N); `qk_premise` reads extras['qk_premise_scores']
 (B, N); `qk_consistency` reads extras['qk_validity'] (B,)
 and extras['advantages'] (B,), and is a per-response factor, so it composes with any
@@ -70,7 +70,8 @@ only when a strategy requires one of them)."""
 
 @dataclass
 class CreditConfig:
-    """How per-token credit is assigned (methods.md 1.5). [P] paper value, [D] chosen here.
+    """How per-token credit is assigned (docs/methods.md section 1.5). [P] paper value,
+    [D] chosen here.
 
     The top-q fraction has one source of truth, `signals.q`: the signal code marks preplan
     and anchor tokens with it, and the control strategies (random, entropy, bottom_q) mark
@@ -427,10 +428,11 @@ def qk_tokens(inputs: CreditInputs) -> torch.Tensor:
 
 @register_credit("qk_premise", requires=("qk_premise_scores",))
 def qk_premise(inputs: CreditInputs) -> torch.Tensor:
-    """methods.md 2(a): 1 + (gamma_amp - 1) on the ceil(q * n) response tokens whose queries
-    align most with the prompt's (premise) keys on the selected heads (mean over prompt keys
-    of q_t . k_s, mean over the heads; attnrl.signals.qk_select.premise_token_scores);
-    tokens with a NaN score are not eligible, so no selection yet = no bonus."""
+    """docs/methods.md section 2(a): 1 + (gamma_amp - 1) on the ceil(q * n) response tokens
+    whose queries align most with the prompt's (premise) keys on the selected heads (mean
+    over prompt keys of q_t . k_s, mean over the heads;
+    attnrl.signals.qk_select.premise_token_scores); tokens with a NaN score are not
+    eligible, so no selection yet = no bonus."""
     scores = inputs.extras["qk_premise_scores"].to(inputs.response_mask.device)
     eligible = inputs.response_mask & ~torch.isnan(scores)
     return bonus(inputs.config, top_q_mask(scores.nan_to_num(0.0), eligible, inputs.config.q))

@@ -1,6 +1,6 @@
 """pass@k of one or more checkpoints on a task (`attnrl eval`).
 
-pass@k is the unbiased estimator of Chen et al. (2021) used in methods.md section 3: with
+pass@k is the unbiased estimator of Chen et al. (2021) used in docs/methods.md section 3: with
 n samples of a problem of which c are correct,
     pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i),
 averaged over problems; the product form never forms a binomial coefficient. A sample

@@ -1,4 +1,4 @@
-"""DAPO overlong shaping as a reward (methods.md section 6).
+"""DAPO overlong shaping as a reward (docs/methods.md section 6).
 
 With L_max the length cap and L_c the buffer, for a completion of |y| tokens:
     R = 0                              if |y| <= L_max - L_c

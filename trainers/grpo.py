@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 class AttnGRPOConfig(GRPOConfig):
     """TRL's GRPOConfig plus attention credit, estimator and rollout-engine settings."""
 
-    # ---- credit (methods.md 1.5)
+    # ---- credit (docs/methods.md section 1.5)
     credit: str = field(default="uniform", metadata={"help": (
         "Credit strategy: uniform | local_chunk | global_anchor | coupled | random | entropy "
         "| bottom_q | qk_tokens | qk_consistency | qk_premise | sign_flip (join with '+' to "
@@ -69,7 +69,7 @@ class AttnGRPOConfig(GRPOConfig):
     credit_flip_fraction: float = field(default=0.25, metadata={"help": (
         "`sign_flip` (positive control): fraction of responses whose advantage sign is "
         "flipped; expected advantage (1 - 2 f) A [D].")})
-    # ---- signals (methods.md 1.1-1.4)
+    # ---- signals (docs/methods.md sections 1.1-1.4)
     signal_layers: list[int] | None = field(default=None, metadata={
         "help": "Sampled layers; None = five evenly spaced in the middle third."})
     signal_head_quantile: float = field(default=0.3, metadata={
@@ -92,7 +92,7 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "Calibrate the local/global head split on the first training batch (the "
                 "union over processes) and keep it; saved in checkpoints "
                 "(trainers/head_split.py)."})
-    # ---- QK-score credit (methods.md 2; trainers/qk_heads.py)
+    # ---- QK-score credit (docs/methods.md section 2; trainers/qk_heads.py)
     qk_top_k: int = field(default=4, metadata={"help": "QK: heads kept by AUC."})
     qk_reselect_every: int = field(default=10, metadata={
         "help": "QK: re-select the heads every N optimizer steps."})
@@ -107,7 +107,8 @@ class AttnGRPOConfig(GRPOConfig):
     advantage_estimator: str = field(default="grpo", metadata={
         "help": "grpo | dr_grpo | rloo | psr | nsr | w_reinforce (attnrl.advantages)."})
     advantage_eps: float = field(default=1e-4, metadata={
-        "help": "grpo: std epsilon (1e-4 as TRL's GRPOTrainer; methods.md writes 1e-6)."})
+        "help": "grpo: std epsilon (1e-4 as TRL's GRPOTrainer; docs/methods.md section 6 "
+                "writes 1e-6)."})
     w_reinforce_lambda: float = field(default=0.1, metadata={
         "help": "w_reinforce: weight of positive samples."})
     correctness_threshold: float | None = field(default=None, metadata={

@@ -1,4 +1,4 @@
-"""Negative / positive sample reinforcement and W-REINFORCE (methods.md sections 3 and 6).
+"""Negative / positive sample reinforcement and W-REINFORCE (docs/methods.md sections 3 and 6).
 
 Outcome advantage of response i from a binary reward r_i (1 correct, 0 incorrect), with no
 baseline and no std scaling:
@@ -38,7 +38,7 @@ NSR_ESTIMATORS = ("nsr", "psr", "w_reinforce")
 
 @dataclass
 class NSRConfig(AttnGRPOConfig):
-    """AttnGRPOConfig with the defaults of the NSR paper (methods.md section 3).
+    """AttnGRPOConfig with the defaults of the NSR paper (docs/methods.md section 3).
 
     loss_type 'bnpo' is TRL's token mean over the local micro-batch
     (sum of per-token losses / number of response tokens in the micro-batch), the paper's

@@ -1,4 +1,4 @@
-"""QK-score credit inside the trainer's loss forward (methods.md section 2).
+"""QK-score credit inside the trainer's loss forward (docs/methods.md section 2).
 
 `QKCredit` holds the head-selection state of a run and turns one loss forward into the
 credit inputs of `qk_tokens` / `qk_premise` / `qk_consistency` (formulas: attnrl.signals.qk_select):

@@ -249,14 +249,14 @@ JOB_KEYS = [
         "package versions and the command; ignored when read", resume="free"),
     # held-out evaluation and the reasoning vector [D] (rules between keys: heldout_keys.py)
     Key("eval_size", "int", 0, "held-out problems evaluated before / after training (0 = no "
-        "held-out evaluation; configs/default.yaml sets 128)", ge=0),
+        "held-out evaluation; configs/default.yaml sets 107)", ge=0),
     Key("eval_task", "str|null", None, "task of the held-out problems (null: the training task; "
         "gsm8k / gsm8k:train -> gsm8k:test; another JSONL task needs one); its problems are "
-        "never in the training pool (compared by question text; too few unseen ones: refused "
-        "before the model loads)"),
+        "never in the training pool nor equivalent to a problem there (compared by question "
+        "text and canonical form; too few unseen ones: refused before the model loads)"),
     Key("eval_seed", "int|null", None, "task seed of the held-out problems (null: task_seed + "
-        "10000); whatever the seed, held-out problems whose question is in the training pool "
-        "are dropped (attnrl/data/unseen.py)"),
+        "10000); whatever the seed, held-out problems whose question or canonical form is in "
+        "the training pool are dropped (attnrl/data/unseen.py, attnrl/data/equivalence.py)"),
     Key("eval_samples", "int", 4, "samples per held-out problem at eval_temperature (pass@k)",
         ge=1),
     Key("eval_temperature", "float", 0.6, "temperature of those samples (top-p 0.95)", gt=0),
@@ -274,7 +274,7 @@ JOB_KEYS = [
 ]
 
 ATTNRL_KEYS = [
-    # ---- credit (methods.md 1.5)
+    # ---- credit (docs/methods.md section 1.5)
     Key("credit", "str", "uniform", "credit strategy; compose with '+'", check=credit_problem,
         allowed="a registered credit strategy (" + ", ".join(CREDIT_STRATEGIES) + "), or "
         "several joined with '+'"),
@@ -284,7 +284,7 @@ ATTNRL_KEYS = [
     Key("credit_seed", "int", 0, "seed of the `random` strategy", ge=0),
     Key("credit_flip_fraction", "float", 0.25, "`sign_flip` (the ablation's positive "
         "control): fraction of responses whose advantage sign is flipped", ge=0, le=1),
-    # ---- signals (methods.md 1.1-1.4)
+    # ---- signals (docs/methods.md sections 1.1-1.4)
     Key("signal_layers", "int_list|null", None, "sampled layers; null = five evenly spaced in "
         "the middle third"),
     Key("signal_head_quantile", "float", 0.3, "fraction of heads (by span) taken as local / "
@@ -303,7 +303,7 @@ ATTNRL_KEYS = [
     Key("tau_delta", "float|null", None, "coupled: Delta threshold; null = per-response median"),
     Key("freeze_head_split", "bool", False, "calibrate the local/global head split on the first "
         "batch and keep it"),
-    # ---- QK-score credit (methods.md 2)
+    # ---- QK-score credit (docs/methods.md section 2)
     Key("qk_top_k", "int", 4, "QK: heads kept by AUC", ge=1),
     Key("qk_reselect_every", "int", 10, "QK: re-select the heads every N optimizer steps", ge=1),
     Key("qk_ema", "float", 0.9, "QK: EMA decay of the per-head AUC", ge=0, lt=1),

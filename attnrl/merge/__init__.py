@@ -1,4 +1,5 @@
-"""Reasoning vectors: streaming task arithmetic over safetensors checkpoints (methods.md s. 4).
+"""Reasoning vectors: streaming task arithmetic over safetensors checkpoints
+(docs/methods.md section 4).
 
     theta_out = theta_target + alpha * (theta_rl - theta_sft)
 

@@ -1,4 +1,4 @@
-"""Attention signals read from the policy's own forward (methods.md sections 1, 2, 5).
+"""Attention signals read from the policy's own forward (docs/methods.md sections 1, 2, 5).
 
 - `compute_token_signals(model, input_ids, attention_mask, response_mask, config)`: one call.
 - `SignalCapture(model, config, response_mask=...)`: capture inside a forward the caller

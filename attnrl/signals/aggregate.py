@@ -1,4 +1,4 @@
-"""From per-head statistics to per-token signals and token sets (methods.md 1.1-1.5).
+"""From per-head statistics to per-token signals and token sets (docs/methods.md sections 1.1-1.5).
 
 - `token_signals_from_head_stats(stats, response_mask, config)`: head split, head means,
   FAI normalisation, Delta and the token sets; used by the capture

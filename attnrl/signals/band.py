@@ -1,4 +1,5 @@
-"""Per-head WAAD and FAI sums of one layer from the band of recent keys (methods.md 1.1-1.2).
+"""Per-head WAAD and FAI sums of one layer from the band of recent keys
+(docs/methods.md sections 1.2-1.3).
 
 Given each row's log-sum-exp (from `attnrl.signals.kernels`), every needed attention entry
 is A_ts = exp(scaling q_t.k_s + mask_ts - lse_t), so the capture records per head

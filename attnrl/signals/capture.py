@@ -1,4 +1,5 @@
-"""Signal capture inside the policy's own forward (methods.md 1.7, design.md step 4).
+"""Signal capture inside the policy's own forward (docs/methods.md section 1.7,
+docs/design.md step 4).
 
 An attention function registered with transformers' `AttentionInterface` as
 "attnrl_capture" (with the sdpa mask function registered under the same name in

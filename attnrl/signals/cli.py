@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="generation length cap")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="generation temperature; 0 = greedy")
-    signals = parser.add_argument_group("signals (methods.md section 1)")
+    signals = parser.add_argument_group("signals (docs/methods.md section 1)")
     signals.add_argument("--layers", help="comma-separated layer indices (default: five in the "
                                           "middle third)")
     signals.add_argument("--h-lo", type=int, default=10, help="FAI: nearest future query")

@@ -1,4 +1,4 @@
-"""QK-scores: raw query-key dot products inside chosen heads (methods.md section 2).
+"""QK-scores: raw query-key dot products inside chosen heads (docs/methods.md section 2).
 
 S^(l,h)_{a,s} = q_a . k_s, with q and k taken after the rotary embedding, exactly as the
 model's attention receives them (no 1/sqrt(d) scaling, no mask, no causality: a raw dot

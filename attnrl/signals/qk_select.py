@@ -1,5 +1,5 @@
 """QK-score credit from rollouts: the answer query, per-response scores, head selection
-with an EMA of the per-head AUC, and the two credit inputs (methods.md section 2, uses b, c).
+with an EMA of the per-head AUC, and the two credit inputs (docs/methods.md sections 2(b), 2(c)).
 
 Definitions (pure torch; B responses, N positions, H candidate heads):
 
@@ -20,7 +20,7 @@ Definitions (pure torch; B responses, N positions, H candidate heads):
   is no selection and both strategies are neutral (gamma 1).
 - Token scores (`qk_tokens`): u_{i,t} = mean over selected heads of S^h_{i,t} for response
   tokens t <= a_i; NaN elsewhere (not eligible for the top-q set).
-- Premise scores (`qk_premise`, methods.md 2(a)): p_{i,t} = mean over selected heads of
+- Premise scores (`qk_premise`, docs/methods.md section 2(a)): p_{i,t} = mean over selected heads of
   mean over prompt keys s of S^h_{i,t,s} = q_t . k_s (query: response token t itself), for
   every response token t; NaN elsewhere.
 - Validity (`qk_consistency`): z_{i,h} = (r_{i,h} - mean_j r_{j,h}) / (std_j r_{j,h} + 1e-6),

@@ -1,4 +1,4 @@
-"""Receiver heads (methods.md section 5): heads whose attention concentrates, from all
+"""Receiver heads (docs/methods.md section 5): heads whose attention concentrates, from all
 later sentences, onto a few "broadcasting" sentences of the response.
 
 Per response and head: split the response into sentences (token spans); sentence matrix

@@ -1,5 +1,5 @@
-"""Reference signals: the definitions of methods.md 1.1-1.4 read literally off the full
-(N, N) attention maps of an eager forward with output_attentions=True.
+"""Reference signals: the definitions of docs/methods.md sections 1.1-1.4 read literally off
+the full (N, N) attention maps of an eager forward with output_attentions=True.
 
 Slow and memory-hungry (O(L H N^2)) on purpose: plain code, loops where they make the
 definition obvious. It is the oracle the fast capture is tested against. The choices where

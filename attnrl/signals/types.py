@@ -14,7 +14,7 @@ import torch
 
 @dataclass
 class SignalConfig:
-    """What to compute (methods.md section 1). [P] paper value, [D] chosen here."""
+    """What to compute (docs/methods.md section 1). [P] paper value, [D] chosen here."""
 
     layers: list[int] | None = None
     """Sampled layer indices. None: five evenly spaced layers in floor(L/3)..floor(2L/3) [P]."""
