@@ -6,7 +6,8 @@ scores them with the task's reward (sampled responses are kept in samples.jsonl,
 again with --responses), runs batched capture forwards (attnrl.analysis.forward)
 and writes report.json (every number), report.html (figures, tables, example responses)
 and prints a short summary with verdicts. Statistics: attnrl.analysis.coupling (peak
-coupling), attnrl.analysis.auc (QK heads and baselines), attnrl.analysis.stats (shared).
+coupling), attnrl.analysis.auc (QK heads and baselines), attnrl.analysis.receivers
+(receiver heads against their positional profile), attnrl.analysis.stats (shared).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from attnrl.cli_checks import DEFAULT_MODEL
 from attnrl.errors import UserError
 
 POSITION_BINS = 4  # attnrl.analysis.coupling.POSITION_BINS (that module imports torch)
+PAIR_POOL = 8      # attnrl.analysis.coupling.PAIR_POOL
 
 
 def add_arguments(parser) -> None:
@@ -43,9 +45,13 @@ def add_arguments(parser) -> None:
     stat.add_argument("--peak-fraction", type=float, default=0.1,
                       help="p: top fraction of a response's tokens that are peaks (0.1 = 10%%)")
     stat.add_argument("--k", type=int, default=3, help="FAI peak within k tokens after a peak")
+    stat.add_argument("--pair-pool", type=int, default=PAIR_POOL,
+                      help="coupling verdict (cross-response null): FAI peaks paired with the "
+                           "source peaks of other responses, within pools of this many "
+                           "responses of similar length")
     stat.add_argument("--position-bins", type=int, default=POSITION_BINS,
-                      help="structured coupling null: target peaks rotated within this many "
-                           "bins of relative position per response (1: whole response)")
+                      help="secondary coupling null (no verdict): target peaks rotated within "
+                           "this many bins of relative position per response")
     stat.add_argument("--permutations", type=int, default=10000, help="permutation-null draws")
     stat.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     stat.add_argument("--qk-top-k", type=int, default=4, help="QK heads selected (held-out)")
@@ -60,7 +66,7 @@ def add_arguments(parser) -> None:
     sig.add_argument("--q", type=float, default=0.4, help="top fraction of the token sets")
     sig.add_argument("--head-quantile", type=float, default=0.3, help="local / global fraction")
     stat.add_argument("--receiver-responses", type=int, default=64,
-                      help="receiver heads: at most this many responses with >= 14 sentences "
+                      help="receiver heads: at most this many responses with >= 14 distinct sentences "
                            "(10 vertical scores; each costs one extra blockwise pass per layer)")
     parser.add_argument("--batch-tokens", type=int, default=4096,
                         help="padded tokens per analysis forward")
@@ -85,6 +91,9 @@ def _check(args) -> None:
                  "qk_top_k", "batch_tokens", "receiver_responses", "position_bins"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pair_pool < 2:
+        raise UserError(f"--pair-pool must be >= 2 (responses paired with each other), got "
+                        f"{args.pair_pool}")
     if not 0 < args.peak_fraction <= 1:
         raise UserError(f"--peak-fraction must be in (0, 1], got {args.peak_fraction}")
     if args.k < 0:
@@ -207,7 +216,8 @@ def analyse(args) -> dict:
     report["heads"] = heads
     report["coupling"], signals, mask = report_data.coupling_section(
         results, groups, sampled, split, config, args.peak_fraction, args.k, args.permutations,
-        args.bootstrap, args.seed, n_layers, config.head_quantile, args.position_bins)
+        args.bootstrap, args.seed, n_layers, config.head_quantile, args.position_bins,
+        args.pair_pool)
     report["outcome"] = report_data.outcome_section(signals, mask, labels, groups, args.seed)
     both = labels.any() and not labels.all()
     if both:
@@ -215,7 +225,7 @@ def analyse(args) -> dict:
                                     min(args.permutations, 2000), args.bootstrap, args.seed)
         report["qk_premise"] = report_data.premise_section(
             results, signals, mask, labels, groups, qk, n_heads, config.q, args.k, args.seed,
-            min(args.permutations, 2000), args.bootstrap, args.position_bins)
+            min(args.permutations, 2000), args.bootstrap, args.position_bins, args.pair_pool)
         qk.pop("_order")
         report["qk"] = qk
     else:
@@ -223,8 +233,8 @@ def analyse(args) -> dict:
                                    "AUC needs both correct and incorrect responses"}
     selected = report["qk"].get("held_out", {}).get("selected", [])
     report["receivers"] = report_data.receiver_section(
-        [r.receiver for r in results], [r.extra.get("vertical_scores", 0) for r in results],
-        heads["global_heads"], selected)
+        results, groups, heads["global_heads"], selected,
+        repeats=[s.repeated_sentences for s in samples], draws=args.bootstrap, seed=args.seed)
     report["examples"] = example_records(tokenizer, samples, results, signals, mask)
     report["seconds"] = {"sample": round(t_sample - t0, 1),
                          "forward": round(t_forward - t_sample, 1),

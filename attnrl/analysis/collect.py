@@ -19,15 +19,19 @@ from attnrl.evaluation import CORRECT_THRESHOLD
 from attnrl.signals.receiver import min_sentences
 
 MIN_SENTENCES = min_sentences()   # receiver heads: proximity_ignore (4) + 10 vertical scores
+#                                   (distinct sentences: repeats are dropped first)
 
 
 def sentence_spans_of(tokenizer, response_ids: list[int]):
-    """Sentence spans of a response (receiver heads), or None with < MIN_SENTENCES (too
-    few vertical scores for a kurtosis that means anything)."""
+    """Sentence spans of a response (receiver heads) without repeated sentences (the first
+    occurrence of each text is kept), or None with < MIN_SENTENCES left (too few vertical
+    scores for a kurtosis that means anything). Returns (spans or None, repeats dropped)."""
+    from attnrl.analysis.receivers import unique_spans
     from attnrl.signals.receiver import sentence_spans
 
-    spans = sentence_spans([tokenizer.decode([t]) for t in response_ids])
-    return spans if len(spans) >= MIN_SENTENCES else None
+    texts = [tokenizer.decode([t]) for t in response_ids]
+    spans, dropped = unique_spans(texts, sentence_spans(texts))
+    return (spans if len(spans) >= MIN_SENTENCES else None), dropped
 
 
 def sample_task(model: str, task: str, num_problems: int, samples: int, temperature: float,
@@ -71,10 +75,10 @@ def sample_task(model: str, task: str, num_problems: int, samples: int, temperat
         for completion, reward in zip(group, rewards):
             if not completion.token_ids:
                 continue
+            spans, repeats = sentence_spans_of(tokenizer, completion.token_ids)
             out.append(Sample(list(completion.prompt_ids), list(completion.token_ids), group=p,
                               correct=reward >= CORRECT_THRESHOLD, reward=float(reward),
-                              spans=sentence_spans_of(tokenizer, completion.token_ids),
-                              text=completion.text))
+                              spans=spans, text=completion.text, repeated_sentences=repeats))
     info = {"generate_seconds": seconds, "reward": "gym" if "entry" in records[0].metadata
             else "math"}
     return out, records, info
@@ -114,9 +118,10 @@ def read_responses(path, model: str, limit: int | None = None) -> tuple[list[Sam
         response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         if not response_ids or not prompt_ids:
             raise UserError(f"{path}:{lineno}: empty prompt or response")
+        spans, repeats = sentence_spans_of(tokenizer, response_ids)
         rows.append(Sample(prompt_ids, response_ids, group=group, correct=correct,
-                           reward=reward, spans=sentence_spans_of(tokenizer, response_ids),
-                           text=row["response"]))
+                           reward=reward, spans=spans, text=row["response"],
+                           repeated_sentences=repeats))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

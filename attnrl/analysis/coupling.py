@@ -1,33 +1,41 @@
-"""Peak coupling of `attnrl analyze` (methods.md 1.4) against two nulls.
+"""Peak coupling of `attnrl analyze` (methods.md 1.4) against a cross-response null (the
+verdict) and two secondary nulls.
 
 For target peaks (e.g. FAI top p) and source peaks (WAAD or Delta top p), a target peak at
 s is *coupled* when a source peak u of the same response lies at or within k tokens before
 it (s - k <= u <= s). The statistic is the pooled fraction of coupled target peaks.
 
-Both nulls keep the source peaks and move the target peaks of each response within its
-eligible positions E (|E| = n; C = the eligible positions near a source peak; m target
-peaks):
-- uniform: the m target peaks at uniformly random positions of E. The coupled count is
-  hypergeometric (n, |C|, m) and drawn from that distribution directly. It ignores that
-  peaks come in runs and that source and target may share a trend over the position.
-- structured (circular shift within position bins): E, in order, is cut into `bins` runs
-  of equal relative length (quarters by default); within each bin the target pattern is
-  rotated by a uniform random offset (one per response, bin and draw). This keeps the
-  number of target peaks in every bin (the position trend, to bin resolution) and the runs
-  of adjacent peaks (cut only where a run wraps round its bin's end). One rotation of the
-  whole response (bins = 1) keeps the runs but has exactly the uniform null's mean, so it
-  cannot correct a trend shared by source and target; the bins do.
+Nulls (positions are response positions, 0 = first response token):
+- cross (the verdict): the target peaks of each response paired with the source peaks of
+  another response of similar length. Responses are sorted by their number of eligible
+  positions and cut into pools of about PAIR_POOL; a draw permutes the sources uniformly
+  within every pool. Both signals keep everything about themselves (runs of peaks, their
+  position trend at any resolution, the eligibility pattern); only the pairing of one
+  response's source with the same response's target is broken. Under "no coupling" the
+  responses of a pool are exchangeable, so the test is exact: a draw may pair a response
+  with itself (chance 1 / pool size), which keeps the draws a permutation group.
+- uniform (secondary): the m target peaks of a response at uniformly random positions of
+  its eligible set E (|E| = n; C = eligible positions near a source peak): hypergeometric
+  (n, |C|, m). It ignores runs and shared position trends.
+- structured (secondary): E, in order, cut into `bins` runs of equal relative length;
+  within each the target pattern is rotated by a uniform random offset (one per response,
+  bin and draw). Keeps runs and the position trend to bin resolution only: with trends
+  finer than a bin it is anti-conservative (simulated without coupling, 4 bins, density
+  falling to exp(-3) / exp(-6) / exp(-10) over the response: 14-16% / 46% / 99% rejections
+  at 5%, the cross null 4-5%; tests/attnrl/analysis/test_coupling.py), so no verdict.
 
-Per null: chance = its exact mean fraction (expected coupled count / target peaks; per bin
-m_b |C_b| / n_b for the shifts); chance_range = 95% of its draws; p = (1 + #{null >=
-observed}) / (1 + draws) (one-sided: coupling above chance); ratio = observed / chance;
-excess = (observed - chance) / (1 - chance): 0 at chance, 1 when every target peak is
-coupled, negative below chance. Unlike the ratio (at most 1 / chance, e.g. 1.26 at chance
-0.79) the excess can reach 1 when chance is high. Intervals: bootstrap over groups, each
-resample against its own expected count.
+Per null: chance = its mean fraction (cross: the mean coupled count of each response's
+targets paired with the *other* responses of its pool; uniform: m |C| / n; structured:
+m_b |C_b| / n_b per bin); chance_range = 95% of its draws; p = (1 + #{null >= observed}) /
+(1 + draws) (one-sided: coupling above chance); ratio = observed / chance; excess =
+(observed - chance) / (1 - chance): 0 at chance, 1 when every target peak is coupled (unlike
+the ratio, at most 1 / chance, it can reach 1 when chance is high). Intervals: bootstrap
+over groups, each resample against its own expected count. The top-level verdict fields
+(chance, ratio, excess, p and intervals) are the cross null's.
 
-Verdict fields (top level) come from the stricter null: p_value = the larger p; chance =
-the larger chance, with ratio, excess and their intervals against it.
+Several statistics at once (e.g. one per layer): `max_over_family` turns the draws of the
+same cross pairings (pass `partners`) into family-wise p-values of the maximum
+standardized coupling (single-step max-T).
 """
 
 from __future__ import annotations
@@ -47,8 +55,12 @@ from attnrl.analysis.stats import (
 from attnrl.errors import UserError
 from attnrl.signals.types import top_q_mask
 
-POSITION_BINS = 4        # structured null: bins of relative position within a response
-NULLS = ("uniform", "structured")
+POSITION_BINS = 4    # [D] structured (secondary) null: bins of relative position
+PAIR_POOL = 8        # [D] cross null: responses per pool of similar length (in the 512
+#                      committed GSM8K responses a pool spans 3 tokens of length at the
+#                      median, 8 at most; a response draws itself 1 time in 8)
+NULLS = ("cross", "uniform", "structured")
+VERDICT_NULL = "cross"
 
 
 def peak_mask(values: torch.Tensor, eligible: torch.Tensor, p: float) -> torch.Tensor:
@@ -116,6 +128,88 @@ def _shift_null(counts, length, draws: int, rng, chunk: int = 512) -> np.ndarray
     return out
 
 
+def length_pools(lengths, pool: int = PAIR_POOL) -> np.ndarray:
+    """(R,) pool id of each response for the cross null: responses sorted by `lengths` (R,)
+    (ties: row order) and cut into max(1, R // pool) runs of equal size (pool to
+    2 * pool - 1 responses each)."""
+    if pool < 2:
+        raise UserError(f"the cross-response pool must hold >= 2 responses, got {pool}")
+    lengths = np.asarray(lengths)
+    count = max(1, lengths.size // pool)
+    ids = np.empty(lengths.size, dtype=np.int64)
+    ids[np.argsort(lengths, kind="stable")] = np.arange(lengths.size) * count // lengths.size
+    return ids
+
+
+def cross_partners(pools: np.ndarray, draws: int, rng) -> np.ndarray:
+    """(draws, R) int: partner[d, r] = the response whose source peaks are paired with the
+    target peaks of r in draw d; a uniform random permutation within each pool of `pools`
+    (R,) per draw (a response may draw itself)."""
+    pools = np.asarray(pools)
+    order = np.argsort(pools, kind="stable")
+    within = np.argsort(pools[order][None, :] + rng.random((draws, pools.size)), axis=1)
+    partners = np.empty((draws, pools.size), dtype=np.int64)
+    partners[:, order] = order[within]
+    return partners
+
+
+def pool_slots(pools: np.ndarray) -> np.ndarray:
+    """(R,) rank of each response within its pool (row order)."""
+    pools = np.asarray(pools)
+    order = np.argsort(pools, kind="stable")
+    sizes = np.bincount(pools)
+    slots = np.empty(pools.size, dtype=np.int64)
+    slots[order] = np.arange(pools.size) - (np.cumsum(sizes) - sizes)[pools[order]]
+    return slots
+
+
+def cross_counts(target: np.ndarray, near: np.ndarray, pools: np.ndarray) -> dict:
+    """Coupled counts of every within-pool pairing. target (R, N) bool, near (R, N) bool
+    (near a source peak, not masked by eligibility), pools (R,). Returns 'pair' (R, S):
+    pair[r, pool_slots[j]] = coupled count of r's targets with j's sources (j in r's pool;
+    S = largest pool), 'observed' (R,) (j = r) and 'chance' (R,): the mean over the other
+    responses of its pool (its own count when alone)."""
+    t, c = target.astype(np.float64), near.astype(np.float64)
+    slots = pool_slots(pools)
+    pair = np.zeros((t.shape[0], int(np.bincount(pools).max())))
+    for p in np.unique(pools):
+        members = np.flatnonzero(pools == p)
+        pair[np.ix_(members, slots[members])] = t[members] @ c[members].T
+    rows = np.arange(t.shape[0])
+    own = pair[rows, slots]
+    size = np.bincount(pools)[pools]
+    chance = np.where(size > 1, (pair.sum(1) - own) / np.maximum(size - 1, 1), own)
+    return {"pair": pair, "observed": own, "chance": chance, "slots": slots}
+
+
+def cross_null(pair: np.ndarray, slots: np.ndarray, partners: np.ndarray,
+               chunk: int = 512) -> np.ndarray:
+    """(draws,) total coupled count of each draw: sum_r pair[r, slots[partners[d, r]]]."""
+    rows = np.arange(pair.shape[0])
+    out = np.empty(partners.shape[0])
+    for start in range(0, partners.shape[0], chunk):
+        out[start:start + chunk] = pair[rows, slots[partners[start:start + chunk]]].sum(1)
+    return out
+
+
+def max_over_family(observed, null) -> np.ndarray:
+    """Family-wise one-sided p of each of F statistics: observed (F,) against null
+    (F, draws) drawn jointly (the same permutations for every member). Each statistic is
+    standardized by its own null mean and standard deviation; p_f = (1 + #{draws whose
+    largest standardized null >= z_f}) / (1 + draws) (single-step max-T). Members with a
+    constant null get p = 1 and stay out of the maximum."""
+    observed, null = np.asarray(observed, dtype=float), np.asarray(null, dtype=float)
+    mean, sd = null.mean(1), null.std(1)
+    live = sd > 0
+    if not live.any():
+        return np.ones(observed.size)
+    z = (observed[live] - mean[live]) / sd[live]
+    top = ((null[live] - mean[live, None]) / sd[live, None]).max(0)          # (draws,)
+    p = np.ones(observed.size)
+    p[live] = (1 + (top[None, :] >= z[:, None] - 1e-12).sum(1)) / (1 + null.shape[1])
+    return p
+
+
 def _summary(description, null_hits, expected, boot, hits_g, m_g, observed, total,
              permutations) -> dict:
     """One null's chance, range, ratio, excess (with bootstrap intervals) and p."""
@@ -137,10 +231,14 @@ def _summary(description, null_hits, expected, boot, hits_g, m_g, observed, tota
 
 def coupling(target: torch.Tensor, source: torch.Tensor, eligible: torch.Tensor, k: int = 3,
              permutations: int = 10000, bootstrap: int = 2000, seed: int = 0,
-             groups=None, bins: int = POSITION_BINS) -> dict:
+             groups=None, bins: int = POSITION_BINS, pool: int = PAIR_POOL,
+             partners: np.ndarray | None = None, keep_null: bool = False) -> dict:
     """How often target peaks sit at or within k tokens after a source peak, against the
-    uniform and the structured null (module docstring). target, source, eligible: (R, N)
-    bool, target within eligible. Returns observed, both nulls, and the verdict fields."""
+    cross null (verdict) and the uniform and structured nulls (module docstring). target,
+    source, eligible: (R, N) bool, target within eligible. `partners` (permutations, R'):
+    cross pairings to reuse (R' = responses with target peaks; default: drawn from the
+    seed); `keep_null`: also return them ('_partners') and the cross draws as fractions
+    ('_null'), for `max_over_family`. Returns observed, every null and the verdict."""
     target, source, eligible = target.bool(), source.bool(), eligible.bool()
     if target.shape != source.shape or target.shape != eligible.shape or target.dim() != 2:
         raise UserError("target, source and eligible must be (responses, positions) of one shape")
@@ -148,22 +246,35 @@ def coupling(target: torch.Tensor, source: torch.Tensor, eligible: torch.Tensor,
         raise UserError("target peaks must lie on eligible positions")
     if bins < 1:
         raise UserError(f"position bins must be >= 1, got {bins}")
-    near = (near_after(source, k) & eligible).numpy()
+    raw_near = near_after(source, k).numpy()
     t, e = target.numpy(), eligible.numpy()
     m = t.sum(-1)
     rows = m > 0
     total = int(m.sum())
     if total == 0:
         raise UserError("no target peaks: the responses are empty or too short for FAI")
-    t, near, e, m = t[rows], near[rows], e[rows], m[rows]
+    if rows.sum() < 2:
+        raise UserError("the cross-response null needs >= 2 responses with target peaks; "
+                        "give more responses")
+    t, e, m, raw_near = t[rows], e[rows], m[rows], raw_near[rows]
+    near = raw_near & e
     hits = (t & near).sum(-1)
     n, c = e.sum(-1), near.sum(-1)
     observed = hits.sum() / total
     rng = np.random.default_rng(seed)
-    null = {"uniform": rng.hypergeometric(c, n - c, m, size=(permutations, m.size)).sum(-1)}
+    pools = length_pools(n, pool)
+    if partners is None:
+        partners = cross_partners(pools, permutations, rng)
+    elif partners.shape != (permutations, m.size) or (pools[partners] != pools).any():
+        raise UserError(f"partners must be (permutations, responses with peaks) = "
+                        f"{(permutations, m.size)} pairings within these length pools, got "
+                        f"{partners.shape} from other responses")
+    cross = cross_counts(t, raw_near, pools)
+    null = {"cross": cross_null(cross["pair"], cross["slots"], partners),
+            "uniform": rng.hypergeometric(c, n - c, m, size=(permutations, m.size)).sum(-1)}
     counts, length, unit_row, unit_mean = shift_counts(t, near, e, bins)
     null["structured"] = _shift_null(counts, length, permutations, rng)
-    expected = {"uniform": m * c / n,
+    expected = {"cross": cross["chance"], "uniform": m * c / n,
                 "structured": np.bincount(unit_row, unit_mean, minlength=m.size)}
     codes = group_codes(None if groups is None else np.asarray(groups)[rows], m.size)
 
@@ -172,20 +283,23 @@ def coupling(target: torch.Tensor, source: torch.Tensor, eligible: torch.Tensor,
 
     boot = bootstrap_counts(codes.max() + 1, bootstrap, rng)
     hits_g, m_g = per_group(hits), per_group(m)
-    descriptions = {"uniform": "target peaks at uniformly random eligible positions",
-                    "structured": f"target pattern rotated within {bins} position bins"}
+    sizes = np.bincount(pools)
+    descriptions = {
+        "cross": f"targets paired with the sources of other responses of similar length "
+                 f"(pools of {sizes.min()}-{sizes.max()} responses)",
+        "uniform": "target peaks at uniformly random eligible positions",
+        "structured": f"target pattern rotated within {bins} position bins"}
     nulls = {name: _summary(descriptions[name], null[name], per_group(expected[name]), boot,
                             hits_g, m_g, float(observed), total, permutations)
              for name in NULLS}
-    by_chance = max(NULLS[::-1], key=lambda name: nulls[name]["chance"])
-    by_p = max(NULLS[::-1], key=lambda name: nulls[name]["p_value"])
     out = {"observed": float(observed),
            "observed_ci": interval((boot @ hits_g) / (boot @ m_g)),
            "target_peaks": total, "coupled_peaks": int(hits.sum()), "responses": int(m.size),
-           "k": k, "bins": bins, "permutations": permutations, **nulls,
-           "chance_from": by_chance, "p_from": by_p}
-    for key in ("chance", "chance_range", "ratio", "ratio_ci", "excess", "excess_ci"):
-        out[key] = nulls[by_chance][key]
-    out["chance_exact"] = out["chance"]
-    out["p_value"], out["p_text"] = nulls[by_p]["p_value"], nulls[by_p]["p_text"]
+           "k": k, "bins": bins, "pool": pool, "permutations": permutations, **nulls,
+           "verdict_null": VERDICT_NULL}
+    for key in ("chance", "chance_range", "ratio", "ratio_ci", "excess", "excess_ci",
+                "p_value", "p_text"):
+        out[key] = nulls[VERDICT_NULL][key]
+    if keep_null:
+        out["_partners"], out["_null"] = partners, null["cross"] / total
     return out

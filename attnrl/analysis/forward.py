@@ -9,9 +9,11 @@ In one no-grad forward of a right-padded batch (prompt + response per row):
     attnrl.signals.qk_select; the quantity qk_tokens / qk_consistency select heads by);
   * premise alignment: q_t . mean_{s in prompt} k_s per response token t (methods.md 2(a),
     the qk_premise credit signal);
-  * receiver heads (methods.md 5) for rows with sentence spans: the sentence matrix
-    M[i, j] = mean over tokens of sentence i (queries) and j (keys) of A_ts, accumulated
-    one query block at a time (a (B, H, rows, t1) block of one layer, never (N, N));
+  * receiver heads (methods.md 5) for rows with sentence spans: the mean attention of each
+    sentence's tokens (queries) to every token, accumulated one query block at a time (a
+    (B, H, rows, t1) block of one layer, never (N, N)); from it the sentence matrix M[i, j]
+    (mean over tokens of sentence i and j of A_ts), the vertical-score kurtosis and the
+    token profile of attnrl.analysis.receivers;
 - the model's log-probability of each response token at temperature 1 (the QK paper's
   baseline), from the last hidden state at the response positions only. Always from this
   forward, never the rollout engine's values (those are after temperature and top-p), so
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from attnrl.analysis.receivers import token_profile
 from attnrl.signals.blocks import rows_per_block
 from attnrl.signals.capture import SignalCapture
 from attnrl.signals.qk import QKCapture, all_heads, mean_key_alignment
@@ -46,6 +49,7 @@ class Sample:
     reward: float = 0.0
     spans: list[tuple[int, int]] | None = None     # sentence spans in the response (receivers)
     text: str = ""
+    repeated_sentences: int = 0   # repeats dropped from spans (attnrl.analysis.receivers)
 
 
 @dataclass
@@ -59,7 +63,8 @@ class SampleResult:
     premise: np.ndarray          # (L_all, H, n) q_t . mean prompt key
     logprobs: np.ndarray         # (n,) log p(token | prefix) at temperature 1
     receiver: np.ndarray | None  # (L_all, H) vertical-score kurtosis, or None
-    extra: dict = field(default_factory=dict)   # answer_index, vertical_scores
+    receiver_profile: np.ndarray | None = None   # (L_all, H, n) token profile u, NaN = none
+    extra: dict = field(default_factory=dict)   # answer_index, vertical_scores, spans
 
 
 class HeadRecorder(QKCapture):
@@ -97,22 +102,23 @@ class HeadRecorder(QKCapture):
                 self.receiver[layer] = self._receiver(q, k_full, scaling)
 
     def _receiver(self, q, k, scaling) -> list:
-        """Per row: (H,) kurtosis of the vertical scores, or None without spans."""
+        """Per row: ((H,) kurtosis of the vertical scores, (H, N) token profile u of
+        attnrl.analysis.receivers), or None without spans."""
         B, H, N, _ = q.shape
         S = max(len(s) for s in self.spans if s is not None)
         avg = torch.zeros(B, S, N, device=q.device)
         for b, spans in enumerate(self.spans):
             for i, (start, end) in enumerate(spans or []):
                 avg[b, i, start:end] = 1.0 / (end - start)
-        matrix = torch.zeros(B, H, S, S, device=q.device, dtype=torch.float64)
+        rows = torch.zeros(B, H, S, N, device=q.device, dtype=torch.float64)   # sentence -> token
         bq = rows_per_block(self.block_bytes, B * H, N, N)
         for t0 in range(0, N, bq):
             t1 = min(N, t0 + bq)
             logits = torch.matmul(q[:, :, t0:t1] * scaling, k[:, :, :t1].transpose(-1, -2))
             causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=q.device).triu(t0 + 1)
             attn = logits.masked_fill_(causal, float("-inf")).softmax(-1)          # whole rows
-            to_sent = torch.matmul(attn, avg[:, None, :, :t1].transpose(-1, -2))    # (B,H,n,S)
-            matrix += torch.matmul(avg[:, None, :, t0:t1], to_sent).double()
+            rows[..., :t1] += torch.matmul(avg[:, None, :, t0:t1], attn).double()
+        matrix = torch.matmul(rows, avg[:, None].transpose(-1, -2).double())      # (B,H,S,S)
         out = []
         for b, spans in enumerate(self.spans):
             if spans is None:
@@ -120,7 +126,8 @@ class HeadRecorder(QKCapture):
                 continue
             s = len(spans)
             vert = vertical_scores(matrix[b, :, :s, :s], self.proximity_ignore)
-            out.append(kurtosis(vert).float().cpu())
+            profile = token_profile(rows[b, :, :s], spans, self.proximity_ignore)
+            out.append((kurtosis(vert).float().cpu(), profile.float().cpu()))
         return out
 
 
@@ -199,17 +206,21 @@ def analyse_samples(model, samples: list[Sample], signal_config, eos_token_ids,
         for row, (index, s) in enumerate(zip(batch, items)):
             p, n = len(s.prompt_ids), len(s.response_ids)
             sl = slice(p, p + n)
-            receiver, extra = None, {"answer_index": int(answer[row]) - p}
+            receiver = profile = None
+            extra = {"answer_index": int(answer[row]) - p}
             if s.spans is not None:
-                receiver = torch.stack([recorder.receiver[l][row] for l in layers]).numpy()
+                receiver = torch.stack([recorder.receiver[l][row][0] for l in layers]).numpy()
+                profile = torch.stack([recorder.receiver[l][row][1][:, sl]
+                                       for l in layers]).numpy()
                 extra["vertical_scores"] = max(0, len(s.spans) - recorder.proximity_ignore)
+                extra["spans"] = [tuple(span) for span in s.spans]
             results[index] = SampleResult(
                 waad_heads=stats.waad[row, :, :, sl].cpu().numpy(),
                 fai_heads=stats.fai_sum[row, :, :, sl].cpu().numpy(),
                 span=stats.span[row, :, :, sl].mean(-1).cpu().numpy(),
                 answer_score=answer_score[row].numpy(),
                 premise=premise[row, :, :, sl].numpy(), logprobs=logprobs[row, sl].numpy(),
-                receiver=receiver, extra=extra)
+                receiver=receiver, receiver_profile=profile, extra=extra)
         if progress is not None:
             progress(number + 1, len(batches))
     return results

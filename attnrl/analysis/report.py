@@ -8,7 +8,14 @@ import html
 import math
 from pathlib import Path
 
-from attnrl.analysis.summary import check_format, excess_text, summary_lines
+from attnrl.analysis.summary import (
+    ALPHA,
+    check_format,
+    excess_text,
+    held_out_lines,
+    receiver_line,
+    summary_lines,
+)
 from attnrl.analysis.summary import ci as _ci
 from attnrl.analysis.summary import pct as _pct
 
@@ -40,14 +47,16 @@ def fig_coupling(report, path):
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=110,
                                   gridspec_kw={"width_ratios": [1, 2.2]})
     names = [("fai_after_waad", "after WAAD peak"), ("fai_after_delta", "after Delta peak")]
-    bars = (("observed", "#225ea8", "observed"), ("uniform", "#bbbbbb", "chance, uniform null"),
-            ("structured", "#777777", f"chance, shifts in {c.get('bins', '?')} bins"))
+    bars = (("observed", "#225ea8", "observed"),
+            ("cross", "#444444", "chance, other responses (verdict)"),
+            ("uniform", "#bbbbbb", "chance, uniform (secondary)"),
+            ("structured", "#888888", f"chance, shifts in {c.get('bins', '?')} bins (secondary)"))
     for i, (key, _) in enumerate(names):
         d = c[key]
         for j, (which, colour, label) in enumerate(bars):
             value, lo_hi = ((d["observed"], d["observed_ci"]) if which == "observed"
                             else (d[which]["chance"], d[which]["chance_range"]))
-            ax.bar(i + (j - 1) * 0.27, value, 0.25, color=colour, capsize=3,
+            ax.bar(i + (j - 1.5) * 0.2, value, 0.19, color=colour, capsize=3,
                    yerr=[[value - lo_hi[0]], [lo_hi[1] - value]], label=label if i == 0 else None)
     ax.set_xticks([0, 1], [n[1] for n in names])
     ax.set_ylabel("fraction of FAI peaks")
@@ -59,11 +68,16 @@ def fig_coupling(report, path):
         hi = [r[key]["ratio_ci"][1] for r in c["per_layer"]]
         ax2.plot(layers, ratio, "-o", ms=3, color=colour, label=f"after {key.upper()} peak")
         ax2.fill_between(layers, lo, hi, color=colour, alpha=0.15)
+        above = [(r["layer"], r[key]["ratio"]) for r in c["per_layer"]
+                 if r[key]["p_max_layers"] < ALPHA]
+        if above:
+            ax2.scatter(*zip(*above), s=40, facecolor="none", edgecolor=colour, lw=1.2,
+                        label=f"{key.upper()}: family-wise p < {ALPHA} (max over layers)")
     for l in report["sampled_layers"]:
         ax2.axvline(l, color="#999", lw=0.6, ls=":")
     ax2.axhline(1, color="black", lw=0.8)
     ax2.set_xlabel("layer (dotted: sampled layers)")
-    ax2.set_ylabel("ratio to the larger chance (95% CI)")
+    ax2.set_ylabel("ratio to the cross-response chance (95% CI)")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     _save(fig, path)
 
@@ -133,11 +147,16 @@ def fig_qk(report, path):
 def fig_receivers(report, path):
     plt = _plt()
     r = report["receivers"]
-    fig, ax = plt.subplots(figsize=(11, 3.2), dpi=110)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6.4), dpi=110)
     _heatmap(ax, r["mean_kurtosis"], "magma", "vertical-score kurtosis (mean)", fig)
-    _mark(ax, r["top_heads"], "cyan", "o", f"top {len(r['top_heads'])} receiver heads")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1,
-              frameon=False)
+    _mark(ax, r["top_heads"], "cyan", "o", f"top {len(r['top_heads'])} by kurtosis")
+    _heatmap(ax2, r["excess_kurtosis"], "RdBu_r", "kurtosis - positional kurtosis", fig,
+             center=0.0)
+    _mark(ax2, r["claim"].get("heads", []), "black", "s", "beyond the positional profile")
+    for a in (ax, ax2):
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1,
+                     frameon=False)
     _save(fig, path)
 
 
@@ -213,16 +232,22 @@ def _coupling_html(report) -> str:
     for label, d in named:
         u, st = d["uniform"], d["structured"]
         rows.append([label, f"{_pct(d['observed'])} {_ci(d['observed_ci'])}",
-                     f"{_pct(u['chance'])}, {u['p_text']}", f"{_pct(st['chance'])}, {st['p_text']}",
+                     f"{_pct(d['chance'])}, {d['p_text']}",
                      f"{d['ratio']:.2f} {_ci(d['ratio_ci'])}",
-                     f"{d['excess']:.2f} {_ci(d['excess_ci'])}", d["p_text"]])
-    head = ["", "observed (95% CI)", "uniform null: chance, p",
-            f"shifts in {c['bins']} position bins: chance, p", "ratio to the larger chance",
-            "excess (obs - chance) / (1 - chance)", "p (larger)"]
+                     f"{d['excess']:.2f} {_ci(d['excess_ci'])}",
+                     f"{_pct(u['chance'])}, {u['p_text']}", f"{_pct(st['chance'])}, {st['p_text']}"])
+    head = ["", "observed (95% CI)", "cross-response null: chance, p (verdict)", "ratio",
+            "excess (obs - chance) / (1 - chance)", "uniform null (secondary)",
+            f"shifts in {c['bins']} position bins (secondary)"]
     return ("<h3>1. Coupling</h3>" + _table(rows, head)
-            + "<p>Uniform null: target peaks at random positions of the response. Structured "
-              "null: the target peak pattern rotated within each quarter of the response "
-              "(keeps runs of peaks and the position trend). Verdicts use the stricter.</p>"
+            + f"<p>Verdict null: each response's FAI peaks paired with the source peaks of "
+              f"another response of similar length (pools of about {c.get('pool', '?')} "
+              "responses sorted by length): every run and position trend of both signals "
+              "stays, only the pairing within a response is broken. Secondary, without "
+              "verdict: peaks at random positions (uniform) and the peak pattern rotated "
+              "within position bins; both call shared position trends coupling. Per layer: "
+              f"family-wise p over the maximum of the layers (max-T, the same pairings), "
+              f"circled below p &lt; {ALPHA}.</p>"
               "<img src='coupling.png' style='max-width:100%'>")
 
 
@@ -235,31 +260,42 @@ def _qk_html(report) -> str:
     if "skipped" in held:
         parts.append(f"<p>Held-out test: {html.escape(held['skipped'])}</p>")
     else:
+        parts.append("<pre>" + html.escape("\n".join(held_out_lines(held))) + "</pre>")
         names = list(held["baselines"])
         rows = []
-        for i, ((l, hh), a, b, bounds, across) in enumerate(zip(
+        for i, ((l, hh), a, b, bounds, across, p) in enumerate(zip(
                 held["selected"], held["select_auc"], held["held_out_auc"],
-                held["held_out_ci"], held["held_out_auc_across"])):
-            diffs = [f"{held['baselines'][n]['heads_minus_baseline'][i]:+.3f} "
-                     f"{_ci(held['baselines'][n]['heads_minus_baseline_ci'][i])}" for n in names]
-            rows.append([f"L{l}H{hh}", f"{a:.3f}", f"{b:.3f} {_ci(bounds)}", f"{across:.3f}",
-                         *diffs])
-        diffs = [f"{held['baselines'][n]['combined_minus_baseline']:+.3f} "
-                 f"{_ci(held['baselines'][n]['combined_minus_baseline_ci'])}" for n in names]
+                held["held_out_ci"], held["held_out_auc_across"], held["test"]["p_fwer"])):
+            diffs = [f"{held['baselines'][n]['heads_minus_reference'][i]:+.3f} "
+                     f"{_ci(held['baselines'][n]['heads_minus_reference_ci'][i])}"
+                     for n in names]
+            rows.append([f"L{l}H{hh}", f"{a:.3f}", f"{b:.3f} {_ci(bounds)}", f"{p:.3g}",
+                         f"{across:.3f}", *diffs])
+        diffs = [f"{held['baselines'][n]['combined_minus_reference']:+.3f} "
+                 f"{_ci(held['baselines'][n]['combined_minus_reference_ci'])}" for n in names]
         rows.append(["validity (mean z of the heads)", "",
                      f"{held['combined_auc']:.3f} {_ci(held['combined_ci'])}",
+                     f"{held['test']['combined_p']:.3g}",
                      f"{held['combined_auc_across']:.3f}", *diffs])
         for n in names:
             b = held["baselines"][n]
-            rows.append([f"baseline: {n} ({b['direction']})", "",
-                         f"{b['held_out_auc']:.3f} {_ci(b['held_out_ci'])}", "",
+            flip = ", flipped held out" if b["flipped"] else ""
+            rows.append([f"baseline: {n} ({b['direction']} on the selection half{flip})", "",
+                         f"{b['held_out_auc']:.3f} {_ci(b['held_out_ci'])}", "", "",
                          *[""] * len(names)])
         parts.append(_table(rows, ["head", "within AUC (selection half)",
-                                   "within AUC held out (CI)", "across AUC held out",
-                                   *[f"minus {n} (paired CI)" for n in names]]))
+                                   "within AUC held out (bootstrap CI, descriptive)",
+                                   "one-sided permutation p (family-wise)",
+                                   "across AUC held out",
+                                   *[f"minus {n} in its better held-out direction (paired CI)"
+                                     for n in names]]))
         parts.append(f"<p>Held out: {held['held_out_mixed_problems']} problems with both "
-                     f"outcomes, {held['held_out_pairs']} pairs; head intervals at the "
-                     f"{held['ci_level']:.4g} level (Bonferroni), the rest at 0.95.</p>")
+                     f"outcomes, {held['held_out_pairs']} pairs (a verdict needs >= "
+                     f"{held['min_mixed_problems']}); head intervals at the "
+                     f"{held['ci_level']:.4g} level (Bonferroni), the rest at 0.95. The "
+                     "verdict is the permutation test (labels permuted within held-out "
+                     "problems, exact at any size); the percentile intervals undercover at few "
+                     "problems.</p>")
     parts.append("<img src='qk_auc.png' style='max-width:100%'>")
     pr = report.get("qk_premise")
     if pr:
@@ -272,10 +308,13 @@ def _qk_html(report) -> str:
 def _receiver_html(report) -> str:
     r = report["receivers"]
     if not r.get("measurable"):
-        return f"<h3>5. Receiver heads</h3><p>{html.escape(r.get('note', 'none'))}</p>"
-    return (f"<h3>5. Receiver heads</h3><p>{r['responses']} responses with >= "
-            f"{r['min_sentence_scores']} vertical scores. Top heads (layer, head): "
-            f"{r['top_heads']}</p><img src='receivers.png' style='max-width:100%'>")
+        return f"<h3>5. Receiver heads</h3><p>{html.escape(receiver_line(r))}</p>"
+    return (f"<h3>5. Receiver heads</h3><p>{html.escape(receiver_line(r))}</p>"
+            "<p>Each head's kurtosis is compared with the kurtosis of its positional profile "
+            "(the attention each response position receives, averaged over the other "
+            "responses): a first-token sink or a recency profile is in both, a sentence read "
+            "back for what it says only in the first.</p>"
+            "<img src='receivers.png' style='max-width:100%'>")
 
 
 def render_report(report: dict, out) -> Path:

@@ -7,32 +7,47 @@ Choices where the method is silent:
   own heads with the same quantile.
 - Peaks: top p of WAAD and of Delta among response tokens, of FAI among tokens with a
   non-empty future window; 'FAI peak follows a source peak' = a source peak at 0..k tokens
-  before it (attnrl.analysis.coupling: uniform and structured null, verdict from the
-  stricter).
+  before it (attnrl.analysis.coupling: the cross-response null gives the verdict; uniform
+  and structured nulls are secondary figures).
+- Per layer: every layer's coupling against the same cross pairings (the eligible FAI
+  positions do not depend on the layer), and a family-wise p of the maximum over layers
+  (max-T over the standardized couplings, attnrl.analysis.coupling.max_over_family).
 - QK heads: AUC within problems (primary) and across problems (attnrl.analysis.auc); heads
   are selected by within-problem AUC with high score = correct (the rule of qk_tokens /
   qk_consistency) on half of the problems and tested on the other half, against two
   baselines: the model's mean log-prob of the response at temperature 1 (from the analysis
   forward, in both modes) and the response length in tokens.
-- Receiver heads: only responses with >= MIN_SENTENCE_SCORES vertical scores.
+- Receiver heads: only responses with >= MIN_SENTENCE_SCORES vertical scores (distinct
+  sentences); ranked by kurtosis as the trainer does, claimed only beyond each head's
+  positional profile (attnrl.analysis.receivers).
+- QK held-out verdict: exact permutation test on the held-out half, and only with
+  auc.MIN_HELD_OUT_PROBLEMS held-out problems with both outcomes.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
 from attnrl.analysis import auc, stats
-from attnrl.analysis.coupling import POSITION_BINS, coupling, peak_mask
+from attnrl.analysis.coupling import (
+    PAIR_POOL,
+    POSITION_BINS,
+    coupling,
+    max_over_family,
+    peak_mask,
+)
 from attnrl.analysis.forward import pooled_span, response_signals
+from attnrl.analysis.receivers import check_profiles, positional_excess, receiver_claim
 from attnrl.errors import UserError
 from attnrl.signals.aggregate import select_heads, token_sets
 from attnrl.signals.receiver import MIN_SENTENCE_SCORES, select_receiver_heads
 
 LAYER_KEYS = ("observed", "observed_ci", "chance", "ratio", "ratio_ci", "excess", "excess_ci",
-              "p_value", "chance_from", "p_from")
+              "p_value")
 
 
 def _heads_list(mask: torch.Tensor, layers: list[int]) -> list[list[int]]:
@@ -73,14 +88,14 @@ def peaks(signals, mask, p: float):
 
 
 def coupling_section(results, groups, sampled, split, config, p, k, permutations, bootstrap,
-                     seed, n_layers, quantile, bins=POSITION_BINS):
+                     seed, n_layers, quantile, bins=POSITION_BINS, pool=PAIR_POOL):
     signals, mask = response_signals(results, sampled, split, config)
     top = peaks(signals, mask, p)
-    out = {"p": p, "k": k, "bins": bins}
+    out = {"p": p, "k": k, "bins": bins, "pool": pool}
     for source in ("waad", "delta"):
         out[f"fai_after_{source}"] = coupling(
             top["fai"], top[source], signals.fai_valid, k, permutations, bootstrap, seed, groups,
-            bins)
+            bins, pool)
     # the trainer's own sets (top q): anchors after preplan tokens, preplan_by delta / waad
     by = {}
     for rank_by in ("delta", "waad"):
@@ -88,23 +103,39 @@ def coupling_section(results, groups, sampled, split, config, p, k, permutations
         _, preplan, anchor, _, _ = token_sets(signals.waad, signals.fai, signals.fai_valid,
                                               mask, cfg)
         by[rank_by] = coupling(anchor, preplan, signals.fai_valid, k, permutations, bootstrap,
-                               seed, groups, bins)
+                               seed, groups, bins, pool)
     out["anchors_after_preplan_by"] = by
-    per_layer = []
+    out["per_layer"] = per_layer_coupling(results, groups, config, p, k,
+                                          max(1000, permutations // 5),
+                                          max(200, bootstrap // 5), seed, n_layers, quantile,
+                                          bins, pool)
+    return out, signals, mask
+
+
+def per_layer_coupling(results, groups, config, p, k, permutations, bootstrap, seed,
+                       n_layers, quantile, bins=POSITION_BINS, pool=PAIR_POOL) -> list[dict]:
+    """FAI after WAAD / Delta peaks of each layer alone (its own local / global split), all
+    against the same cross pairings; 'p_max_layers': family-wise p of the maximum over
+    the layers (max-T, per source)."""
+    rows, nulls, partners = [], {"waad": [], "delta": []}, {}
     all_spans = pooled_span(results)
     for layer in range(n_layers):
-        span = torch.from_numpy(all_spans[[layer]])
-        layer_split = select_heads(span, quantile)
+        layer_split = select_heads(torch.from_numpy(all_spans[[layer]]), quantile)
         sig, m = response_signals(results, [layer], layer_split, config)
         t = peaks(sig, m, p)
         row = {"layer": layer}
         for source in ("waad", "delta"):
-            c = coupling(t["fai"], t[source], sig.fai_valid, k, max(1000, permutations // 5),
-                         max(200, bootstrap // 5), seed, groups, bins)
+            c = coupling(t["fai"], t[source], sig.fai_valid, k, permutations, bootstrap, seed,
+                         groups, bins, pool, partners=partners.get(source), keep_null=True)
+            partners[source] = c.pop("_partners")
+            nulls[source].append(c.pop("_null"))
             row[source] = {key: c[key] for key in LAYER_KEYS}
-        per_layer.append(row)
-    out["per_layer"] = per_layer
-    return out, signals, mask
+        rows.append(row)
+    for source, null in nulls.items():
+        observed = [row[source]["observed"] for row in rows]
+        for row, p_max in zip(rows, max_over_family(observed, np.stack(null))):
+            row[source]["p_max_layers"] = float(p_max)
+    return rows
 
 
 def _replace(config, **changes):
@@ -184,7 +215,7 @@ def qk_section(results, labels, groups, n_heads, top_k, permutations, draws, see
                                              rng, null) for key, null in NULLS}
                         for name, values in baselines.items()}
     held = _attempt(auc.held_out_selection, scores, labels, top_k, groups, seed, draws,
-                    baselines=baselines)
+                    baselines=baselines, permutations=permutations)
     if "selected" in held:
         held["selected"] = [[i // n_heads, i % n_heads] for i in held["selected"]]
     out["held_out"] = held
@@ -194,7 +225,7 @@ def qk_section(results, labels, groups, n_heads, top_k, permutations, draws, see
 
 
 def premise_section(results, signals, mask, labels, groups, qk, n_heads, q, k, seed,
-                    permutations, draws, bins=POSITION_BINS) -> dict:
+                    permutations, draws, bins=POSITION_BINS, pool=PAIR_POOL) -> dict:
     """qk_premise: the response tokens most aligned with the prompt keys on the QK heads
     (top-k by AUC over all responses, the trainer's rule): do they coincide with anchors /
     preplan tokens (k = 0: the same token), and does the response-mean alignment predict
@@ -208,13 +239,17 @@ def premise_section(results, signals, mask, labels, groups, qk, n_heads, q, k, s
     top = peak_mask(per_token, mask, q)
     out = {"heads": [[int(i) // n_heads, int(i) % n_heads] for i in chosen], "q": q}
     out["anchors"] = coupling(top, signals.anchor_mask, mask, 0, permutations, draws, seed,
-                              groups, bins)
+                              groups, bins, pool)
     out["preplan"] = coupling(top, signals.preplan_mask, mask, 0, permutations, draws, seed,
-                              groups, bins)
+                              groups, bins, pool)
     means = np.stack([r.premise.reshape(-1, r.premise.shape[-1]).mean(-1) for r in results])
-    held = _attempt(auc.held_out_selection, means, labels, qk["top_k"], groups, seed, draws)
+    held = _attempt(auc.held_out_selection, means, labels, qk["top_k"], groups, seed, draws,
+                    permutations=permutations)
     if "selected" in held:
         out.update(held_out_auc=held["combined_auc"], held_out_ci=held["combined_ci"],
+                   held_out_p=held["test"]["combined_p"], held_out_measurable=held["measurable"],
+                   held_out_problems=held["held_out_mixed_problems"],
+                   held_out_min_problems=held["min_mixed_problems"],
                    held_out_heads=[[int(i) // n_heads, int(i) % n_heads]
                                    for i in held["selected"]])
     else:
@@ -222,30 +257,62 @@ def premise_section(results, signals, mask, labels, groups, qk, n_heads, q, k, s
     return out
 
 
-def receiver_section(kurtoses, score_counts, global_heads, qk_selected, top_k=20,
-                     min_scores=MIN_SENTENCE_SCORES) -> dict:
-    """Receiver heads from the responses with at least `min_scores` vertical scores.
-    kurtoses: per response (L, H) array or None; score_counts: per response, its number of
-    vertical scores (sentences - proximity_ignore). With fewer scores the kurtosis is
-    degenerate (2 scores: always -2), so such responses are left out; with none left the
-    section says 'not measurable at this length'."""
-    rows = [np.asarray(k_) for k_, c in zip(kurtoses, score_counts)
-            if k_ is not None and c >= min_scores]
+def receiver_section(results, groups, global_heads, qk_selected, top_k=20,
+                     min_scores=MIN_SENTENCE_SCORES, repeats=None, draws=1000,
+                     seed=0) -> dict:
+    """Receiver heads from the responses with at least `min_scores` vertical scores (with
+    fewer the kurtosis is degenerate, 2 scores: always -2; with none left the section says
+    'not measurable at this length'), each head's kurtosis against its positional profile
+    and the claim of attnrl.analysis.receivers. results: per response, .receiver (L, H)
+    or None, .receiver_profile (L, H, n), .extra with 'vertical_scores' and 'spans';
+    groups (R,) problems; repeats (R,) repeated sentences dropped per response."""
+    repeats = [0] * len(results) if repeats is None else list(repeats)
+    rows = [i for i, r in enumerate(results)
+            if r.receiver is not None and r.extra.get("vertical_scores", 0) >= min_scores]
     base = {"min_sentence_scores": min_scores,
-            "responses_with_sentences": sum(k_ is not None for k_ in kurtoses)}
+            "responses_with_sentences": sum(r.receiver is not None for r in results),
+            "repeated_sentences_dropped": int(sum(repeats)),
+            "responses_with_repeats": int(sum(k > 0 for k in repeats))}
     if not rows:
         return {**base, "responses": 0, "measurable": False,
                 "note": f"not measurable at this length: no response has >= {min_scores} "
-                        "vertical scores (sentences beyond the proximity window)"}
-    stacked = torch.from_numpy(np.stack(rows))
+                        "vertical scores (distinct sentences beyond the proximity window)"}
+    stacked = torch.from_numpy(np.stack([np.asarray(results[i].receiver) for i in rows]))
     heads = select_receiver_heads(stacked, min(top_k, stacked.shape[1] * stacked.shape[2]))
     mean = stacked.nanmean(0)
+    profiles = [np.asarray(results[i].receiver_profile, dtype=np.float64) for i in rows]
+    spans = [results[i].extra["spans"] for i in rows]
+    check_profiles(profiles, spans)
+    excess = positional_excess(profiles, spans, min_scores)
+    group_rows = None if groups is None else np.asarray(groups)[rows]
+    claim = receiver_claim(excess["excess"], group_rows, draws, seed)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)         # heads never scored: NaN
+        positional = np.nanmean(excess["positional"], 0)
+        mean_excess = np.nanmean(excess["excess"], 0)
     heads_set = {tuple(h) for h in heads}
     global_set = {tuple(h) for h in global_heads}
     return {**base, "responses": len(rows), "measurable": True,
             "top_heads": [list(h) for h in heads],
             "top_kurtosis": [float(mean[l, h]) for l, h in heads],
+            "top_positional_kurtosis": [float(positional[l, h]) for l, h in heads],
             "mean_kurtosis": torch.nan_to_num(mean, nan=math.nan).tolist(),
+            "positional_kurtosis": positional.tolist(),
+            "excess_kurtosis": mean_excess.tolist(),
+            "claim": _claim_json(claim),
             "overlap_with_global_heads": len(heads_set & global_set),
             "global_heads": len(global_set),
             "overlap_with_qk_heads": len(heads_set & {tuple(h) for h in qk_selected})}
+
+
+def _claim_json(claim: dict) -> dict:
+    """receiver_claim as JSON: the heads beyond their positional profile and the best one."""
+    out = {key: claim[key] for key in ("measurable", "margin", "min_responses", "responses")}
+    if not claim["measurable"]:
+        return out
+    lower = np.nan_to_num(claim["lower"], nan=-np.inf)
+    best = np.unravel_index(int(np.argmax(lower)), lower.shape)
+    out.update(heads=[list(h) for h in claim["heads"]], quantile=claim["quantile"],
+               best_head=[int(i) for i in best], best_excess=float(claim["mean"][best]),
+               best_lower=float(claim["lower"][best]))
+    return out

@@ -1,7 +1,8 @@
 """The batched analysis forward equals the one-sequence references: signal capture
 (compute_token_signals), QK answer scores (qk_scores + response_scores), premise alignment
-(premise_alignment), receiver kurtosis (eager receiver_kurtosis), log-probs (a plain
-forward); and it never builds an (N, N) attention map."""
+(premise_alignment), receiver kurtosis (eager receiver_kurtosis), the receivers' token
+profile (loops over the eager attention map), log-probs (a plain forward); and it never
+builds an (N, N) attention map."""
 
 import itertools
 
@@ -15,6 +16,7 @@ from attnrl.signals.qk import premise_alignment, qk_scores
 from attnrl.signals.qk_select import answer_positions, key_positions, response_scores
 from attnrl.signals.receiver import receiver_kurtosis
 from attnrl.signals.types import SignalConfig
+from tests.attnrl.analysis.test_receivers import ref_profile
 from tests.tolerances import assert_close
 
 EOS = [2]
@@ -76,6 +78,26 @@ def test_batched_forward_matches_single_sequence_references():
             spans = [(a + p, b + p) for a, b in sample.spans]
             ref_k = receiver_kurtosis(model, ids, spans)
             np.testing.assert_allclose(result.receiver, ref_k.numpy(), rtol=1e-3, atol=1e-3)
+            assert result.extra["spans"] == sample.spans
+            attention = eager_attention(model, ids)                       # (L, H, N, N)
+            for layer in range(4):
+                ref_u = ref_profile(attention[layer], spans)[:, p:]
+                got = result.receiver_profile[layer]
+                assert np.array_equal(np.isnan(got), np.isnan(ref_u))
+                np.testing.assert_allclose(got[~np.isnan(ref_u)], ref_u[~np.isnan(ref_u)],
+                                           rtol=1e-4, atol=1e-6)
+
+
+def eager_attention(model, ids) -> np.ndarray:
+    """(L, H, N, N) float64 attention weights of one sequence (eager attention)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack([a[0] for a in out.attentions]).double().numpy()
 
 
 def test_sampled_responses_get_the_temperature_1_logprob_baseline(tiny_model_dir):

@@ -37,30 +37,33 @@ def test_analyze_responses_file_writes_every_section(tiny_model_dir, tmp_path, c
                "--h-lo", "2", "--qk-top-k", "2", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["format"] == 2
+    assert report["format"] == 3
     assert report["responses"] == 24 and report["correct"] == 16 and report["problems"] == 12
     assert report["sampled_layers"] == [1, 2]
     c = report["coupling"]
     for key in ("fai_after_waad", "fai_after_delta"):
         assert 0 <= c[key]["observed"] <= 1 and 0 < c[key]["p_value"] <= 1
-        assert c[key]["target_peaks"] > 0 and c["bins"] == 4
-        assert c[key]["p_value"] == max(c[key]["uniform"]["p_value"],
-                                        c[key]["structured"]["p_value"])
+        assert c[key]["target_peaks"] > 0 and c["bins"] == 4 and c["pool"] == 8
+        assert c[key]["p_value"] == c[key]["cross"]["p_value"]          # the verdict null
+        assert c[key]["verdict_null"] == "cross"
     for d in c["anchors_after_preplan_by"].values():
         assert d["excess"] <= 1 and len(d["excess_ci"]) == 2 and "ratio" in d
     assert set(c["anchors_after_preplan_by"]) == {"delta", "waad"}
     assert [r["layer"] for r in c["per_layer"]] == [0, 1, 2, 3]
+    assert all(0 < r["waad"]["p_max_layers"] <= 1 for r in c["per_layer"])
     heads = report["heads"]
     assert len(heads["span"]) == 4 and len(heads["span"][0]) == 4
     assert 0 <= heads["stability"]["local_overlap"] <= 1
     qk = report["qk"]
     assert len(qk["within"]["auc"]) == 4 and len(qk["across"]["auc"]) == 4
     assert qk["within"]["mixed_problems"] == 8 and len(qk["held_out"]["selected"]) == 2
+    assert not qk["held_out"]["measurable"]               # 4 held-out problems with both
     assert set(qk["held_out"]["baselines"]) == {"logprob", "length"}
     assert set(qk["baselines"]) == {"logprob", "length"}
     assert report["qk_premise"]["anchors"]["target_peaks"] > 0
     r = report["receivers"]
     assert r["measurable"] and r["responses"] == 12 and len(r["top_heads"]) == 16
+    assert r["claim"]["measurable"] and len(r["excess_kurtosis"]) == 4
     assert {e["correct"] for e in report["examples"]} == {True, False}
     for name in ("report.html", "coupling.png", "heads.png", "outcome.png", "qk_auc.png",
                  "receivers.png"):
@@ -69,7 +72,8 @@ def test_analyze_responses_file_writes_every_section(tiny_model_dir, tmp_path, c
     assert "<img src='qk_auc.png'" in html and "FAI peaks follow WAAD peaks" in html
     printed = capsys.readouterr().out
     assert "FAI peaks follow WAAD peaks" in printed and "QK heads within problems" in printed
-    assert "excess" in printed and "mean log-prob (T=1)" in printed
+    assert "excess" in printed and "not measurable at this size" in printed
+    assert "positional profile" in printed
 
 
 def test_analyze_samples_a_task_with_the_hf_engine(tiny_model_dir, tmp_path, capsys):
@@ -105,6 +109,7 @@ def test_analyze_samples_a_task_with_the_hf_engine(tiny_model_dir, tmp_path, cap
     (["--responses", "/no/such.jsonl"], "does not exist"),
     (["--task", "chain_sum", "--samples", "0"], "--samples must be >= 1"),
     (["--task", "chain_sum", "--peak-fraction", "1.5"], "--peak-fraction"),
+    (["--task", "chain_sum", "--pair-pool", "1"], "--pair-pool must be >= 2"),
     (["--task", "chain_summ"], "did you mean 'chain_sum'"),
     (["--task", "chain_sum", "--layers", "1,9"], "out of range"),
 ])
