@@ -285,3 +285,9 @@ def test_recipe_commands_use_existing_options():
                 continue
             problems.append(f"attnrl {name}: unknown option {option}")
     assert not problems, "\n".join(problems)
+
+
+def test_readme_is_one_screen_of_overview():
+    """The README is the overview (setup, the main job, usage, links); the manual is docs/."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < 200, f"README.md has {len(lines)} lines; move detail into docs/"
