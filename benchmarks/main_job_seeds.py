@@ -90,7 +90,7 @@ def aggregate(result_root: Path, seeds: list[int], name: str) -> dict:
     import yaml
 
     sys.path.insert(0, str(ROOT))
-    from attnrl.analysis.stats import t975
+    from attnrl.analysis.stats import t_interval
 
     per_seed = []
     for seed in seeds:
@@ -114,11 +114,10 @@ def aggregate(result_root: Path, seeds: list[int], name: str) -> dict:
     result = {"name": name, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
               "unit": "training seed (t interval over seeds, n - 1 df); the held-out problems "
                       "are the same for every seed"}
-    gains = [r["gain"] for r in per_seed]
-    if len(gains) >= 2:
-        mean, sd = statistics.mean(gains), statistics.stdev(gains)
-        half = t975(len(gains) - 1) * sd / len(gains) ** 0.5
-        result.update(mean_gain=mean, sd_gain=sd, ci=[mean - half, mean + half],
+    gains = t_interval([r["gain"] for r in per_seed])
+    if gains["low"] is not None:
+        result.update(mean_gain=gains["mean"], sd_gain=gains["sd"],
+                      ci=[gains["low"], gains["high"]],
                       mean_pass1_gain=statistics.mean(r["pass1_gain"] for r in per_seed))
     return result
 

@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from attnrl.analysis.stats import group_codes, t975
+from attnrl.analysis.stats import group_codes, t_interval
 
 
 def chunk_weights(gamma: np.ndarray, bounds) -> np.ndarray:
@@ -126,11 +126,9 @@ def cluster_mean(values, groups) -> dict:
     m = per_problem.size
     if m == 0:
         return {"mean": None, "low": None, "high": None, "problems": 0}
-    mean = float(per_problem.mean())
-    if m < 2:
-        return {"mean": mean, "low": None, "high": None, "problems": 1}
-    half = t975(m - 1) * float(per_problem.std(ddof=1)) / math.sqrt(m)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "problems": m}
+    interval = t_interval(per_problem.tolist())
+    return {"mean": interval["mean"], "low": interval["low"], "high": interval["high"],
+            "problems": m}
 
 
 def _problem_average(matrix: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from attnrl.analysis.stats import t975
+from attnrl.analysis.stats import t975, t_interval
 from trainers.ablation.constants import (
     BASELINE,
     CONTROL_DIRECTION,
@@ -36,17 +36,9 @@ Z80 = 0.8416  # the normal 80% quantile: seeds for ~80% power (normal approximat
 
 def paired_t_interval(diffs: list[float]) -> dict:
     """Mean of paired differences (one per seed: the seed is the unit) with a 95% t
-    interval: mean +- t_{0.975, m-1} sd / sqrt(m) (`t975`), sd with ddof 1; also the
-    half-width and sd. With fewer than 2 differences there is no interval
-    (low = high = half_width = sd = None)."""
-    m = len(diffs)
-    if m < 2:
-        return {"mean": mean_or_none(diffs), "low": None, "high": None, "half_width": None,
-                "sd": None, "n": m}
-    mean, sd = mean_or_none(diffs), sample_sd(diffs)
-    half = t975(m - 1) * sd / math.sqrt(m)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half,
-            "sd": sd, "n": m}
+    interval (attnrl.analysis.stats.t_interval): mean, low, high, half_width, sd, n; with
+    fewer than 2 differences no interval (low = high = half_width = sd = None)."""
+    return t_interval(diffs)
 
 
 def seeds_needed(sd: float | None, half_width: float | None, power_z: float = 0.0,

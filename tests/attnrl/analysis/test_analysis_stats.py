@@ -58,3 +58,24 @@ def test_compare_means_values():
     assert math.isclose(out["difference"], 9.0)
     lo, hi = out["difference_ci"]
     assert lo <= 9.0 <= hi
+
+
+def test_t_interval_matches_its_definition():
+    """The library's one t interval: mean +- t_{0.975, m-1} sd / sqrt(m) (scipy-free
+    reference: the t quantile table checked in tests/trainers/test_ablation.py)."""
+    import math
+    import random
+    import statistics
+
+    from attnrl.analysis.stats import T975, t_interval
+
+    rng = random.Random(3)
+    for _ in range(200):
+        values = [rng.gauss(1.0, 2.0) for _ in range(rng.randint(2, 25))]
+        got = t_interval(values)
+        half = T975[len(values) - 2] * statistics.stdev(values) / math.sqrt(len(values))
+        assert got["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert got["half_width"] == pytest.approx(half, rel=1e-12)
+        assert got["low"] == pytest.approx(got["mean"] - half, abs=1e-12)
+    assert t_interval([0.3])["low"] is None and t_interval([0.3])["mean"] == 0.3
+    assert t_interval([])["mean"] is None
