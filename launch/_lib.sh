@@ -63,14 +63,25 @@ with socket.socket() as s:
 EOF
 }
 
+# Keys whose values print_and_run never prints (the --env-file lines: API keys and the
+# like land in job logs such as slurm-*.out otherwise); a script adds to it.
+HIDDEN_KEYS=()
+
 # print_and_run VAR=VALUE... -- COMMAND ARGS...: print the resolved command, then exec it.
+# The value of a VAR in HIDDEN_KEYS is printed as <hidden>.
 print_and_run() {
     local assignments=()
     while [[ $# -gt 0 && "$1" != "--" ]]; do assignments+=("$1"); shift; done
     shift
     local line="+"
-    local item
-    for item in "${assignments[@]}" "$@"; do line+=" $(printf '%q' "$item")"; done
+    local item key hidden
+    for item in "${assignments[@]}"; do
+        key="${item%%=*}" hidden=0
+        for h in "${HIDDEN_KEYS[@]}"; do [[ "$h" == "$key" ]] && hidden=1; done
+        if [[ "$hidden" == "1" ]]; then line+=" $key=<hidden>"
+        else line+=" $(printf '%q' "$item")"; fi
+    done
+    for item in "$@"; do line+=" $(printf '%q' "$item")"; done
     say "command:"
     echo "$line"
     if [[ "$DRY_RUN" == "1" ]]; then

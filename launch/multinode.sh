@@ -18,7 +18,12 @@
 #   --master-port PORT  rendezvous port (default $MASTER_PORT or 29500)
 #   --ds-config FILE    DeepSpeed JSON (default: the config's own `deepspeed` key, if any)
 #   --env-file FILE     KEY=VALUE lines exported to every rank of every node (e.g.
-#                       NCCL_SOCKET_IFNAME, WANDB_API_KEY); per-node mode reads it on each node
+#                       NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, WANDB_API_KEY); per-node mode
+#                       reads it on each node; the printed command shows its keys, never
+#                       their values
+# CUDA_VISIBLE_DEVICES, when set on a node in per-node mode, chooses that node's GPUs (passed
+# to DeepSpeed as --include HOST:IDS; its count must equal the node's slots). output_dir
+# must be on a file system every node sees (checkpoints are written by every rank).
 #   --launcher NAME     ssh mode: pdsh (default) | openmpi | mvapich | mpich | impi;
 #                       per-node mode: deepspeed (default) | torchrun (`torchrun --nnodes N
 #                       --node_rank R`, static rendezvous: every node needs the same slots)
@@ -26,7 +31,7 @@
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 HOSTFILE="" CONFIG="" NODE_RANK_ARG="${NODE_RANK:-}" ADDR="${MASTER_ADDR:-}"
 PORT="${MASTER_PORT:-29500}" DS_CONFIG="" ENV_FILE="" LAUNCHER=""
@@ -76,7 +81,7 @@ TOTAL=0; for s in "${SLOTS[@]}"; do TOTAL=$((TOTAL + s)); done
 ADDR="${ADDR:-${HOSTS[0]}}"
 say "${#HOSTS[@]} node(s), $TOTAL process(es) in all; master $ADDR:$PORT"
 
-DS_ARGS=()
+DS_ARGS=() INCLUDE=()
 if [[ -n "$DS_CONFIG" ]]; then
     check_ds_config "$DS_CONFIG"
     DS_ARGS=(--deepspeed "$DS_CONFIG")
@@ -88,6 +93,7 @@ if [[ -n "$ENV_FILE" ]]; then
         [[ -z "${line// /}" || "$line" =~ ^[[:space:]]*# ]] && continue
         [[ "$line" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "$ENV_FILE: '$line' is not KEY=VALUE"
         ENV+=("$line")
+        HIDDEN_KEYS+=("${line%%=*}")
     done < "$ENV_FILE"
 fi
 AVAILABLE="$(gpu_count)"
@@ -107,11 +113,18 @@ process(es) (DS_ACCELERATOR=cpu, gloo)"
         [[ "$LOCAL_SLOTS" -le "$AVAILABLE" ]] || die "hostfile gives node $NODE_RANK_ARG \
 (${HOSTS[$NODE_RANK_ARG]}) slots=$LOCAL_SLOTS but this node has $AVAILABLE usable GPU(s)"
         say "node $NODE_RANK_ARG (${HOSTS[$NODE_RANK_ARG]}): $LOCAL_SLOTS GPU process(es)"
+        if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+            # DeepSpeed's launcher numbers a node's GPUs 0..slots-1 unless told which
+            [[ "$AVAILABLE" -eq "$LOCAL_SLOTS" ]] || die "CUDA_VISIBLE_DEVICES=\
+$CUDA_VISIBLE_DEVICES gives $AVAILABLE GPU(s) but the hostfile gives node $NODE_RANK_ARG \
+slots=$LOCAL_SLOTS; make them equal"
+            INCLUDE=(--include "${HOSTS[$NODE_RANK_ARG]}:$CUDA_VISIBLE_DEVICES")
+        fi
     fi
     [[ "$NODE_RANK_ARG" -ne 0 ]] || port_free 0.0.0.0 "$PORT" || die "master port $PORT is in \
 use on node 0: give --master-port PORT with a free port"
     case "${LAUNCHER:-deepspeed}" in
-        deepspeed) MODE=(--no_ssh --node_rank "$NODE_RANK_ARG");;
+        deepspeed) MODE=(--no_ssh --node_rank "$NODE_RANK_ARG" "${INCLUDE[@]}");;
         torchrun)
             for s in "${SLOTS[@]}"; do
                 [[ "$s" -eq "$LOCAL_SLOTS" ]] || die "--launcher torchrun needs the same \
@@ -135,6 +148,9 @@ else
     command -v "$BACKEND" >/dev/null || die "'$BACKEND' (needed by --launcher $LAUNCHER) is \
 not installed here: install it (with passwordless ssh to every host), or run this script on \
 every node with --node-rank R"
+    [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] || say "CUDA_VISIBLE_DEVICES is set here but not \
+applied: ssh mode starts every node with its hostfile slots (run per node with --node-rank \
+to choose a node's GPUs)"
     # DeepSpeed forwards only a few variables to remote hosts, plus those of $DS_ENV_FILE
     FORWARD="$(mktemp "${TMPDIR:-/tmp}/attnrl_ds_env.XXXXXX")"
     printf '%s\n' "${ENV[@]}" > "$FORWARD"

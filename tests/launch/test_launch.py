@@ -158,19 +158,53 @@ def test_multinode_sh_dry_run_per_node(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=2\nnodeB slots=2\n")
     env_file = tmp_path / "node.env"
-    env_file.write_text("# per-node settings\nNCCL_SOCKET_IFNAME=eth0\n")
+    env_file.write_text("# per-node settings\nNCCL_SOCKET_IFNAME=eth0\n"
+                        "WANDB_API_KEY=secret-abc123\n")
     result = script("multinode.sh", "--hostfile", hostfile, "--config", TINY, "--node-rank", 1,
                     "--master-port", 29777, "--env-file", env_file, "--dry-run", "--seed", 3)
     assert result.returncode == 0, result.stderr
     assert "2 node(s), 4 process(es) in all; master nodeA:29777" in result.stdout
     command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
-    assert "NCCL_SOCKET_IFNAME=eth0" in command
+    # the env file's keys are shown, its values never (they land in job logs)
+    assert "NCCL_SOCKET_IFNAME=<hidden>" in command and "WANDB_API_KEY=<hidden>" in command
+    assert "secret-abc123" not in result.stdout + result.stderr and "eth0" not in command
     assert f"--hostfile {hostfile} --no_ssh --node_rank 1 --master_addr nodeA" in command
     assert command.endswith(f"--config {TINY} --seed 3")
     env_file.write_text("not an assignment\n")
     result = script("multinode.sh", "--hostfile", hostfile, "--config", TINY, "--node-rank", 1,
                     "--env-file", env_file, "--dry-run")
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
+
+
+def fake_gpus(tmp_path, count):
+    """A PATH with an `nvidia-smi -L` listing `count` GPUs. This machine has none; the
+    scripts only count the lines, so a stand-in is the one way to reach their GPU branch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: stand-in (UUID: GPU-{i})'\n" for i in range(count))
+    smi.write_text("#!/bin/sh\n" + lines)
+    smi.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_multinode_sh_per_node_respects_cuda_visible_devices(tmp_path):
+    """SLURM (or the user) gives a node GPUs 4,5: DeepSpeed is told so (--include), instead
+    of numbering that node's GPUs 0,1; a count that does not match the slots is refused."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=2\nnodeB slots=2\n")
+    path = fake_gpus(tmp_path, 8)
+    result = script("multinode.sh", "--hostfile", hostfile, "--config", TINY, "--node-rank", 1,
+                    "--dry-run", env={"PATH": path, "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert result.returncode == 0, result.stderr
+    command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
+    assert "--no_ssh --node_rank 1 --include nodeB:4\\,5" in command  # printf %q form
+    result = script("multinode.sh", "--hostfile", hostfile, "--config", TINY, "--node-rank", 1,
+                    "--dry-run", env={"PATH": path, "CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert result.returncode == 2 and "slots=2; make them equal" in result.stderr
+    result = script("multinode.sh", "--hostfile", hostfile, "--config", TINY, "--node-rank", 1,
+                    "--dry-run", env={"PATH": path})
+    assert result.returncode == 0 and "--include" not in result.stdout
 
 
 # ---------------------------------------------------------------- slurm.sbatch checks
@@ -194,6 +228,11 @@ def test_slurm_sbatch_resolves_nodes_and_hostfile(tmp_path):
                                                     "gpu-c slots=8"]
     command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
     assert "srun --nodes 3 --ntasks-per-node 1" in command
+    assert "--cpus-per-task" not in command  # none given by the allocation: srun's own
+    # srun (Slurm >= 22.05) does not inherit sbatch's --cpus-per-task: passed explicitly
+    cpus = script("slurm.sbatch", TINY, env={**env, "SLURM_CPUS_PER_TASK": "64"})
+    line = next(x for x in cpus.stdout.splitlines() if x.startswith("+ "))
+    assert "srun --nodes 3 --ntasks-per-node 1 --cpus-per-task 64 --kill-on-bad-exit=1" in line
     assert "launch/multinode.sh" in command and "--node-rank\\ \\$SLURM_NODEID" in command
     assert "--master-addr\\ gpu-a" in command and "--max_steps\\ 7" in command
     result = script("slurm.sbatch", env=env)
