@@ -25,7 +25,11 @@
 #   --weights-dir DIR             the only directory weights are loaded from (default: a
 #                                 new private directory under ${TMPDIR:-/tmp}); the trainer
 #                                 writes there (rollout_server_weights_dir, same path)
-#   --dtype DTYPE                 auto | bfloat16 | float16 | float32 (default auto)
+#   --dtype DTYPE                 auto | bfloat16 | float16 | float32 (default: the
+#                                 trainer's: --config's `dtype`, else float32, the
+#                                 trainer's default; vLLM's `auto` would load a float32
+#                                 checkpoint as bf16, off the trainer's log-probs)
+#   --config FILE                 the training config whose `dtype` the server loads
 #   --max-model-len N             prompt + completion tokens (default 4096)
 #   --gpu-memory-utilization F    fraction of each GPU for vLLM (default 0.9)
 #   --kv-cache-gib G              without GPUs: KV cache size in GiB (default 1)
@@ -35,9 +39,9 @@
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
 
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
 
-MODEL="" GPU_IDS="" HOST="127.0.0.1" PORT="8000" WEIGHTS_DIR="" DTYPE="auto" MAX_LEN="4096"
+MODEL="" GPU_IDS="" HOST="127.0.0.1" PORT="8000" WEIGHTS_DIR="" DTYPE="" MAX_LEN="4096" CONFIG=""
 GPU_UTIL="0.9" KV_GIB="1"
 EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -50,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --insecure) die "--insecure is gone: the server always needs ATTNRL_ROLLOUT_API_KEY \
 (a secret the trainer sends too)";;
         --dtype) DTYPE="${2:-}"; shift 2 || die "--dtype needs a value";;
+        --config) CONFIG="${2:-}"; shift 2 || die "--config needs a file";;
         --max-model-len) MAX_LEN="${2:-}"; shift 2 || die "--max-model-len needs a number";;
         --gpu-memory-utilization) GPU_UTIL="${2:-}"; shift 2 || die "--gpu-memory-utilization needs a fraction";;
         --kv-cache-gib) KV_GIB="${2:-}"; shift 2 || die "--kv-cache-gib needs a number";;
@@ -69,6 +74,15 @@ one here and in the trainer's environment"
 find_python
 need_int "$PORT" "--port"
 need_int "$MAX_LEN" "--max-model-len"
+if [[ -z "$DTYPE" && -n "$CONFIG" ]]; then
+    need_file "$CONFIG" "config" "give the training YAML whose dtype the server should load"
+    DTYPE="$("$PYTHON" -c "import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get('dtype') or 'float32')" "$CONFIG")" \
+        || die "--config '$CONFIG' is not a YAML mapping"
+    say "dtype $DTYPE (the trainer's, from $CONFIG)"
+elif [[ -z "$DTYPE" ]]; then
+    DTYPE="float32"
+    say "dtype float32 (the trainer's default dtype; --dtype or --config RUN.yaml for another)"
+fi
 case "$DTYPE" in auto|bfloat16|float16|float32|half|float) ;;
     *) die "--dtype '$DTYPE': choose auto, bfloat16, float16 or float32";; esac
 ENV=()

@@ -266,6 +266,22 @@ def test_vllm_server_sh_dry_run(tiny_model_dir):
     assert command.endswith("--max-num-seqs 64")
     if not HAS_GPU:
         assert "--kv-cache-memory-bytes 1073741824 --no-enable-chunked-prefill" in command
+    # the trainer's dtype, not vLLM's auto (which loads a float32 checkpoint as bf16)
+    assert "--dtype float32" in command and "the trainer's default dtype" in result.stdout
+
+
+def test_vllm_server_sh_takes_the_dtype_of_the_training_config(tiny_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\ndtype: bfloat16\n")
+    key = {"ATTNRL_ROLLOUT_API_KEY": "k"}
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                    "--config", config, "--dry-run", env=key, timeout=120)
+    assert result.returncode == 0, result.stderr
+    command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
+    assert "--dtype bfloat16" in command and f"(the trainer's, from {config})" in result.stdout
+    result = script("vllm_server.sh", "--model", tiny_model_dir, "--port", free_port(),
+                    "--config", config, "--dtype", "auto", "--dry-run", env=key, timeout=120)
+    assert "--dtype auto" in result.stdout  # an explicit --dtype wins
 
 
 def test_vllm_server_sh_loopback_by_default_with_guard_and_secret(tiny_model_dir, tmp_path):
