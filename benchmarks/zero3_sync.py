@@ -64,7 +64,7 @@ def worker(args) -> None:
     from attnrl.models import load_model
     from attnrl.rollout import make_engine
     from trainers import weight_sync
-    from trainers.grpo import skip_cpu_shm_comm_op
+    from trainers.grpo_config import skip_cpu_shm_comm_op
     from trainers.weight_sync import WeightStream, gathered_bytes
 
     skip_cpu_shm_comm_op()

@@ -1,7 +1,8 @@
 """The house's import structure, read from the source (every import statement, lazy ones
 inside functions included): the core (attnrl/) imports nothing above it (trainers/,
 rewards/, TRL), and no module of attnrl/, trainers/ or rewards/ reaches itself again through
-its imports (no import circle)."""
+its imports (no import circle). Also the house's size rule: no module of attnrl/ or
+trainers/ is longer than MAX_LINES lines (split a longer one by concern)."""
 
 import ast
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("attnrl", "trainers", "rewards")
 ABOVE_CORE = ("trainers", "rewards", "trl")
+MAX_LINES = 600
+SIZE_RULED = ("attnrl", "trainers")
 
 
 def _modules() -> dict[str, Path]:
@@ -94,3 +97,11 @@ def test_no_import_circle():
 def test_the_cycle_finder_finds_a_planted_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_module_is_longer_than_the_house_limit():
+    lengths = {str(path.relative_to(REPO)): len(path.read_text().splitlines())
+               for package in SIZE_RULED for path in sorted((REPO / package).rglob("*.py"))}
+    assert len(lengths) > 50, "the size rule found too few modules to check"
+    too_long = {name: n for name, n in lengths.items() if n > MAX_LINES}
+    assert not too_long, f"modules over {MAX_LINES} lines (split them by concern): {too_long}"

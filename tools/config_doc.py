@@ -113,7 +113,7 @@ fields with ranges](#trl-fields-with-ranges), [other TRL fields](#other-trl-fiel
 """
 JOB_TEXT = """What to train on and how the job runs; read by the job
 ([trainers/job.py](../trainers/job.py)), not passed to the trainer."""
-ATTNRL_TEXT = """Fields `AttnGRPOConfig` ([trainers/grpo.py](../trainers/grpo.py)) adds to
+ATTNRL_TEXT = """Fields `AttnGRPOConfig` ([trainers/grpo_config.py](../trainers/grpo_config.py)) adds to
 TRL's `GRPOConfig`. Formulas and the [P] / [D] tags of their defaults:
 [methods.md](methods.md)."""
 TRL_TEXT = """Fields of TRL's `GRPOConfig` that the shipped configs use, declared with
@@ -194,7 +194,7 @@ def _lora_lines(schema) -> list[str]:
     for name, (kinds, extra) in schema.LORA_KEYS.items():
         key = schema.Key(f"lora.{name}", kinds, None, "", **extra)
         lines.append(f"| `{name}` | {_cell(key.describe())} |")
-    aliases = ", ".join(f"`{a}` (write `{n}`)" for a, n in schema._LORA_ALIASES.items())
+    aliases = ", ".join(f"`{a}` (write `{n}`)" for a, n in schema.LORA_ALIASES.items())
     return lines + ["", f"Refused with a hint: {aliases}."]
 
 

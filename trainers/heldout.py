@@ -3,7 +3,7 @@ reasoning-vector merge) on the same held-out problems, plus an optional greedy l
 curve during training.
 
 The job keys of this feature are parsed in trainers/heldout_keys.py (declared in
-trainers/schema.py); the
+trainers/schema_declarations.py); the
 evaluation itself is attnrl.evaluation's, run on the trainer's own rollout engine (synced to
 the current weights) so no second engine starts. Files, under OUTPUT_DIR/heldout/:
     before.json, after.json   attnrl.evaluation result dicts (one model each), with the

@@ -1,6 +1,6 @@
 """Held-out evaluation and reasoning-vector job keys: parsed and checked here, without
-heavy imports (trainers/schema.py declares each key's type and default and calls
-`validate` for the rules between keys). `None` means the documented default.
+heavy imports (trainers/schema_declarations.py declares each key's type and default;
+trainers/schema_checks.py and trainers/schema_rules.py call the checks here). `None` means the documented default.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ data/rewards/model/trainer, run.
 
 A config is one flat mapping. Job keys say what to train on; every other key is a field of
 the trainer's config class (AttnGRPOConfig / NSRConfig, i.e. TRL's GRPOConfig plus attnrl's
-fields). Every key, its type, range and default is declared in trainers/schema.py; this
-module parses YAML and command-line overrides and checks them there, importing nothing
+fields). Every key, its type, range and default is declared in
+trainers/schema_declarations.py; this module parses YAML and command-line overrides and
+checks them with trainers/schema.py, importing nothing
 heavy (no torch, TRL or vLLM), so a bad value fails in well under a second.
 """
 
@@ -24,7 +25,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 COMMAND_LINE = "command line"
 
 JOB_FIELDS = {k.name: k.doc for k in JOB_KEYS}
-"""Job keys and what they mean (the declarations are in trainers/schema.py)."""
+"""Job keys and what they mean (the declarations are in trainers/schema_declarations.py)."""
 
 
 def trainer_config_class(trainer: str):
