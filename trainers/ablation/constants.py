@@ -9,7 +9,6 @@ from pathlib import Path
 
 from trainers.ablation.registered import CONTROL
 
-
 DEFAULT_STRATEGIES = ("uniform", "coupled", "random", CONTROL)
 
 
