@@ -58,9 +58,21 @@ def train_seed(config: str, seed: int, run_dir: Path, result_dir: Path, sets: li
     for name in COPIED:
         shutil.copy(run_dir / name, result_dir / Path(name).name)
     (result_dir / "wall_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
+    scrub(result_dir)
     if not keep_models:
         for path in [run_dir / "final", *run_dir.glob("checkpoint-*")]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def scrub(folder: Path) -> None:
+    """Write the machine's checkout path out of the copied files (logs and the recorded
+    config name absolute paths): paths become relative to the repository."""
+    for path in folder.iterdir():
+        if path.is_file() and path.suffix in (".txt", ".yaml", ".json", ".jsonl"):
+            text = path.read_text()
+            clean = text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+            if clean != text:
+                path.write_text(clean)
 
 
 def equivalence_check(config: dict, rows: list[dict]) -> int:
@@ -97,6 +109,7 @@ def aggregate(result_root: Path, seeds: list[int], name: str) -> dict:
         folder = result_root / f"seed{seed}"
         if not (folder / "summary.json").exists():
             continue
+        scrub(folder)
         summary = json.loads((folder / "summary.json").read_text())
         rows = [json.loads(x) for x in (folder / "problems.jsonl").read_text().splitlines()]
         config = yaml.safe_load((folder / "config.yaml").read_text())

@@ -135,3 +135,27 @@ def test_main_job_pool_twins_are_not_held_out():
     # 155 forms exist (55 sums up to order, 100 differences): 107 are outside the pool
     with pytest.raises(Exception, match="only 107 problems"):
         draw_unseen("chain_sum", 108, 10_000, ONE_DIGIT, pool)
+
+
+def test_committed_main_job_records_are_equivalence_free():
+    """The main job's committed held-out records (benchmarks/results/main_job): every
+    problem's question and canonical form (its operands swapped by hand for sums) are
+    outside the training pool rebuilt from the run's own recorded config."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "main_job"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    rows = [json.loads(x) for x in (folder / "problems.jsonl").read_text().splitlines() if x]
+    pool = TrainingPool.from_config(config)
+    texts = pool.questions()
+    assert len(rows) == config["eval_size"] == 107
+    for row in rows:
+        a, op, b = _operands(row["question"])
+        forms = {normalize_question(row["question"])}
+        if op == "+":
+            forms.add(normalize_question(row["question"].replace(f"{a} + {b} =",
+                                                                 f"{b} + {a} =")))
+        assert not forms & texts, row["question"]
