@@ -70,11 +70,15 @@ def _check_settings(num_problems, n, temperature, top_p, max_tokens) -> None:
         raise UserError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
 
 
-def _generate_and_score(engine, records, prompt_ids, sampling, threshold):
+def _generate_and_score(engine, records, prompt_ids, sampling, threshold, first=0):
+    """Per problem: texts, rewards, 0/1 correctness, token counts; and the seconds taken.
+    Problem p is problem `first + p` of the whole list (its sampling seeds)."""
     from attnrl.answers import answer_reward
+    from attnrl.rollout.seeds import call_seeds
 
     start = time.perf_counter()
-    groups = engine.generate(prompt_ids, sampling)
+    groups = engine.generate(prompt_ids, sampling,
+                             seeds=call_seeds(sampling.seed, len(prompt_ids), sampling.n, first))
     seconds = time.perf_counter() - start
     rows = []
     for record, group in zip(records, groups):
@@ -112,6 +116,18 @@ def score_with_engine(rollout, records, prompt_ids, n: int, temperature: float =
     0/1, 'rewards', 'tokens', 'mean_reward', 'generate_seconds', 'greedy_accuracy',
     'greedy_correct' [problem] 0/1 (None without greedy), '_rows' / '_greedy_rows' (texts;
     callers drop them)."""
+    rows = score_rows(rollout, records, prompt_ids, n, temperature, top_p, max_tokens, seed,
+                      greedy, correct_threshold)
+    return entry_from_rows(rows["rows"], rows["greedy_rows"], n, rows["seconds"])
+
+
+def score_rows(rollout, records, prompt_ids, n: int, temperature: float, top_p: float,
+               max_tokens: int, seed: int, greedy: bool,
+               correct_threshold: float = CORRECT_THRESHOLD, first: int = 0) -> dict:
+    """The generated and scored rows of `score_with_engine`, before any aggregate:
+    {'rows', 'greedy_rows' (None without greedy), 'seconds'}. The problems may be a slice
+    of a longer list starting at problem `first` (e.g. one rank's share): each sample keeps
+    the seed it has in the whole list, so the rows do not depend on the split."""
     from attnrl.rollout import SamplingConfig
 
     if n < 0 or (n == 0 and not greedy):
@@ -121,14 +137,20 @@ def score_with_engine(rollout, records, prompt_ids, n: int, temperature: float =
         rows, seconds = _generate_and_score(
             rollout, records, prompt_ids,
             SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                           seed=seed), correct_threshold)
+                           seed=seed), correct_threshold, first)
     greedy_rows = None
     if greedy:
         greedy_rows, greedy_seconds = _generate_and_score(
             rollout, records, prompt_ids,
             SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens, seed=seed),
-            correct_threshold)
+            correct_threshold, first)
         seconds += greedy_seconds
+    return {"rows": rows, "greedy_rows": greedy_rows, "seconds": seconds}
+
+
+def entry_from_rows(rows: list[dict], greedy_rows: list[dict] | None, n: int,
+                    seconds: float) -> dict:
+    """`score_with_engine`'s entry from the rows of every problem (in problem order)."""
     correct = [row["correct"] for row in rows]
     greedy_correct = None if greedy_rows is None else [r["correct"][0] for r in greedy_rows]
     return {"pass_at_k": ({str(k): v for k, v in

@@ -3,9 +3,11 @@ reasoning-vector merge) on the same held-out problems, plus an optional greedy l
 curve during training.
 
 The job keys of this feature are parsed in trainers/heldout_keys.py (declared in
-trainers/schema_declarations.py); the
-evaluation itself is attnrl.evaluation's, run on the trainer's own rollout engine (synced to
-the current weights) so no second engine starts. Files, under OUTPUT_DIR/heldout/:
+trainers/schema_declarations.py); the evaluation itself is attnrl.evaluation's, run on the
+trainer's own rollout engines (synced to the current weights) so no second engine starts:
+each rank scores its share of the problems and rank 0 gathers them
+(trainers/heldout_split.py), with the numbers one rank would get. Files, under
+OUTPUT_DIR/heldout/:
     before.json, after.json   attnrl.evaluation result dicts (one model each), with the
                               draw's counts ('heldout') and every problem's greedy answer
     problems.jsonl            per problem: question, gold, greedy answer and correctness
@@ -46,7 +48,8 @@ from trainers.heldout_keys import (  # noqa: F401  (re-exported)
 
 class HeldoutEvaluator:
     """Evaluates the trainer's current policy on the held-out problems through the
-    trainer's rollout engine (rank 0 generates; every rank syncs, as ZeRO-3 gathers)."""
+    trainer's rollout engine: every rank syncs its engine (ZeRO-3 gathers), scores its own
+    share of the problems and hands it to rank 0 in one gather (trainers/heldout_split.py)."""
 
     def __init__(self, settings: HeldoutSettings, tokenizer, out_dir, engine_name: str,
                  draw=None):
@@ -68,22 +71,18 @@ class HeldoutEvaluator:
                              reward="gym" if "entry" in self.records[0].metadata else "math")
 
     def run(self, trainer, label: str, samples: int) -> dict:
-        """An evaluation result dict of the current weights ('models' holds one entry)."""
-        from attnrl.evaluation import sample_texts, score_with_engine
+        """An evaluation result dict of the current weights ('models' holds one entry) on
+        rank 0; the other ranks get the header only. Every rank must call it."""
+        from attnrl.evaluation import sample_texts
+        from trainers.heldout_split import gather_shares, merge_shares, score_share
 
         trainer.sync_engine_weights()
         result = self.header(samples)
-        if not trainer.is_world_process_zero() and not in_rank0_tp_group(trainer.engine):
+        parts = gather_shares(score_share(trainer.engine, self.records, self.prompt_ids,
+                                          samples, self.settings, EVAL_TOP_P))
+        if parts is None:
             return result
-        s = self.settings
-        # a tensor-parallel engine spans rank 0's group: every rank of it submits the same
-        # requests (the engine gathers the group's prompts), so none is left to pair the
-        # evaluation's gather with its training one; the others' results are dropped
-        entry = score_with_engine(trainer.engine, self.records, self.prompt_ids, samples,
-                                  s.temperature, EVAL_TOP_P, s.max_tokens, s.seed,
-                                  greedy=True)
-        if not trainer.is_world_process_zero():
-            return result
+        entry = merge_shares(parts, samples)
         texts = sample_texts(self.records, entry)
         entry.pop("_rows")
         entry.pop("_greedy_rows")
@@ -94,17 +93,6 @@ class HeldoutEvaluator:
         result["problems"] = [{"index": t["index"], "question": t["question"],
                                "gold": t["gold"], "greedy": t["greedy"]} for t in texts]
         return result
-
-
-def in_rank0_tp_group(engine) -> bool:
-    """Whether this process is one of the ranks of rank 0's tensor-parallel rollout engine
-    (VLLMEngine.tp_group, a torch.distributed subgroup; None without tensor parallelism)."""
-    group = getattr(engine, "tp_group", None)
-    if group is None:
-        return False
-    import torch.distributed as dist
-
-    return 0 in dist.get_process_group_ranks(group)
 
 
 def _rank_zero_says(flag: bool) -> bool:

@@ -3,7 +3,8 @@
 A seed is a hash of integer coordinates into 63 bits (`sample_seed`), so two completions
 share a seed only if all their coordinates are equal (up to a 2^-63 hash collision):
 
-- `attnrl generate` / `attnrl eval`: (call seed, prompt index, sample index);
+- `attnrl generate` / `attnrl eval` / a job's held-out evaluation: (call seed, prompt
+  index, sample index), the index in the whole problem list also where ranks split it;
 - training: (run seed, phase, optimizer step, generation call within the step, global row),
   where the global row is the completion's index in the whole generation batch across
   ranks (the rows of the lower ranks + local row, `first_rows`: ranks may hold different
@@ -32,11 +33,15 @@ def sample_seed(*coords: int) -> int:
     return int.from_bytes(digest, "little") >> (64 - SEED_BITS)
 
 
-def call_seeds(seed: int | None, num_prompts: int, n: int) -> SampleSeeds | None:
-    """Seeds of one `generate` call: sample j of prompt p gets sample_seed(seed, p, j)."""
+def call_seeds(seed: int | None, num_prompts: int, n: int,
+               first: int = 0) -> SampleSeeds | None:
+    """Seeds of one `generate` call: sample j of prompt p gets sample_seed(seed, p, j),
+    for p = first .. first + num_prompts - 1 (`first`: the call's prompts are a slice,
+    starting there, of a longer prompt list, e.g. one rank's share of an evaluation)."""
     if seed is None:
         return None
-    return [[sample_seed(seed, p, j) for j in range(n)] for p in range(num_prompts)]
+    return [[sample_seed(seed, p, j) for j in range(n)]
+            for p in range(first, first + num_prompts)]
 
 
 def training_seeds(seed: int | None, phase: str, step: int, call: int, first_row: int,

@@ -8,11 +8,20 @@ REPORT_DIR/rollouts_rank{R}.json   [{"step", "prompt_ids", "completion_ids", "lo
 REPORT_DIR/metrics_rank{R}.json    the trainer's log history
 REPORT_DIR/engine_rank{R}.json     in-process vLLM: its executor, the device index its worker
                                    took (cuda:<local_rank> on GPUs), its world and TP groups
+REPORT_DIR/evals_rank{R}.json      per held-out evaluation: {"step", "requests"}, the requests
+                                   this rank's engine ran in it (vLLM: those its LLM.generate
+                                   got, a tensor-parallel group's included; hf: prompts x n)
+
+--eval_delay S (the worker's, not a job key): every generate call of a held-out evaluation
+sleeps S seconds per prompt it scores, a stand-in for long generations.
+--pg_timeout S (the worker's): the process group gets a timeout of S seconds for each
+collective (on CPU, transformers passes accelerate no timeout: ddp_timeout is not used).
 """
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,15 +40,90 @@ def vllm_facts(llm) -> dict:
             "seed": engine.vllm_config.model_config.seed}
 
 
+def record_evaluations(evals: list, delay: float, vllm: bool) -> None:
+    """Wraps HeldoutEvaluator.run (counting the engine's requests inside it: vLLM's
+    LLM.generate when `vllm`, else HFEngine.generate) and the evaluation's
+    generate-and-score step (sleeping `delay` s per prompt)."""
+    from attnrl import evaluation
+    from attnrl.rollout.hf import HFEngine
+    from trainers.heldout import HeldoutEvaluator
+
+    run, score, hf_generate = HeldoutEvaluator.run, evaluation._generate_and_score, \
+        HFEngine.generate
+    state = {"requests": None}
+
+    def counting_run(self, trainer, *args, **kwargs):
+        state["requests"] = 0
+        try:
+            return run(self, trainer, *args, **kwargs)
+        finally:
+            evals.append({"step": trainer.state.global_step, "requests": state["requests"]})
+            state["requests"] = None
+
+    def slow_score(engine, records, prompt_ids, *args, **kwargs):
+        time.sleep(delay * len(prompt_ids))
+        return score(engine, records, prompt_ids, *args, **kwargs)
+
+    def counting_hf(self, prompts, sampling, *args, **kwargs):
+        if state["requests"] is not None:
+            state["requests"] += len(prompts) * sampling.n
+        return hf_generate(self, prompts, sampling, *args, **kwargs)
+
+    HeldoutEvaluator.run, evaluation._generate_and_score = counting_run, slow_score
+    HFEngine.generate = counting_hf
+    if not vllm:
+        return
+    from vllm import LLM
+
+    llm_generate = LLM.generate
+
+    def counting_vllm(self, prompts, *args, **kwargs):
+        if state["requests"] is not None:
+            state["requests"] += len(prompts)
+        return llm_generate(self, prompts, *args, **kwargs)
+
+    LLM.generate = counting_vllm
+
+
+def process_group_timeout(timeout_s: float) -> None:
+    """Every process group started in this process (accelerate's, where it starts it) gets a
+    timeout of `timeout_s` seconds for each collective."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    init = dist.init_process_group
+
+    def with_timeout(*args, **kwargs):
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+        return init(*args, **kwargs)
+
+    dist.init_process_group = with_timeout
+
+
+def pop_option(rest: list[str], name: str) -> str | None:
+    """The value of `name VALUE` in `rest`, removed from it (None when absent)."""
+    if name not in rest:
+        return None
+    at = rest.index(name)
+    value = rest[at + 1]
+    del rest[at:at + 2]
+    return value
+
+
 def main(argv: list[str]) -> None:
     from trainers.cli import run_job
     from trainers.grpo import AttnGRPOTrainer
     from trainers.job import load_config, parse_overrides
 
     report_dir, rest = Path(argv[0]), argv[1:]
-    config_path = rest[rest.index("--config") + 1]
-    rest = rest[:rest.index("--config")] + rest[rest.index("--config") + 2:]
-    calls, facts = [], {}
+    config_path = pop_option(rest, "--config")
+    calls, facts, evals = [], {}, []
+    record_evaluations(evals, float(pop_option(rest, "--eval_delay") or 0),
+                       vllm="vllm" in rest)
+    timeout = pop_option(rest, "--pg_timeout")
+    if timeout is not None:
+        process_group_timeout(float(timeout))
     generate = AttnGRPOTrainer._generate_single_turn
 
     def recording(self, prompt_ids, *args, **kwargs):  # records, changes nothing
@@ -56,6 +140,7 @@ def main(argv: list[str]) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rollouts_rank{rank}.json").write_text(json.dumps(calls))
     (report_dir / f"engine_rank{rank}.json").write_text(json.dumps(facts))
+    (report_dir / f"evals_rank{rank}.json").write_text(json.dumps(evals))
     (report_dir / f"metrics_rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
 
 

@@ -100,14 +100,17 @@ def test_vllm_tensor_parallel_two_processes(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_vllm_tensor_parallel_with_heldout_evaluation(tiny_model_dir, tmp_path):
     """Held-out evaluation before and after training with one tensor-parallel engine over
-    both ranks: every rank of rank 0's TP group submits the evaluation's requests, so no
-    rank pairs its evaluation gather with another's training gather (before: a TP desync
-    or a hang). Both evaluations are written, and training rollouts are as without it."""
+    both ranks: each rank submits its own half of the problems, the engine gathers them and
+    runs each request once (4 problems x (2 samples + greedy) = 12, not 12 per rank). Both
+    evaluations are written, and training rollouts are as without it."""
     calls, _, engines = run(tiny_model_dir, tmp_path, "vllm",
                             "--vllm_tensor_parallel_size", "2", "--eval_size", "4",
                             "--eval_samples", "2", "--eval_max_tokens", "8")
     assert all(facts["tp_size"] == 2 for facts in engines)
     assert_groups_distinct(calls)
+    for rank in range(2):  # each rank's LLM: the group's requests, before and after
+        evals = json.loads((tmp_path / "report" / f"evals_rank{rank}.json").read_text())
+        assert evals == [{"step": 0, "requests": 12}, {"step": 2, "requests": 12}], evals
     for kind in ("before", "after"):
         result = json.loads((tmp_path / "run" / "heldout" / f"{kind}.json").read_text())
         assert len(result["problems"]) == 4, result
