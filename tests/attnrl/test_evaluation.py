@@ -168,7 +168,7 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
     assert default == {"task": "chain_sum", "instruction": "", "system_prompt": None,
                        "task_kwargs": config["task_kwargs"], "seed": HELDOUT_SEED_OFFSET,
                        # the run's held-out evaluation: size, samples, temperature, length
-                       "num_problems": 128, "n": 2, "temperature": None, "max_tokens": 64,
+                       "num_problems": config["eval_size"], "n": 2, "temperature": None, "max_tokens": 64,
                        "engine": "vllm"}
     # the run's training pool, whose questions are never evaluated
     assert (pool.task, pool.size, pool.seed, pool.kwargs) == \
