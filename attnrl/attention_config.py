@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+SOFTCAPPING = ("eager", "flash_attention_2", "flex_attention")
+"""Attention implementations that apply `softcap` (sdpa ignores it)."""
 SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 """`layer_types` entries whose layers compute softmax attention (an attention map)."""
 

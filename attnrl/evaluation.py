@@ -17,6 +17,7 @@ import math
 import time
 from pathlib import Path
 
+from attnrl import eval_engine
 from attnrl.errors import UserError
 
 CORRECT_THRESHOLD = 1.0
@@ -354,8 +355,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help=f"({run_or} 512)")
     parser.add_argument("--engine", choices=("vllm", "hf"), default=None,
                         help=f"({run_or} vllm)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="model dtype in the engine (default: the engine's, float32)")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"call seed: the task's prompts and, per sample, its own sampling "
                         f"seed (a hash of seed, prompt index, sample index); default 0, with "
@@ -367,12 +366,7 @@ def add_arguments(parser) -> None:
                         help="reward at or above which a sample counts as correct")
     parser.add_argument("--out", default="eval_out",
                         help="output directory for passk.json, passk.png, samples.jsonl")
-
-
-def _dtype_kwargs(name: str | None) -> dict:
-    import torch
-
-    return {} if name is None else {"dtype": getattr(torch, name)}
+    eval_engine.add_engine_arguments(parser)
 
 
 def read_run_config(config_path: str) -> tuple[dict, Path]:
@@ -502,6 +496,8 @@ def run(args) -> int:
     if args.config and not args.greedy:
         args.greedy = True  # a run's held-out evaluation reports greedy accuracy
     _check_settings(args.num_problems, args.n, args.temperature, args.top_p, args.max_tokens)
+    built_with = eval_engine.engine_kwargs(  # the engine's flags, else the run's settings
+        args, read_run_config(args.config)[0] if args.config else None, args.engine)
     from attnrl import cli_checks
 
     for model in args.model:  # before torch and any engine
@@ -517,7 +513,7 @@ def run(args) -> int:
                       temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, engine=args.engine, seed=settings["seed"],
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
-                      keep_texts=True, engine_kwargs=_dtype_kwargs(args.dtype),
+                      keep_texts=True, engine_kwargs=built_with,
                       task_kwargs=settings["task_kwargs"], instruction=settings["instruction"],
                       system_prompt=settings["system_prompt"], notice=note,
                       pool=settings["pool"])

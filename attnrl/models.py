@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from attnrl.attention_config import SOFTCAPPING
 from attnrl.cli_checks import SMOLLM2_NAMES
 from attnrl.errors import UserError
 
@@ -124,10 +125,6 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-SOFTCAPPING = ("eager", "flash_attention_2", "flex_attention")
-"""Attention implementations that apply `softcap` (sdpa ignores it)."""
 
 
 def load_model(name_or_path, dtype=torch.float32, attn_implementation: str | None = None,

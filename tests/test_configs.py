@@ -93,3 +93,18 @@ def test_unknown_credit_and_estimator_fail(tmp_path):
         path.write_text(yaml.safe_dump({**config, key: value}))
         with pytest.raises(UserError, match=hint):
             load_config(path)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=ids(EXPERIMENTS))
+def test_long_completion_configs_state_their_importance_sampling_mode(path):
+    """Above LONG_COMPLETION tokens the mode is token-level by default; the shipped configs
+    say so themselves, with a comment (trainers/schema_engine.py)."""
+    from trainers.schema_engine import LONG_COMPLETION
+
+    raw = yaml.safe_load(path.read_text())
+    if raw["max_completion_length"] <= LONG_COMPLETION:
+        return
+    assert raw.get("vllm_importance_sampling_mode") in ("token_truncate", "token_mask")
+    line = next(t for t in path.read_text().splitlines()
+                if t.startswith("vllm_importance_sampling_mode:"))
+    assert "#" in line

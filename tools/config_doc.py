@@ -82,7 +82,7 @@ TRL_GROUPS = [
             "generation_kwargs")),
     ("Loss", "docs/methods.md section 6.",
      _names("beta", "epsilon", "num_iterations", "loss_type", "scale_rewards", "entropy_coef",
-            "multi_objective_aggregation")),
+            "multi_objective_aggregation", "vllm_importance_sampling_mode")),
     ("Device, precision and memory", "",
      _names("bf16", "use_cpu", "gradient_checkpointing", "deepspeed")),
     ("Checkpoints and loggers", "",
@@ -108,7 +108,8 @@ bookkeeping). Rules between keys (batch divisibility, `signal_h_lo <= signal_h_h
 too.
 
 Contents: [job keys](#job-keys), [attnrl trainer fields](#attnrl-trainer-fields), [TRL
-fields with ranges](#trl-fields-with-ranges), [other TRL fields](#other-trl-fields),
+fields with ranges](#trl-fields-with-ranges), [TRL's generation and model-loading
+fields](#trls-generation-and-model-loading-fields), [other TRL fields](#other-trl-fields),
 [LoRA](#lora), [rewards](#rewards).
 """
 JOB_TEXT = """What to train on and how the job runs; read by the job
@@ -119,6 +120,15 @@ TRL's `GRPOConfig`. Formulas and the [P] / [D] tags of their defaults:
 TRL_TEXT = """Fields of TRL's `GRPOConfig` that the shipped configs use, declared with
 ranges. Defaults are TRL's except where noted; under `trainer: nsr` `NSRConfig`
 ([trainers/nsr.py](../trainers/nsr.py)) changes some (noted)."""
+ENGINE_TEXT = """TRL's fields for its own generation backends (its vLLM engine and server,
+transformers generation) and for loading the model
+([trainers/schema_engine.py](../trainers/schema_engine.py)). attnrl generates with its own
+engine (`rollout_engine`) and loads the policy itself, so each of these either works, is
+TRL's name of an attnrl key (mapped onto it: the run records attnrl's key; giving both with
+different values is refused), or accepts only TRL's default (any other value: exit 2, one
+line saying what to write instead). `vllm_importance_sampling_correction`, `_clip_max`,
+`_clip_min` (and the deprecated `_cap`) are TRL's and apply as in TRL (attnrl's engines
+return the log-probs TRL's vLLM does)."""
 GENERIC_TEXT = """Every other field of TRL's `GRPOConfig` (TRL {version}), with the type and
 default recorded in [trainers/trl_fields.py](../trainers/trl_fields.py) (generated from the
 installed TRL by `python -m trainers.schema_sync`). They are passed to TRL unchanged; their
@@ -217,7 +227,7 @@ def render() -> str:
     from trainers import schema
     from trainers.trl_fields import TRL_VERSION
 
-    declared_trl = {k.name for k in schema.TRL_KEYS}
+    declared_trl = {k.name for k in schema.TRL_KEYS + schema.TRL_ENGINE_KEYS}
     generic = [schema.KEYS[n] for n in schema.KEYS
                if n not in schema.DECLARED and n not in declared_trl]
     lines = ["# Configuration", "",
@@ -230,6 +240,8 @@ def render() -> str:
     lines += _grouped(schema.ATTNRL_KEYS, ATTNRL_GROUPS, schema)
     lines += ["", "## TRL fields with ranges", ""] + _paragraphs(TRL_TEXT)
     lines += _grouped(schema.TRL_KEYS, TRL_GROUPS, schema)
+    lines += ["", "## TRL's generation and model-loading fields", ""]
+    lines += _paragraphs(ENGINE_TEXT) + [""] + _table(schema.TRL_ENGINE_KEYS, schema)
     lines += ["", "## Other TRL fields", ""]
     lines += _paragraphs(GENERIC_TEXT.format(version=TRL_VERSION))
     lines += [""] + _table(generic, schema)

@@ -77,12 +77,15 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     # held-out problems never in the training pool: drawn (or refused) before anything is
     # written or loaded
     heldout_draw = heldout.draw() if heldout.enabled else None
+    # device keys and the engine settings by device, recorded; refused ones before the lock
+    chosen, line = machine.choose(config)
+    chosen.update(machine.engine_choices({**resolved, **chosen}))
+    config, resolved = {**config, **chosen}, {**resolved, **chosen}
+    machine.check_device_keys(resolved)
     lock = run_dir.RunLock(resolved["output_dir"])
     if run_dir._rank0():
         lock.acquire()
     try:
-        chosen, line = machine.choose(config)
-        config, resolved = {**config, **chosen}, {**resolved, **chosen}
         resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
         if line and run_dir._rank0():
             print(line, flush=True)
@@ -145,7 +148,8 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
     args.reward_weights = weights
     dtype = torch.bfloat16 if resolved["dtype"] == "bfloat16" else torch.float32
     with _phase(f"loading the policy ({resolved['model']}, {resolved['dtype']})"):
-        model = load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype,
+                           attn_implementation=resolved["attn_implementation"])
     model.train()
     peft_config = None
     if resolved["lora"]:

@@ -165,7 +165,10 @@ class AttnGRPOTrainer(GRPOTrainer):
                                kv_cache_gib=config.rollout_kv_cache_gib,
                                gpu_memory_utilization=config.rollout_gpu_memory_utilization,
                                seed=config.seed, colocate=self.accelerator.num_processes > 1,
-                               tensor_parallel_size=config.vllm_tensor_parallel_size)
+                               tensor_parallel_size=config.vllm_tensor_parallel_size,
+                               enforce_eager=config.rollout_enforce_eager,
+                               enable_chunked_prefill=config.rollout_enable_chunked_prefill,
+                               enable_sleep_mode=config.vllm_enable_sleep_mode)
         # the policy copy in the dtype the policy trains in, on this rank's device
         dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
         return make_engine("hf", path, batch_size=config.per_device_train_batch_size,
@@ -223,6 +226,8 @@ class AttnGRPOTrainer(GRPOTrainer):
                                   seed=None)
         seeds = None if rows is None else [rows[i:i + n] for i in range(0, len(rows), n)]
         groups = self.engine.generate(prompt_ids[::n], sampling, seeds=seeds)
+        if config.vllm_enable_sleep_mode:  # its memory to the optimizer step until next time
+            self.engine.sleep()
         completion_ids = [c.token_ids for g in groups for c in g]
         logprobs = [c.logprobs for g in groups for c in g]
         self._metrics["train" if self.model.training else "eval"]["time/generation"].append(

@@ -99,18 +99,31 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "vLLM GPU memory fraction on CUDA nodes (colocated with training)."})
     rollout_max_model_len: int | None = field(default=None, metadata={
         "help": "vLLM max sequence length; None = max(2048, max_completion_length + 1024)."})
+    rollout_enforce_eager: bool | None = field(default=None, metadata={
+        "help": "vLLM without CUDA graphs; None = by device (attnrl/rollout/engine_settings.py: "
+                "true on CPU, false on GPUs)."})
+    rollout_enable_chunked_prefill: bool | None = field(default=None, metadata={
+        "help": "vLLM chunked prefill; None = by device (false on CPU, true on GPUs)."})
+    # ---- TRL's field, attnrl's default (trainers/schema_engine.py: default_is_mode)
+    vllm_importance_sampling_mode: str | None = field(default=None, metadata={
+        "help": "TRL's importance-sampling mode; None = token_truncate for completions longer "
+                "than 1024 tokens (or loss_type vespo), else sequence_mask."})
     metrics_jsonl: str | None = field(default="metrics.jsonl", metadata={
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
     def __post_init__(self):
         from attnrl.errors import UserError
         from trainers.schema import liger_problem, top_p_problem
+        from trainers.schema_engine import default_is_mode, engine_key_problems
 
         check_reward_aggregation(self.multi_objective_aggregation)
         for problem in (top_p_problem(self.top_p, self.vllm_importance_sampling_correction),
-                        liger_problem(self.use_liger_kernel)):
+                        liger_problem(self.use_liger_kernel), *engine_key_problems(self)):
             if problem:  # before any model loads (run_job builds the config first)
                 raise UserError(problem)
+        if self.vllm_importance_sampling_mode is None:
+            self.vllm_importance_sampling_mode = default_is_mode(self.max_completion_length,
+                                                                 self.loss_type)
         if self.deepspeed:
             set_single_process_env()
             skip_cpu_shm_comm_op()

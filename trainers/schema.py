@@ -15,6 +15,8 @@ schema's parts, so `from trainers.schema import ...` reaches all of them:
     trainers/schema_checks.py        checks of single values (Key's `check=`), check_paths
     trainers/schema_declarations.py  the keys: JOB_KEYS, ATTNRL_KEYS, TRL_KEYS, KEYS, default
     trainers/schema_rules.py         rules between keys (batch sizes, layers, attention, ...)
+    trainers/schema_engine.py        TRL's generation / model-loading fields: mapped onto
+                                     attnrl's keys, used, or refused; the IS-mode default
 Adding a key is one declaration, `Key(name, kinds, default, doc, ...)`, in
 trainers/schema_declarations.py (see there).
 """
@@ -45,6 +47,7 @@ from trainers.schema_declarations import (
     TRL_KEYS,
     default,
 )
+from trainers.schema_engine import TRL_ENGINE_KEYS, TRL_TO_ATTNRL, default_is_mode, map_trl_keys
 from trainers.schema_key import BadValue, Key, coerce
 from trainers.schema_names import (
     ESTIMATORS,
@@ -70,9 +73,10 @@ __all__ = [  # the schema's parts, re-exported: import them from here
     "ATTENTION_CREDIT", "ATTNRL_DEFAULT_TRL", "ATTNRL_KEYS", "CREDIT_STRATEGIES",
     "DECLARED", "ESTIMATORS", "FREE_TRL_FIELDS", "JOB_KEYS", "JOB_KEY_NAMES", "KEYS",
     "LORA_ALIASES", "LORA_KEYS", "LOSS_TYPES", "MACHINE_DEFAULT_TRL", "NSR_DEFAULTS",
-    "REPORT_TO", "REWARDS", "SIGNED_CREDIT", "SMOLLM2_NAMES", "TRL_FIELDS", "TRL_KEYS",
-    "Key", "check_attention", "check_config", "check_layers", "check_lora_tied",
-    "check_paths", "check_value", "coerce", "credit_problem", "default",
+    "REPORT_TO", "REWARDS", "SIGNED_CREDIT", "SMOLLM2_NAMES", "TRL_ENGINE_KEYS",
+    "TRL_FIELDS", "TRL_KEYS", "TRL_TO_ATTNRL", "Key", "check_attention", "check_config",
+    "check_layers", "check_lora_tied", "check_paths", "check_value", "coerce",
+    "credit_problem", "default", "default_is_mode",
     "liger_problem", "model_layers", "parse_allow_list", "resolve", "top_p_problem",
     "unknown_key", "world_size",
 ]
@@ -109,16 +113,18 @@ def unknown_key(name: str, where: str) -> UserError:
 
 def check_config(config: dict, sources: dict[str, str] | None = None,
                  bare: set[str] | frozenset = frozenset(), source: str = "config") -> dict:
-    """Every key known and every value allowed, then the rules between keys. Returns the
-    checked config (values normalised, e.g. '1e-5' -> 1e-05); `sources[key]` says where a
-    value came from (file path or 'command line')."""
-    sources = sources or {}
+    """Every key known and every value allowed, TRL's names of attnrl's engine settings
+    replaced by attnrl's (trainers/schema_engine.py), then the rules between keys. Returns
+    the checked config (values normalised, e.g. '1e-5' -> 1e-05); `sources[key]` says where
+    a value came from (file path or 'command line')."""
+    sources = dict(sources or {})
     checked = {}
     for name, value in config.items():
         where = sources.get(name, source)
         if name not in KEYS:
             raise unknown_key(name, where)
         checked[name] = check_value(name, value, where, bare=name in bare)
+    checked = map_trl_keys(checked, sources, source, check_value)
     check_together(checked, lambda *names: " and ".join(
         sorted({sources.get(n, source) for n in names if n in checked} or {source})))
     return checked
@@ -130,6 +136,9 @@ def resolve(config: dict) -> dict:
     trainer = config.get("trainer", "grpo")
     resolved = {name: config.get(name, default(name, trainer)) for name in DECLARED}
     resolved.update({k: v for k, v in config.items() if k not in resolved})
+    if resolved["vllm_importance_sampling_mode"] is None:
+        resolved["vllm_importance_sampling_mode"] = default_is_mode(
+            resolved["max_completion_length"], resolved["loss_type"])
     if resolved["resume"] is True:
         resolved["resume"] = "auto"
     elif resolved["resume"] is False:

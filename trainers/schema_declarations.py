@@ -25,8 +25,9 @@ from trainers.schema_checks import (
     reward_options_problem,
     rewards_problem,
 )
+from trainers.schema_engine import IS_MODES, LONG_COMPLETION, LONG_IS_MODE, TRL_ENGINE_KEYS
 from trainers.schema_key import Key
-from trainers.schema_names import ESTIMATORS, LOSS_TYPES, REPORT_TO
+from trainers.schema_names import ATTN_IMPLEMENTATIONS, ESTIMATORS, LOSS_TYPES, REPORT_TO
 from trainers.trl_fields import TRL_FIELDS
 
 JOB_KEYS = [
@@ -52,6 +53,12 @@ JOB_KEYS = [
         allowed="null or a mapping of LoRA settings (r >= 1, lora_alpha > 0, ...)"),
     Key("dtype", "str", "float32", "policy weights: float32 | bfloat16",
         choices=("float32", "bfloat16")),
+    Key("attn_implementation", "str|null", None, "the policy's attention in transformers "
+        "(null: sdpa, or eager for a model with softcapped attention logits); "
+        "flash_attention_2/3 need a CUDA GPU and their package. Attention-signal credit "
+        "runs its own sdpa capture in the loss forward whatever this says; QK credit under "
+        "gradient checkpointing refuses eager", choices=ATTN_IMPLEMENTATIONS,
+        resume="allowed"),
     Key("resume", "str|bool", "auto", "auto (continue the run in output_dir if it is the same "
         "run) | never (output_dir must be empty; --overwrite clears it) | a checkpoint path",
         check=resume_problem, allowed="auto, never or an existing checkpoint directory",
@@ -144,6 +151,12 @@ ATTNRL_KEYS = [
         le=1, resume="free"),
     Key("rollout_max_model_len", "int|null", None, "vLLM max sequence length", ge=1,
         resume="free"),
+    Key("rollout_enforce_eager", "bool|null", None, "vllm: no CUDA graphs (null: by device, "
+        "chosen when the job starts and recorded: true on CPU, false on GPUs)",
+        resume="free"),
+    Key("rollout_enable_chunked_prefill", "bool|null", None, "vllm: chunked prefill (null: "
+        "by device, chosen when the job starts and recorded: false on CPU, where seeded "
+        "requests cannot be prefilled in chunks; true on GPUs)", resume="free"),
     Key("metrics_jsonl", "str|null", "metrics.jsonl", "local JSONL of every logged metric, "
         "relative to output_dir (null: off)"),
 ]
@@ -189,6 +202,11 @@ TRL_KEYS = [
     Key("epsilon", "float", 0.2, "PPO clip range", gt=0),
     Key("num_iterations", "int", 1, "optimisation passes over each generated batch", ge=1),
     Key("loss_type", "str", "dapo", "TRL loss aggregation", choices=LOSS_TYPES),
+    Key("vllm_importance_sampling_mode", "str|null", None, "how TRL's importance-sampling "
+        f"correction weighs the sampler / trainer mismatch (null: {LONG_IS_MODE} when "
+        f"max_completion_length > {LONG_COMPLETION} or loss_type is vespo, else TRL's "
+        "sequence_mask; the resolved mode is recorded; trainers/schema_engine.py says why)",
+        choices=IS_MODES),
     Key("scale_rewards", "str|bool", "group", "reward std scaling",
         choices=("group", "batch", "none")),
     Key("entropy_coef", "float", 0.0, "entropy bonus", ge=0),
@@ -225,8 +243,9 @@ FREE_TRL_FIELDS = {"logging_first_step", "logging_strategy", "log_level", "log_l
                    "save_on_each_node", "skip_memory_metrics", "ddp_timeout"}
 """Generic TRL fields that never change what a run computes (bookkeeping)."""
 
-ATTNRL_DEFAULT_TRL = {"output_dir", "logging_steps"}
-"""TRL fields whose default here is attnrl's, not TRL's (always passed to the trainer)."""
+ATTNRL_DEFAULT_TRL = {"output_dir", "logging_steps", "vllm_importance_sampling_mode"}
+"""TRL fields whose default here is attnrl's, not TRL's (always passed to the trainer, as
+resolved)."""
 MACHINE_DEFAULT_TRL = {"use_cpu", "bf16"}
 """TRL fields whose default (null) is chosen from the machine when a job starts
 (trainers/machine.py), not TRL's."""
@@ -238,7 +257,7 @@ def _generic_key(name: str) -> Key:
                resume="free" if name in FREE_TRL_FIELDS else "fixed")
 
 
-KEYS: dict[str, Key] = {k.name: k for k in JOB_KEYS + ATTNRL_KEYS + TRL_KEYS}
+KEYS: dict[str, Key] = {k.name: k for k in JOB_KEYS + ATTNRL_KEYS + TRL_KEYS + TRL_ENGINE_KEYS}
 KEYS.update({name: _generic_key(name) for name in TRL_FIELDS if name not in KEYS})
 JOB_KEY_NAMES = tuple(k.name for k in JOB_KEYS)
 DECLARED = tuple(k.name for k in JOB_KEYS + ATTNRL_KEYS + TRL_KEYS)

@@ -13,6 +13,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 REPORT_TO = ("none", "all", "wandb", "tensorboard", "mlflow", "comet_ml", "neptune",
              "clearml", "dagshub", "dvclive", "codecarbon", "azure_ml", "flyte", "trackio",
              "swanlab")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                        "flex_attention")
+"""transformers attention implementations a config may name (attn_implementation)."""
 LORA_KEYS = {  # LoraConfig fields a config may set: kinds, range / choices
     "r": ("int", {"ge": 1}), "lora_alpha": ("float", {"gt": 0}),
     "lora_dropout": ("float", {"ge": 0, "lt": 1}), "target_modules": ("str|list|null", {}),

@@ -96,6 +96,8 @@ def check_together(config: dict, where) -> None:
         raise UserError(f"{where('signal_h_lo', 'signal_h_hi')}: signal_h_hi {h_hi} < "
                         f"signal_h_lo {h_lo}; the FAI window needs h_lo <= h_hi")
     check_layers(config, where)
+    check_engine_keys(get, where)
+    check_attn_implementation(config, get, where)
     check_attention(config, get, where)
     check_lora_tied(config, get, where)
     rewards = get("rewards") or {}
@@ -103,6 +105,43 @@ def check_together(config: dict, where) -> None:
         if name not in rewards:
             raise UserError(f"{where('reward_options', 'rewards')}: reward_options names "
                             f"{name!r}, which is not in rewards ({', '.join(rewards)})")
+
+
+def check_engine_keys(get, where) -> None:
+    """vllm_enable_sleep_mode only with attnrl's in-process vLLM engine (the device is
+    checked when the job starts: trainers/machine.py)."""
+    if get("vllm_enable_sleep_mode") and get("rollout_engine") != "vllm":
+        raise UserError(f"{where('vllm_enable_sleep_mode', 'rollout_engine')}: "
+                        f"vllm_enable_sleep_mode true needs rollout_engine vllm (attnrl's "
+                        f"in-process engine), not {get('rollout_engine')}; remove it")
+
+
+def check_attn_implementation(config: dict, get, where) -> None:
+    """attn_implementation where the model and the credit can run on it: a model with
+    softcapped attention logits needs one that applies the softcap; QK credit under
+    gradient checkpointing needs one in transformers' attention registry (its capture
+    delegates to it; eager is not there, so the recompute would run another attention)."""
+    from attnrl.attention_config import SOFTCAPPING, attention_softcap, read_config
+
+    implementation = get("attn_implementation")
+    if implementation is None:
+        return
+    model = config.get("model", "smollm2")
+    model_config = read_config(model)
+    softcap = attention_softcap(model_config) if model_config else None
+    if softcap and implementation not in SOFTCAPPING:
+        raise UserError(f"{where('attn_implementation', 'model')}: attn_implementation "
+                        f"{implementation} ignores the attention-logit softcap of {model} "
+                        f"(attn_logit_softcapping={softcap:g}); use one of "
+                        f"{', '.join(SOFTCAPPING)}, or null")
+    reads = {ATTENTION_CREDIT[p.strip()] for p in str(get("credit")).split("+")
+             if p.strip() in ATTENTION_CREDIT}
+    if implementation == "eager" and "qk" in reads and get("gradient_checkpointing"):
+        raise UserError(f"{where('attn_implementation', 'credit', 'gradient_checkpointing')}"
+                        f": attn_implementation eager with QK credit {get('credit')} under "
+                        "gradient checkpointing: the QK capture runs sdpa but the recompute "
+                        "would run eager; use sdpa (or a flash / flex attention), or "
+                        "gradient_checkpointing: false")
 
 
 def model_layers(model: str) -> int | None:

@@ -89,6 +89,10 @@ class RolloutEngine(abc.ABC):
         check_stream_names(names, state)
         self.update_weights(state)
 
+    def sleep(self) -> None:
+        """Free device memory until the next generation or weight update (engines that can:
+        the in-process vLLM engine built with enable_sleep_mode); by default nothing."""
+
     def close(self) -> None:
         """Free the engine's resources."""
 

@@ -45,7 +45,11 @@ class VLLMEngine(RolloutEngine):
             when `gpu_memory_utilization` is None).
         gpu_memory_utilization: fraction of GPU memory for vLLM on CUDA nodes (colocated
             with training: keep it small, e.g. 0.3).
-        enforce_eager: skip CUDA-graph / compile warm-up (faster start, slower decode).
+        enforce_eager: skip CUDA-graph / compile warm-up (faster start, slower decode);
+            None: by device (attnrl/rollout/engine_settings.py: true on CPU, false on GPUs).
+        enable_chunked_prefill: None: by device (false on CPU, true on GPUs).
+        enable_sleep_mode: build the engine so that `sleep()` can free its GPU memory
+            (vLLM has no sleep mode on CPU); it wakes by itself before the next use.
         colocate: this process is one rank of a multi-process trainer (torchrun, deepspeed,
             accelerate): the engine runs on the rank's own device, in vLLM's
             `external_launcher` executor (see `colocate_kwargs`); `tensor_parallel_size`
@@ -58,8 +62,10 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, model, dtype=torch.float32, max_model_len: int = 2048,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float | None = None,
-                 enforce_eager: bool = True, seed: int = 0, tensor_parallel_size: int = 1,
-                 colocate: bool = False, **llm_kwargs):
+                 enforce_eager: bool | None = None, seed: int = 0,
+                 tensor_parallel_size: int = 1, colocate: bool = False,
+                 enable_chunked_prefill: bool | None = None, enable_sleep_mode: bool = False,
+                 **llm_kwargs):
         _prepare_environment()
         from attnrl.models import load_tokenizer, resolve_model
 
@@ -74,30 +80,52 @@ class VLLMEngine(RolloutEngine):
             llm_kwargs = {**extra, **llm_kwargs}
         from vllm import LLM
 
+        from attnrl.rollout.engine_settings import batching_kwargs
+
+        cuda = torch.cuda.is_available()
         kwargs = {"model": path, "tokenizer": path, "dtype": _DTYPES.get(dtype, dtype),
-                  "max_model_len": max_model_len, "seed": seed, "enforce_eager": enforce_eager,
+                  "max_model_len": max_model_len, "seed": seed,
                   "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
                   # log-probs after temperature and top-p: the sampling distribution
                   "logprobs_mode": "processed_logprobs",
-                  # Seeded requests must never be prefilled in chunks: vLLM rewinds
-                  # the request's generator after a partial prefill, which CPU
-                  # generators cannot do ("CPU Generator does not use offset").
-                  "enable_chunked_prefill": False,
-                  "max_num_batched_tokens": max(max_model_len, 8192),
+                  # CUDA graphs and chunked prefill by device (CPU: seeded requests are
+                  # never prefilled in chunks; engine_settings.py says why)
+                  **batching_kwargs(max_model_len, cuda, enforce_eager, enable_chunked_prefill),
                   # a log file gets no weight-loading progress bar
                   "use_tqdm_on_load": sys.stderr.isatty()}
-        if gpu_memory_utilization is not None and torch.cuda.is_available():
+        if enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        if gpu_memory_utilization is not None and cuda:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         kwargs.update(llm_kwargs)
+        self.engine_kwargs = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
+        self.asleep = False
         self.llm = LLM(**kwargs)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until its next use (vLLM sleep level 1: weights
+        offloaded to CPU memory, KV cache discarded); nothing unless built with
+        enable_sleep_mode."""
+        if self.engine_kwargs.get("enable_sleep_mode") and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Back from `sleep()`: weights and KV cache on the GPU again, no stale prefix
+        blocks. Called before every generation and weight update."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+            self.llm.reset_prefix_cache()
 
     def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
                  seeds: SampleSeeds | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         ids = encode_prompts(self.tokenizer, prompts)
         seeds = sample_seeds(sampling, len(ids), seeds)
         if self.tp_group is not None:  # one engine per TP group: every rank's rows
@@ -151,6 +179,7 @@ class VLLMEngine(RolloutEngine):
         return mine
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.wake_up()
         weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
@@ -161,6 +190,7 @@ class VLLMEngine(RolloutEngine):
         engine core runs in this process, so the iterator is never pickled). Each tensor
         is copied as it passes: vLLM buffers a fused layer's parts (q, k, v) until the
         layer is complete, which may outlive the chunk that gave them."""
+        self.wake_up()
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
             # the engine core is another process: weights are pickled, a generator cannot be
             return super().update_weights_stream(names, chunks)

@@ -147,6 +147,18 @@ BAD_INPUTS = [
     (["train", "--use_liger_kernel", "true"], ("use_liger_kernel: true would bypass attnrl's "
                                               "credit")),
     (["train", "--top_p", "0.9"], "top_p 0.9 with vllm_importance_sampling_correction"),
+    # TRL's engine keys: refused where attnrl's engine cannot honour them (schema_engine.py)
+    (["train", "--use_vllm", "true"], ("command line: use_vllm true would start TRL's own vLLM "
+                                      "engine beside attnrl's")),
+    (["train", "--vllm_mode", "server"], "set rollout_engine: vllm_server and rollout_server_url"),
+    (["train", "--vllm_enable_sleep_mode", "true"], "runs on CPU, where vLLM has no sleep mode"),
+    (["train", "--attn_implementation", "flash_attention_2"], ("attn_implementation: "
+                                                              "flash_attention_2, but the job "
+                                                              "runs on CPU")),
+    (["eval", "--model", "smollm2", "--engine", "hf", "--kv-cache-gib", "4"],
+     "--kv-cache-gib sets the vLLM engine; --engine hf has none"),
+    (["eval", "--model", "smollm2", "--tensor-parallel-size", "0"],
+     "--tensor-parallel-size 0 must be >= 1"),
     (["generate", "-n", "0"], "-n 0 is out of range; -n takes an integer >= 1"),
     (["generate", "--top-p", "0"], "--top-p 0.0 is out of range"),
     (["eval", "--model", "smollm2", "-n", "0"], "-n and --max-tokens must be >= 1"),
