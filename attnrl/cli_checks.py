@@ -86,10 +86,10 @@ def check_device(device: str, flag: str = "--device") -> None:
 
 
 def check_task(task: str, flag: str = "--task", need_answers: bool = False,
-               task_kwargs: dict | None = None) -> None:
+               task_kwargs: dict | None = None, fields: dict | None = None) -> None:
     """A reasoning-gym task name (checked against its registry, with its task_kwargs against
-    its config class) or an existing JSONL (with a question and an answer on every line
-    when `need_answers`)."""
+    its config class) or an existing data file (attnrl/data/files.py; with a question and an
+    answer in every row when `need_answers`; `fields`: its question_field / answer_field)."""
     from attnrl.data import check_file_task, check_gym_task, is_file_task
 
     if task_kwargs and is_file_task(task):
@@ -98,13 +98,17 @@ def check_task(task: str, flag: str = "--task", need_answers: bool = False,
     if not is_file_task(task):
         check_gym_task(task, task_kwargs, flag)
     elif need_answers:
-        check_file_task(task, flag)
+        check_file_task(task, flag, **(fields or {}))
     elif task == "gsm8k" or task.startswith("gsm8k:"):
         from attnrl.data import gsm8k_path
 
         gsm8k_path(task.partition(":")[2] or "train")
-    elif not Path(task).is_file():
-        raise UserError(f"{flag} {task!r} is not an existing .jsonl file")
+    else:
+        from attnrl.data.files import source_problem
+
+        problem = source_problem(task)
+        if problem:
+            raise UserError(f"{flag} {task!r} {problem}")
 
 
 def parse_layers(text: str | None, flag: str = "--layers") -> list[int] | None:

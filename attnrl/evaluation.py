@@ -332,8 +332,9 @@ def add_run_arguments(parser, what: str) -> None:
                         help=f"a training run (its output_dir or config.yaml): {what}; any "
                         "flag overrides")
     parser.add_argument("--task", default=None,
-                        help="reasoning-gym task name or a GSM8K-style .jsonl file (default: "
-                        "the --config run's, else chain_sum)")
+                        help="reasoning-gym task name or a data file (.jsonl, .json, .csv, "
+                        ".parquet, a saved dataset; default: the --config run's, else "
+                        "chain_sum)")
     parser.add_argument("--task_kwargs", "--task-kwargs", default=None, metavar="YAML",
                         help="task generator arguments, e.g. '{min_terms: 2, max_terms: 2}'")
 
@@ -397,12 +398,14 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
     instruction and system prompt; seed eval_seed or task_seed + HELDOUT_SEED_OFFSET;
     'pool', its training pool (whose questions are never evaluated); and the evaluation's
     size, samples, temperature, length and engine where the config has them (None
-    otherwise: the command's defaults). --task (which drops the config's task_kwargs
-    unless --task_kwargs is given), --task_kwargs and --seed override."""
+    otherwise: the command's defaults); 'fields', the config's question_field /
+    answer_field for a data file. --task (which drops the config's task_kwargs unless
+    --task_kwargs is given), --task_kwargs and --seed override."""
     import yaml
 
     settings = {"task": "chain_sum", "task_kwargs": None, "instruction": None,
                 "system_prompt": None, "seed": 0, "pool": None, **dict.fromkeys(RUN_EVAL_KEYS)}
+    config = {}
     if config_path:
         config = read_run_config(config_path)[0]
         settings.update(run_eval_settings(config))
@@ -426,6 +429,9 @@ def task_settings(config_path: str | None, task: str | None, task_kwargs: str | 
         settings["task_kwargs"] = parsed
     if seed is not None:
         settings["seed"] = seed
+    from attnrl.data import file_options  # the run's field mapping, for its data files
+
+    settings["fields"] = file_options(config, settings["task"]) if config_path else {}
     return settings
 
 
@@ -503,7 +509,7 @@ def run(args) -> int:
     for model in args.model:  # before torch and any engine
         cli_checks.check_model(model)
     cli_checks.check_task(settings["task"], need_answers=True,
-                          task_kwargs=settings["task_kwargs"])
+                          task_kwargs=settings["task_kwargs"], fields=settings["fields"])
     note = request_note(len(args.model), args.num_problems, args.n, args.max_tokens,
                         args.greedy, args.engine)
     if not args.config:   # say which problems: a bare task's seed may be a run's training seed
@@ -514,7 +520,8 @@ def run(args) -> int:
                       max_tokens=args.max_tokens, engine=args.engine, seed=settings["seed"],
                       greedy=args.greedy, correct_threshold=args.correct_threshold,
                       keep_texts=True, engine_kwargs=built_with,
-                      task_kwargs=settings["task_kwargs"], instruction=settings["instruction"],
+                      task_kwargs={**(settings["task_kwargs"] or {}), **settings["fields"]}
+                      or None, instruction=settings["instruction"],
                       system_prompt=settings["system_prompt"], notice=note,
                       pool=settings["pool"])
     result["task_kwargs"] = settings["task_kwargs"]

@@ -9,7 +9,9 @@ Columns carry per-sample data, one entry per completion (as TRL passes dataset c
 `completion_lengths` or `completion_ids` (token lengths). Unused columns are ignored.
 
     REWARDS                      name -> reward function (callable as is)
-    get_reward(name, **options)  that function with options bound (e.g. the overlong cap)
+    get_reward(name, **options)  that function with options bound (e.g. the overlong cap);
+                                 a plug-in of your own by 'module:function' or
+                                 'path/to/file.py:function' (rewards/plugins.py)
     combine_rewards({...})       weighted sum of several rewards
 """
 
@@ -25,6 +27,7 @@ from attnrl.errors import UserError, nearest
 from rewards.base import RewardFn, completion_text
 from rewards.format import DEFAULT_FORMAT_PATTERN, format_reward
 from rewards.length import overlong_penalty, overlong_reward
+from rewards.plugins import is_plugin, plugin_reward
 
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
@@ -40,10 +43,15 @@ _DATA_PARAMS = {"prompts", "completions", "answer", "entry", "task", "metadata",
 
 def get_reward(name: str, **options) -> RewardFn:
     """The reward function `name`, with `options` (its keyword settings, e.g.
-    max_completion_length for 'overlong', pattern for 'format') bound."""
+    max_completion_length for 'overlong', pattern for 'format') bound; a plug-in
+    ('module:function' or 'path/to/file.py:function', rewards/plugins.py) is imported and
+    checked."""
+    if is_plugin(name):
+        return plugin_reward(name, options)
     if name not in REWARDS:
         raise UserError(f"unknown reward {name!r}{nearest(name, REWARDS)}; choose from "
-                        f"{', '.join(REWARDS)}")
+                        f"{', '.join(REWARDS)}, or a plug-in 'module:function' / "
+                        "'path/to/file.py:function'")
     fn = REWARDS[name]
     if not options:
         return fn

@@ -43,10 +43,11 @@ def _prefixes(*prefixes: str, also: Iterable[str] = ()) -> Callable[[str], bool]
 # rule claims goes to an "Other" table of its part, so a new key is never left out.
 JOB_GROUPS = [
     ("Model and data", "What is trained and on which prompts.",
-     _names("model", "task", "task_size", "task_seed", "task_kwargs", "instruction",
-            "system_prompt")),
-    ("Rewards", "Reward functions and their weights (the registry: [Rewards](#rewards)).",
-     _names("rewards", "reward_options")),
+     _names("model", "task", "task_size", "task_seed", "task_kwargs", "question_field",
+            "answer_field", "max_prompt_length", "instruction", "system_prompt")),
+    ("Rewards", """Reward functions and their weights (the registry: [Rewards](#rewards)), or
+     plug-ins of your own ([recipes](recipes.md#your-own-reward)).""",
+     _names("rewards", "reward_options", "reward_plugins")),
     ("Trainer, run directory and logging", "",
      _names("trainer", "lora", "dtype", "resume", "wandb_project", "recorded")),
     ("Held-out evaluation",
@@ -137,7 +138,9 @@ LORA_TEXT = """`lora: {...}` takes these PEFT `LoraConfig` fields; absent `task_
 `CAUSAL_LM` and absent `target_modules` is `all-linear`. LoRA on `lm_head` or `embed_tokens`
 of a model with tied embeddings is refused."""
 REWARDS_TEXT = """Names for `rewards: {name: weight}`; the reward of a completion is the
-weighted sum. `reward_options: {name: {option: value}}` sets a reward's options."""
+weighted sum. `reward_options: {name: {option: value}}` sets a reward's options. Beside
+these, a plug-in of your own: `module:function` or `path/to/file.py:function` with TRL's
+signature ([rewards/plugins.py](../rewards/plugins.py), [recipes](recipes.md#your-own-reward))."""
 
 
 def _paragraphs(text: str) -> list[str]:

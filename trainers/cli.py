@@ -73,6 +73,8 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
 
     resolved = resolve(config)
     preflight.check_job(resolved)
+    # the plug-in rewards' source files (sha256): part of the run, compared on resume
+    resolved["reward_plugins"] = preflight.reward_plugins(resolved)
     heldout = heldout_settings(resolved)
     # held-out problems never in the training pool: drawn (or refused) before anything is
     # written or loaded
@@ -143,7 +145,12 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
 
     path = resolve_model(resolved["model"])
     tokenizer = load_tokenizer(path)
-    dataset = build_dataset(resolved, tokenizer)
+    data = {}
+    dataset = build_dataset(resolved, tokenizer, report=data)
+    if data["dropped_long"] and run_dir._rank0():
+        print(f"max_prompt_length {data['max_prompt_length']}: dropped {data['dropped_long']} "
+              f"of {data['prompts']} prompts (the longest has {data['longest_tokens']} "
+              f"tokens); training on {len(dataset)}", flush=True)
     reward_funcs, weights = build_rewards(resolved)
     args.reward_weights = weights
     dtype = torch.bfloat16 if resolved["dtype"] == "bfloat16" else torch.float32
@@ -184,7 +191,8 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
 
     run_dir.start(resolved, overwrite=overwrite, command=command,
                   trainer_fields=json.loads(json.dumps(args.to_dict(), default=str)),
-                  model_hash=run_dir.model_sha256(path) if run_dir._rank0() else None)
+                  model_hash=run_dir.model_sha256(path) if run_dir._rank0() else None,
+                  data={**data, "used": len(dataset)})
     trainer.accelerator.wait_for_everyone()
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgressCallback())

@@ -5,9 +5,9 @@ trainers/schema_checks.py and trainers/schema_rules.py call the checks here). `N
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from attnrl.data import is_file_task
+from attnrl.data import file_options, is_file_task
 from attnrl.data.unseen import TrainingPool
 from attnrl.errors import UserError
 from attnrl.evaluation import HELDOUT_SEED_OFFSET
@@ -15,8 +15,8 @@ from attnrl.evaluation import HELDOUT_SEED_OFFSET
 EVAL_TOP_P = 0.95
 HELDOUT_INPUTS = ("eval_size", "eval_task", "eval_seed", "eval_samples", "eval_temperature",
                   "eval_max_tokens", "eval_before", "eval_after", "eval_every", "task",
-                  "task_size", "task_seed", "task_kwargs", "instruction", "system_prompt",
-                  "max_completion_length")
+                  "task_size", "task_seed", "task_kwargs", "question_field", "answer_field",
+                  "instruction", "system_prompt", "max_completion_length")
 """The config keys `heldout_settings` reads."""
 
 
@@ -36,6 +36,8 @@ class HeldoutSettings:
     system_prompt: str | None
     pool: TrainingPool
     """The job's training pool: held-out problems are never among its questions."""
+    fields: dict = field(default_factory=dict)
+    """A data file's field mapping (question_field, answer_field; attnrl.data.file_options)."""
 
     @property
     def enabled(self) -> bool:
@@ -47,7 +49,8 @@ class HeldoutSettings:
         UserError when there are fewer. Generates prompts only (no model)."""
         from attnrl.data.unseen import draw_unseen
 
-        return draw_unseen(self.task, self.size, self.seed, self.task_kwargs, self.pool)
+        return draw_unseen(self.task, self.size, self.seed,
+                           {**self.task_kwargs, **self.fields}, self.pool)
 
 
 @dataclass
@@ -84,8 +87,8 @@ def heldout_settings(config: dict) -> HeldoutSettings:
         if task in ("gsm8k", "gsm8k:train"):
             eval_task = "gsm8k:test"
         elif is_file_task(task) and size:
-            raise UserError(f"eval_size {size} with the JSONL task {task!r}: give eval_task "
-                            "(a held-out .jsonl or gsm8k:test), or eval_size: 0")
+            raise UserError(f"eval_size {size} with the file task {task!r}: give eval_task "
+                            "(a held-out data file or gsm8k:test), or eval_size: 0")
         else:
             eval_task = task
     eval_task = str(eval_task)
@@ -105,7 +108,8 @@ def heldout_settings(config: dict) -> HeldoutSettings:
         every=_int(config, "eval_every", 0, 0),
         task_kwargs=dict(config.get("task_kwargs") or {}) if eval_task == task else {},
         instruction=config.get("instruction"), system_prompt=config.get("system_prompt"),
-        pool=TrainingPool.from_config({**config, "task_size": _int(config, "task_size", 64, 1)}))
+        pool=TrainingPool.from_config({**config, "task_size": _int(config, "task_size", 64, 1)}),
+        fields=file_options(config, eval_task))
 
 
 def vector_settings(config: dict) -> VectorSettings | None:

@@ -164,15 +164,20 @@ def validate_config(config: dict, source: str = "config") -> dict:
     return check_config(config, source=source)
 
 
-def build_dataset(config: dict, tokenizer):
+def build_dataset(config: dict, tokenizer, report: dict | None = None):
     """Prompts as a datasets.Dataset with TRL's 'prompt' column (conversational when the
-    tokenizer has a chat template) and the reward columns."""
+    tokenizer has a chat template) and the reward columns. The task's first task_size
+    prompts (a data file through its question_field / answer_field), less those longer than
+    max_prompt_length tokens; `report` (a dict) receives what was kept and dropped.
+    UserError when the cap leaves none."""
     from datasets import Dataset
 
-    from attnrl.data import DEFAULT_INSTRUCTION, load_prompts
+    from attnrl.data import DEFAULT_INSTRUCTION, file_options, load_prompts
 
-    records = load_prompts(config.get("task", "chain_sum"), size=config.get("task_size", 64),
-                           seed=config.get("task_seed", 0), **(config.get("task_kwargs") or {}))
+    task = config.get("task", "chain_sum")
+    records = load_prompts(task, size=config.get("task_size", 64),
+                           seed=config.get("task_seed", 0), **(config.get("task_kwargs") or {}),
+                           **file_options(config, task))
     instruction = config.get("instruction")
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     system = config.get("system_prompt")
@@ -187,18 +192,54 @@ def build_dataset(config: dict, tokenizer):
         entry = r.metadata.get("entry")
         rows.append({"prompt": prompt, "answer": r.answer, "task": r.source,
                      "entry_json": json.dumps(entry) if entry is not None else ""})
-    return Dataset.from_list(rows)
+    kept = cap_prompts(rows, tokenizer, config.get("max_prompt_length"), report)
+    return Dataset.from_list(kept)
+
+
+def prompt_lengths(prompts: list, tokenizer) -> list[int]:
+    """Tokens of each prompt as TRL's GRPO trainer tokenizes it (a conversation through the
+    chat template with the generation prompt, else the text)."""
+    if prompts and isinstance(prompts[0], list):
+        ids = tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(text=prompts)["input_ids"]
+    return [len(i) for i in ids]
+
+
+def cap_prompts(rows: list[dict], tokenizer, cap: int | None, report: dict | None = None):
+    """The rows whose prompt has at most `cap` tokens (all of them when cap is None);
+    `report` receives {'prompts', 'dropped_long', 'max_prompt_length', 'longest_tokens'}."""
+    info = {"prompts": len(rows), "dropped_long": 0, "max_prompt_length": cap}
+    kept = rows
+    if cap is not None and rows:
+        lengths = prompt_lengths([r["prompt"] for r in rows], tokenizer)
+        kept = [r for r, n in zip(rows, lengths) if n <= cap]
+        info.update(dropped_long=len(rows) - len(kept), longest_tokens=max(lengths))
+        if not kept:
+            raise UserError(f"max_prompt_length {cap}: all {len(rows)} prompts are longer "
+                            f"(the shortest has {min(lengths)} tokens); raise "
+                            f"max_prompt_length to at least {min(lengths)}, or shorten the "
+                            "instruction / system_prompt")
+    if report is not None:
+        report.update(info)
+    return kept
 
 
 def build_rewards(config: dict) -> list:
     """One reward function per configured reward, taking TRL's columns (entry_json is
-    decoded back into reasoning-gym entries). Returns (functions, weights)."""
+    decoded back into reasoning-gym entries); a plug-in ('module:function',
+    'path/to/file.py:function') through rewards/plugins.py. Returns (functions, weights)."""
     from rewards import get_reward
+    from rewards.plugins import is_plugin, plugin_reward
 
     weights = config.get("rewards") or {"answer": 1.0}
     options = config.get("reward_options") or {}
     funcs = []
     for name in weights:
+        if is_plugin(name):  # called as TRL calls a reward, entry_json decoded
+            funcs.append(plugin_reward(name, options.get(name, {})))
+            continue
         fn = get_reward(name, **options.get(name, {}))
 
         def reward(prompts, completions, _fn=fn, entry_json=None, **columns):

@@ -1,7 +1,9 @@
 """Every check of a job that needs no model, made before anything is written or loaded
-(imports nothing heavy but reasoning-gym's registry): the model and data exist, the task
-and its task_kwargs (against the task's own config class), a file task's fields, the
-held-out task, the reasoning-vector target, and the output path."""
+(imports nothing heavy but reasoning-gym's registry, `datasets` for a data file that is
+not JSONL, and the plug-in rewards): the model and data exist, the task and its
+task_kwargs (against the task's own config class), a file task's fields and size, the
+held-out task, the rewards and their options, the reasoning-vector target, and the output
+path."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from attnrl.attention_config import read_config
 from attnrl.cli_checks import is_packaged, model_problem
-from attnrl.data import check_task
+from attnrl.data import check_task, file_options
 from attnrl.errors import UserError
 from trainers.heldout_keys import heldout_settings, vector_settings
 from trainers.schema import check_paths
@@ -20,14 +22,41 @@ def check_job(resolved: dict) -> None:
     """UserError (one line naming the key) for the first problem found in a resolved
     job config; returns None when the job can start."""
     check_paths(resolved)
-    check_task(str(resolved["task"]), resolved.get("task_kwargs"), "task")
+    check_rewards(resolved)
+    task = str(resolved["task"])
+    count = check_task(task, resolved.get("task_kwargs"), "task",
+                       fields=file_options(resolved, task))
+    if count is not None and resolved["task_size"] > count:
+        raise UserError(f"task_size {resolved['task_size']}: {task} holds {count} prompts; set "
+                        f"task_size to at most {count} (the run would train on {count} and "
+                        "record more)")
     heldout = heldout_settings(resolved)
     if heldout.enabled and heldout.task != resolved["task"]:
-        check_task(heldout.task, heldout.task_kwargs, "eval_task")
+        check_task(heldout.task, heldout.task_kwargs, "eval_task", fields=heldout.fields)
     check_output_dir(resolved["output_dir"], "output_dir")
     vector = vector_settings(resolved)
     if vector is not None:
         check_vector(vector, resolved["model"])
+
+
+def check_rewards(resolved: dict) -> None:
+    """Every reward with its options: a registered one takes them (named parameters), a
+    plug-in imports, is a function and takes a reward's call and its options
+    (rewards/plugins.py). Imports the plug-ins (the user's code), nothing else heavy."""
+    from rewards import get_reward
+
+    options = resolved.get("reward_options") or {}
+    for name in resolved["rewards"]:
+        get_reward(name, **options.get(name, {}))
+
+
+def reward_plugins(resolved: dict) -> dict | None:
+    """{plug-in: {file, sha256}} of the job's plug-in rewards (None: it has none): recorded as
+    the key reward_plugins, so a resumed run whose plug-in changed is refused."""
+    from rewards.plugins import fingerprint, is_plugin
+
+    found = {name: fingerprint(name) for name in resolved["rewards"] if is_plugin(name)}
+    return found or None
 
 
 def check_output_dir(path, key: str) -> None:

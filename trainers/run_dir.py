@@ -100,6 +100,18 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _change(key: str, old, new) -> str:
+    """One changed key for a refusal; a plug-in reward's change names its file and hashes."""
+    if key == "reward_plugins":
+        old, new = old or {}, new or {}
+        changed = [f"{(new.get(n) or old.get(n) or {}).get('file') or n} sha256 "
+                   f"{str((old.get(n) or {}).get('sha256'))[:12]} -> "
+                   f"{str((new.get(n) or {}).get('sha256'))[:12]}"
+                   for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)]
+        return "reward plug-in changed: " + ", ".join(changed)
+    return f"{key}: {_short(old)} -> {_short(new)}"
+
+
 def check_same_run(recorded_path: Path, new: dict, allow: set[str], what: str) -> list[str]:
     """Refuse (UserError) when `new` is not the run recorded in `recorded_path`; returns the
     keys that changed with permission (free or allowed)."""
@@ -108,8 +120,7 @@ def check_same_run(recorded_path: Path, new: dict, allow: set[str], what: str) -
     fixed = {k: v for k, v in diffs.items() if KEYS[k].resume == "fixed"}
     needs = {k: v for k, v in diffs.items() if KEYS[k].resume == "allowed" and k not in allow}
     if fixed or needs:
-        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in
-                           {**fixed, **needs}.items())
+        listed = "; ".join(_change(k, a, b) for k, (a, b) in {**fixed, **needs}.items())
         ways = "start a new run with another output_dir, or `--resume never --overwrite` to " \
                "replace it"
         if needs and not fixed:
@@ -200,11 +211,14 @@ def _previous_commands(path: Path) -> list[dict]:
 
 
 def write_config(config: dict, output_dir, command: str | None = None,
-                 trainer_fields: dict | None = None, model_hash: str | None = None) -> Path:
+                 trainer_fields: dict | None = None, model_hash: str | None = None,
+                 data: dict | None = None) -> Path:
     """OUTPUT_DIR/config.yaml: the resolved config (loadable with --config) and, under
     `recorded`: the package versions, every command that touched the run with its time (a
-    resumed run appends), the model's content hash and every effective field of the
-    trainer's config class (TRL defaults included; informational, never compared)."""
+    resumed run appends), the model's content hash, the prompts used (`data`: how many were
+    loaded, dropped by max_prompt_length and used) and every effective field of the
+    trainer's config class (TRL defaults included; informational, never compared). A
+    plug-in reward's file and sha256 are the key reward_plugins, which is compared."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_NAME
@@ -216,6 +230,8 @@ def write_config(config: dict, output_dir, command: str | None = None,
                           "commands": commands, "versions": versions()}
     if model_hash:
         record["recorded"]["model_sha256"] = model_hash
+    if data:
+        record["recorded"]["data"] = data
     if trainer_fields:
         record["recorded"]["trainer_fields"] = trainer_fields
     text = ("# The resolved config of this run (every key, defaults included), written by\n"

@@ -132,7 +132,8 @@ def check_config(config: dict, sources: dict[str, str] | None = None,
 
 def resolve(config: dict) -> dict:
     """Every declared key with its value (given or default), then the other TRL fields that
-    were given: the config that runs, as written to OUTPUT_DIR/config.yaml."""
+    were given: the config that runs, as written to OUTPUT_DIR/config.yaml. A plug-in
+    reward's file (rewards/plugins.py) is made absolute, from the working directory."""
     trainer = config.get("trainer", "grpo")
     resolved = {name: config.get(name, default(name, trainer)) for name in DECLARED}
     resolved.update({k: v for k, v in config.items() if k not in resolved})
@@ -143,6 +144,12 @@ def resolve(config: dict) -> dict:
         resolved["resume"] = "auto"
     elif resolved["resume"] is False:
         resolved["resume"] = "never"
+    from rewards.plugins import absolute  # a plug-in file's path: from the working directory
+
+    resolved["rewards"] = {absolute(k): v for k, v in resolved["rewards"].items()}
+    if resolved["reward_options"]:
+        resolved["reward_options"] = {absolute(k): v for k, v in
+                                      resolved["reward_options"].items()}
     return resolved
 
 

@@ -37,13 +37,28 @@ def reasoning_vector_problem(value) -> str | None:
     return None
 
 
+def _reward_name_problem(name, key: str) -> str | None:
+    """Why `name` is neither a registered reward nor written as a plug-in (nothing is
+    imported here: a plug-in is imported when the job starts, trainers/preflight.py)."""
+    from rewards.plugins import is_plugin, spec_problem
+
+    if is_plugin(name):
+        problem = spec_problem(name)
+        return f"{key} {problem}" if problem else None
+    if name not in REWARDS:
+        return (f"unknown reward {name!r}{nearest(name, REWARDS)}; registered: "
+                f"{', '.join(REWARDS)}; or a plug-in 'module:function' / "
+                "'path/to/file.py:function'")
+    return None
+
+
 def rewards_problem(value) -> str | None:
     if not value:
         return "needs at least one reward"
     for name, weight in value.items():
-        if name not in REWARDS:
-            return (f"unknown reward {name!r}{nearest(name, REWARDS)}; registered: "
-                    f"{', '.join(REWARDS)}")
+        problem = _reward_name_problem(name, "rewards")
+        if problem:
+            return problem
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
                 not math.isfinite(weight):
             return f"the weight of reward {name!r} is {weight!r}, not a finite number"
@@ -52,9 +67,9 @@ def rewards_problem(value) -> str | None:
 
 def reward_options_problem(value) -> str | None:
     for name, options in value.items():
-        if name not in REWARDS:
-            return (f"unknown reward {name!r}{nearest(name, REWARDS)}; registered: "
-                    f"{', '.join(REWARDS)}")
+        problem = _reward_name_problem(name, "reward_options")
+        if problem:
+            return problem
         if not isinstance(options, dict):
             return f"the options of reward {name!r} must be a mapping, got {options!r}"
     return None
@@ -100,14 +115,20 @@ def check_paths(config: dict) -> None:
 
 
 def task_problem(value) -> str | None:
+    from attnrl.data.files import is_data_path, source_problem
+
     text = str(value)
     if text == "gsm8k" or text.startswith("gsm8k:"):
         split = text.partition(":")[2] or "train"
         return None if split in ("train", "test") else \
             f"has no split {split!r}{nearest(split, ('train', 'test'))}; use gsm8k:train or gsm8k:test"
-    if text.endswith(".jsonl") or "/" in text:
-        return None if Path(text).is_file() else "is not an existing .jsonl file"
+    if is_data_path(text):
+        return source_problem(text)
     return None  # a reasoning-gym name: checked with "did you mean" when the data loads
+
+
+def field_name_problem(value) -> str | None:
+    return None if str(value).strip() else "is empty; give the name of a field"
 
 
 def reward_aggregation_problem(value) -> str | None:

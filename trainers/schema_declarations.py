@@ -16,6 +16,7 @@ from __future__ import annotations
 from attnrl.credit_names import CREDIT_STRATEGIES, credit_problem
 from trainers.schema_checks import (
     engine_default,
+    field_name_problem,
     lora_problem,
     max_steps_problem,
     reasoning_vector_problem,
@@ -34,19 +35,40 @@ JOB_KEYS = [
     Key("model", "str", "smollm2", "local HF model directory or 'smollm2' (the packaged "
         "SmolLM2-135M-Instruct); checked to exist when the job starts (check_paths)"),
     Key("task", "str", "chain_sum", "reasoning-gym task name, 'gsm8k:train' / 'gsm8k:test', or "
-        "a GSM8K-style .jsonl file (checked to exist when the job starts)"),
-    Key("task_size", "int", 64, "number of training prompts", ge=1),
+        "a data file: .jsonl, .json (an array or one object per line), .csv, .parquet, or a "
+        "saved Hugging Face dataset directory (DIR, or DIR:SPLIT of a DatasetDict); a path is "
+        "relative to the working directory; checked, every row, when the job starts"),
+    Key("task_size", "int", 64, "number of training prompts (a data file: its first N rows; "
+        "more than the file holds is refused when the job starts)", ge=1),
     Key("task_seed", "int", 0, "seed of the task generator", ge=0),
     Key("task_kwargs", "dict|null", None, "extra arguments of the reasoning-gym task (e.g. "
         "min_terms), checked against the task's config class before anything loads; a --task "
         "override on the command line drops the config file's task_kwargs"),
+    Key("question_field", "str", "question", "the field (column) of a data file's rows that "
+        "holds the question, for task and eval_task (not the bundled gsm8k)",
+        check=field_name_problem, allowed="a field name"),
+    Key("answer_field", "str", "answer", "the field (column) that holds the gold answer (a bare "
+        "answer, or a solution whose text after the last '####' is the answer)",
+        check=field_name_problem, allowed="a field name"),
+    Key("max_prompt_length", "int|null", None, "prompt tokens at most (question + instruction "
+        "through the chat template, as the trainer tokenizes it): of the task_size prompts, "
+        "longer ones are dropped when the dataset is built (after the tokenizer loads, before "
+        "the model), the count printed and recorded in config.yaml (recorded.data); none left: "
+        "refused (null: no cap)", ge=1),
     Key("instruction", "str|null", None, "text appended to each question ('' = none; null: the "
         "default '####' one)"),
     Key("system_prompt", "str|null", None, "optional system message"),
-    Key("rewards", "dict", {"answer": 1.0}, "{reward name: weight}, names from rewards.REWARDS",
-        check=rewards_problem, allowed="a mapping {reward name: weight}"),
-    Key("reward_options", "dict|null", None, "{reward name: {option: value}}",
-        check=reward_options_problem, allowed="a mapping {reward name: {option: value}}"),
+    Key("rewards", "dict", {"answer": 1.0}, "{reward: weight}: names from rewards.REWARDS, or "
+        "plug-ins 'module:function' / 'path/to/file.py:function' (a path relative to the working "
+        "directory, recorded absolute) with TRL's signature f(prompts, completions, **kwargs) -> "
+        "list[float]; imported and checked when the job starts (rewards/plugins.py)",
+        check=rewards_problem, allowed="a mapping {reward: weight}"),
+    Key("reward_options", "dict|null", None, "{reward: {option: value}}: keyword options, each a "
+        "named parameter of the reward's function (plug-ins too)",
+        check=reward_options_problem, allowed="a mapping {reward: {option: value}}"),
+    Key("reward_plugins", "dict|null", None, "written by `attnrl train` when the job starts: "
+        "{plug-in: {file, sha256}} of each plug-in reward's source file (a value given is "
+        "replaced); compared when a run resumes, so a changed plug-in file is a new run"),
     Key("trainer", "str", "grpo", "grpo | nsr", choices=("grpo", "nsr")),
     Key("lora", "dict|null|bool", None, "null, or {r, lora_alpha, lora_dropout, target_modules, "
         "...} for PEFT LoRA (target_modules default 'all-linear')", check=lora_problem,

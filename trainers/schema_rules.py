@@ -1,7 +1,8 @@
 """Rules between keys, checked once every value has passed its own key: top_p against
 TRL's importance-sampling correction, use_liger_kernel, the rollout server's URL, the
 held-out settings, batch sizes that divide, the FAI window, and what the model must allow
-(layers in range, attention the capture can read, LoRA off tied embeddings). Each rule
+(layers in range, attention the capture can read, LoRA off tied embeddings), a data file's
+field mapping. Each rule
 raises UserError naming the keys and where their values came from (`where`).
 """
 
@@ -100,6 +101,7 @@ def check_together(config: dict, where) -> None:
     check_attn_implementation(config, get, where)
     check_attention(config, get, where)
     check_lora_tied(config, get, where)
+    check_fields(get, where)
     rewards = get("rewards") or {}
     for name in (get("reward_options") or {}):
         if name not in rewards:
@@ -226,3 +228,22 @@ def check_attention(config: dict, get, where) -> None:
                             f"{', '.join(sorted(set(bad.values())))} layers (its layer_types), "
                             f"which have no attention map; set {key} to softmax-attention "
                             f"layers, e.g. {softmax[len(softmax) // 3:][:5]}")
+
+
+def check_fields(get, where) -> None:
+    """question_field / answer_field: two different fields, set only for a job that reads a
+    data file of its own (task or eval_task; not the bundled gsm8k, whose fields are fixed)."""
+    from attnrl.data import file_options
+
+    fields = {name: get(name) for name in ("question_field", "answer_field")}
+    if fields["question_field"] == fields["answer_field"]:
+        raise UserError(f"{where('question_field', 'answer_field')}: question_field and "
+                        f"answer_field are both {fields['question_field']!r}; the question and "
+                        "the answer are two fields")
+    changed = [n for n, v in fields.items() if v != default(n)]
+    tasks = [t for t in (get("task"), get("eval_task")) if t is not None]
+    if changed and not any(file_options(fields, str(t)) for t in tasks):
+        raise UserError(f"{where(*changed, 'task')}: {changed[0]} {get(changed[0])!r} is "
+                        f"set, but task {get('task')!r} is no data file of yours (a reasoning-"
+                        "gym task or the bundled gsm8k, whose fields are fixed); remove "
+                        f"{changed[0]} or give a data file as task / eval_task")

@@ -1,4 +1,5 @@
-"""Prompt datasets: reasoning-gym tasks and JSONL files, turned into prompt records.
+"""Prompt datasets: reasoning-gym tasks and data files (attnrl/data/files.py: JSONL, JSON,
+CSV, Parquet, saved datasets), turned into prompt records.
 
 A `PromptRecord` carries the text fed to the model (chat template applied when the
 tokenizer has one), the gold answer, and whatever a reward function needs (`metadata`:
@@ -8,9 +9,18 @@ for reasoning-gym, the task entry so that its own scorer can be used).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnrl.data.files import (  # noqa: F401  (jsonl_rows: re-exported)
+    FORMATS,
+    data_source,
+    is_data_path,
+    iter_rows,
+    jsonl_rows,
+    source_problem,
+)
 from attnrl.errors import UserError, nearest
 
 DEFAULT_INSTRUCTION = "Think briefly, then give the final answer after '####'."
@@ -45,42 +55,70 @@ def gsm8k_final_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def jsonl_rows(path):
-    """(line number, parsed object) for each non-blank line of a JSONL file; a line that is
-    not JSON is a UserError naming the file and line."""
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must "
-                                "be one JSON object") from None
+FIELDS = {"question_field": "question", "answer_field": "answer"}
+"""The options of a file task (load_prompts' keyword arguments): which field of a row holds
+the question and which the answer; the defaults are these."""
 
 
-def load_jsonl(path, limit: int | None = None) -> list[PromptRecord]:
-    """GSM8K-format JSONL: one object per line with 'question' and 'answer' (a solution
-    ending in '#### x', or a bare answer)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {str(path)!r} does not exist: give a JSONL file with "
-                        "'question' and 'answer' fields, or a reasoning-gym task name")
+def _fields(options: dict, task: str) -> tuple[str, str]:
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise UserError(f"the file task {task!r} takes only {', '.join(FIELDS)}, not "
+                        f"{', '.join(unknown)} (task_kwargs are for reasoning-gym tasks)")
+    return tuple(str(options.get(k) or v) for k, v in FIELDS.items())
+
+
+def _missing(where: str, key: str, row) -> str:
+    """The hint, when a row lacks a field, to the fields it has and the mapping key."""
+    if not isinstance(row, dict):
+        return f"{where} is not an object ({type(row).__name__})"
+    others = ", ".join(map(str, row)) or "none"
+    return f"its fields: {others}; name the one to use with {key}"
+
+
+def _value(row: dict, field: str):
+    """The text of a row's field, None when absent or empty (CSV: '', Parquet: null)."""
+    value = row.get(field) if isinstance(row, dict) else None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
+def load_file(task, limit: int | None = None, question_field: str = "question",
+              answer_field: str = "answer") -> list[PromptRecord]:
+    """Prompts of a data file (attnrl.data.files: JSONL, JSON, CSV, Parquet, a saved
+    dataset): each row's `question_field` is the question, its `answer_field` the answer (a
+    solution ending in '#### x', or a bare answer; may be absent)."""
+    task = str(task)
+    path, _ = data_source(task)
+    if not path.exists():
+        raise UserError(f"prompt file {task!r} does not exist: give {FORMATS} with "
+                        f"'{question_field}' and '{answer_field}' fields, or a reasoning-gym "
+                        "task name")
     records = []
-    for lineno, row in jsonl_rows(path):
-        if not isinstance(row, dict) or "question" not in row:
-            raise UserError(f"{path}:{lineno}: line has no 'question' field; each line "
-                            "needs 'question' (and 'answer' for rewards)")
-        raw = str(row.get("answer", ""))
+    for where, row, unit in iter_rows(task):
+        question = _value(row, question_field)
+        if question is None:
+            start = f"{where}: line" if unit == "line" else where
+            raise UserError(f"{start} has no {question_field!r} field; each {unit} needs "
+                            f"{question_field!r} (and {answer_field!r} for rewards) "
+                            f"({_missing(where, 'question_field', row)})")
+        raw = _value(row, answer_field) or ""
         gold = gsm8k_final_answer(raw) if "####" in raw else raw.strip()
-        records.append(PromptRecord(question=str(row["question"]), answer=gold,
-                                    source=str(path), index=len(records),
-                                    metadata={"solution": raw}))
+        records.append(PromptRecord(question=question, answer=gold, source=task,
+                                    index=len(records), metadata={"solution": raw}))
         if limit is not None and len(records) >= limit:
             break
     if not records:
-        raise UserError(f"{path} holds no prompts")
+        raise UserError(f"{task} holds no prompts")
     return records
+
+
+def load_jsonl(path, limit: int | None = None, **fields) -> list[PromptRecord]:
+    """GSM8K-format JSONL: one object per line with 'question' and 'answer' (a solution
+    ending in '#### x', or a bare answer). Any data file: load_file."""
+    return load_file(path, limit, **fields)
 
 
 def gym_task_names() -> list[str]:
@@ -137,36 +175,56 @@ def check_gym_task(name: str, task_kwargs: dict | None = None, key: str = "task"
         raise UserError(f"task_kwargs {task_kwargs}: {name} refuses them ({err})") from None
 
 
-def check_file_task(task: str, key: str = "task") -> None:
-    """UserError unless every line of a file task has a 'question' and a non-empty
-    'answer' (a prompt without a gold answer trains with reward 0 and evaluates against
-    nothing)."""
+def check_file_task(task: str, key: str = "task", question_field: str = "question",
+                    answer_field: str = "answer") -> int:
+    """The number of prompts of a file task; UserError unless every row has a question
+    (`question_field`) and a non-empty answer (`answer_field`): a prompt without a gold
+    answer trains with reward 0 and evaluates against nothing."""
     bundled = task == "gsm8k" or task.startswith("gsm8k:")
-    path = gsm8k_path(task.partition(":")[2] or "train") if bundled else Path(task)
-    if not path.is_file():
-        raise UserError(f"{key} {task!r} is not an existing .jsonl file")
+    source = str(gsm8k_path(task.partition(":")[2] or "train")) if bundled else task
+    problem = None if bundled else source_problem(task)
+    if problem:
+        raise UserError(f"{key} {task!r} {problem}")
     count = 0
-    for lineno, row in jsonl_rows(path):
+    for where, row, unit in iter_rows(source):
         count += 1
-        if not isinstance(row, dict) or "question" not in row:
-            raise UserError(f"{key}: {path}:{lineno} has no 'question' field; each line needs "
-                            "'question' and 'answer'")
-        if not str(row.get("answer", "")).strip():
-            raise UserError(f"{key}: {path}:{lineno} has no 'answer' (the gold answer the "
-                            "reward and the evaluation compare with); add it to every line")
+        if _value(row, question_field) is None:
+            raise UserError(f"{key}: {where} has no {question_field!r} field; each {unit} "
+                            f"needs {question_field!r} and {answer_field!r} "
+                            f"({_missing(where, 'question_field', row)})")
+        if _value(row, answer_field) is None:
+            hint = "" if answer_field in row else \
+                f" ({_missing(where, 'answer_field', row)})"
+            raise UserError(f"{key}: {where} has no {answer_field!r} (the gold answer the "
+                            f"reward and the evaluation compare with); add it to every "
+                            f"{unit}{hint}")
     if not count:
-        raise UserError(f"{key}: {path} holds no prompts")
+        raise UserError(f"{key}: {source} holds no prompts")
+    return count
 
 
-def check_task(task: str, task_kwargs: dict | None = None, key: str = "task") -> None:
-    """The checks of check_file_task / check_gym_task, by the kind of task."""
+def check_task(task: str, task_kwargs: dict | None = None, key: str = "task",
+               fields: dict | None = None) -> int | None:
+    """The checks of check_file_task / check_gym_task, by the kind of task; `fields`: a file
+    task's field mapping (FIELDS). Returns a file task's number of prompts (None: a
+    reasoning-gym task, which generates any number)."""
     if is_file_task(task):
         if task_kwargs:
             raise UserError(f"task_kwargs {task_kwargs} given for the file task {task!r}, "
                             "which takes none; remove task_kwargs")
-        check_file_task(task, key)
-    else:
-        check_gym_task(task, task_kwargs, key)
+        question, answer = _fields(fields or {}, task)
+        return check_file_task(task, key, question, answer)
+    check_gym_task(task, task_kwargs, key)
+    return None
+
+
+def file_options(config: dict, task: str) -> dict:
+    """The field mapping of `task` in a flat job config (question_field, answer_field where
+    they are not the defaults): for the user's data files, not for the bundled gsm8k or a
+    reasoning-gym task."""
+    if not is_file_task(task) or task == "gsm8k" or task.startswith("gsm8k:"):
+        return {}
+    return {k: str(config[k]) for k, v in FIELDS.items() if config.get(k) not in (None, v)}
 
 
 def _jsonable(entry: dict) -> dict:
@@ -174,22 +232,26 @@ def _jsonable(entry: dict) -> dict:
 
 
 def is_file_task(task: str) -> bool:
-    """True for a JSONL path or a bundled GSM8K split (their problems are file lines)."""
-    return task == "gsm8k" or task.startswith("gsm8k:") or task.endswith(".jsonl") or "/" in task
+    """True for a data file or saved dataset (attnrl.data.files.is_data_path) or a bundled
+    GSM8K split: their problems are rows, read in order."""
+    return task == "gsm8k" or task.startswith("gsm8k:") or is_data_path(task)
 
 
 def load_prompts(task: str, size: int = 64, seed: int = 0, **task_kwargs) -> list[PromptRecord]:
-    """A task name (reasoning-gym), 'gsm8k[:train|:test]' (bundled), or a .jsonl path."""
+    """A task name (reasoning-gym), 'gsm8k[:train|:test]' (bundled), or a data file
+    (`task_kwargs`: for a file, its field mapping, FIELDS)."""
     return list(iter_prompts(task, size, seed, **task_kwargs))
 
 
 def iter_prompts(task: str, size: int | None = 64, seed: int = 0, **task_kwargs):
     """The records of `load_prompts`; a reasoning-gym task generates them one at a time.
-    size None: every line of a file task (a reasoning-gym task needs a size)."""
+    size None: every row of a file task (a reasoning-gym task needs a size)."""
     if task == "gsm8k" or task.startswith("gsm8k:"):
-        return iter(load_jsonl(gsm8k_path(task.partition(":")[2] or "train"), limit=size))
+        question, answer = _fields(task_kwargs, task)
+        return iter(load_file(gsm8k_path(task.partition(":")[2] or "train"), size, question,
+                              answer))
     if is_file_task(task):
-        return iter(load_jsonl(task, limit=size))
+        return iter(load_file(task, size, *_fields(task_kwargs, task)))
     return iter_gym_task(task, size=size, seed=seed, **task_kwargs)
 
 

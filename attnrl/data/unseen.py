@@ -16,7 +16,7 @@ distinct unseen ones:
     reasoning-gym task   items of eval_seed, eval_seed + 1, ... (item i depends only on
                          seed + i, so the kept problems never change when more candidates
                          are examined), generated lazily up to `candidate_cap(pool)`
-    JSONL / gsm8k split  every line, in file order
+    data file / gsm8k    every row, in file order (any format of attnrl/data/files.py)
 When fewer than `size` distinct unseen problems exist it raises UserError naming how many
 there are and what to change, before any model loads.
 
@@ -55,12 +55,16 @@ class TrainingPool:
 
     @classmethod
     def from_config(cls, config: dict) -> TrainingPool:
-        """The pool of a flat job config (task, task_size, task_seed, task_kwargs; the
-        schema's defaults where a key is missing)."""
-        return cls(task=str(config.get("task") or "chain_sum"),
-                   size=int(config.get("task_size") or 64),
+        """The pool of a flat job config (task, task_size, task_seed, task_kwargs, and a
+        data file's question_field / answer_field; the schema's defaults where a key is
+        missing)."""
+        from attnrl.data import file_options
+
+        task = str(config.get("task") or "chain_sum")
+        return cls(task=task, size=int(config.get("task_size") or 64),
                    seed=int(config.get("task_seed") or 0),
-                   kwargs=dict(config.get("task_kwargs") or {}))
+                   kwargs={**dict(config.get("task_kwargs") or {}),
+                           **file_options(config, task)})
 
     def records(self) -> list:
         """The pool's PromptRecords (with repeats)."""

@@ -85,12 +85,13 @@ def run(args) -> int:
     from attnrl import cli_checks, quiet
 
     cli_checks.check_model(args.model)  # before any engine starts
-    cli_checks.check_task(settings["task"], task_kwargs=settings["task_kwargs"])
+    cli_checks.check_task(settings["task"], task_kwargs=settings["task_kwargs"],
+                          fields=settings["fields"])
     from attnrl.data import load_prompts
     from attnrl.evaluation import format_prompts
     from attnrl.rollout import SamplingConfig, make_engine
 
-    task, kwargs = settings["task"], settings["task_kwargs"] or {}
+    task, kwargs = settings["task"], {**(settings["task_kwargs"] or {}), **settings["fields"]}
     if settings["pool"] is not None:  # a run's held-out problems, never its training ones
         from attnrl.data.unseen import draw_unseen
 

@@ -69,6 +69,9 @@ BAD_FILES = {
     "batch.yaml": "num_generations: 3\nper_device_train_batch_size: 8\n",
     "noanswer.jsonl": '{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "2 + 2?"}\n',
     "afile.txt": "not a directory\n",
+    "five.jsonl": "".join(f'{{"question": "{i} + 1?", "answer": "{i + 1}"}}\n' for i in range(5)),
+    "mapped.csv": "problem,solution\nWhat is 1 + 1?,2\n",
+    "rew.py": "LIMIT = 3\n\ndef score(text):\n    return [1.0]\n",
 }
 BAD_INPUTS = [
     # (arguments, text the one line must hold)
@@ -130,6 +133,19 @@ BAD_INPUTS = [
                                                                   "'answer'")),
     (["train", "--task", "gsm8k", "--task_kwargs", "{min_terms: 2}"], ("given for the file "
                                                                       "task 'gsm8k'")),
+    # your own data and your own reward
+    (["train", "--task", "{five.jsonl}", "--task_size", "100", "--eval_size", "0"],
+     "five.jsonl holds 5 prompts; set task_size to at most 5"),
+    (["train", "--task", "{mapped.csv}", "--eval_size", "0"],
+     ("mapped.csv row 1 has no 'question' field; each row needs 'question' and 'answer' (its "
+      "fields: problem, solution; name the one to use with question_field)")),
+    (["train", "--task", "{afile.txt}", "--eval_size", "0"], "has the unsupported suffix '.txt'"),
+    (["train", "--rewards", "{rew.py:score: 1}"], ("rew.py:score' takes neither completions "
+                                                   "nor **kwargs")),
+    (["train", "--rewards", "{rew.py:LIMIT: 1}"], "LIMIT is int 3, not a function"),
+    (["train", "--rewards", "{no_such_reward_module:f: 1}"], ("no module named "
+                                                             "'no_such_reward_module'")),
+    (["train", "--rewards", "{my-rewards:f: 1}"], "'my-rewards' is no module name"),
     (["signals", "--prompt", "hi", "--layers", "99"], "--layers [99] out of range: the model "
                                                        "has 30 layers"),
     (["signals", "--task", "chain_sumx"], "reasoning-gym has no task 'chain_sumx'"),

@@ -168,8 +168,9 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
     assert default == {"task": "chain_sum", "instruction": "", "system_prompt": None,
                        "task_kwargs": config["task_kwargs"], "seed": HELDOUT_SEED_OFFSET,
                        # the run's held-out evaluation: size, samples, temperature, length
-                       "num_problems": config["eval_size"], "n": 2, "temperature": None, "max_tokens": 64,
-                       "engine": "vllm"}
+                       "num_problems": config["eval_size"], "n": 2, "temperature": None,
+                       "max_tokens": 64,
+                       "engine": "vllm", "fields": {}}
     # the run's training pool, whose questions are never evaluated
     assert (pool.task, pool.size, pool.seed, pool.kwargs) == \
         ("chain_sum", config["task_size"], 0, config["task_kwargs"])
@@ -185,6 +186,12 @@ def test_eval_takes_the_task_settings_of_a_training_config(tmp_path):
     assert task_settings(str(tmp_path), None, None, None)["task"] == "gsm8k:test"
     plain = task_settings(None, None, None, None)
     assert plain["task"] == "chain_sum" and plain["seed"] == 0 and plain["task_kwargs"] is None
+    # a run on a data file with mapped fields: its held-out file is read through them
+    (tmp_path / "config.yaml").write_text("task: train.csv\neval_task: test.parquet\n"
+                                          "question_field: problem\n")
+    mapped = task_settings(str(tmp_path), None, None, None)
+    assert mapped["task"] == "test.parquet" and mapped["fields"] == {"question_field": "problem"}
+    assert mapped["pool"].kwargs == {"question_field": "problem"}
 
 
 def test_large_eval_request_gets_an_estimate():

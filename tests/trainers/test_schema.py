@@ -169,3 +169,48 @@ def test_liger_kernel_is_refused_in_one_line():
     with pytest.raises(UserError) as err:
         load_config(None, {"use_liger_kernel": True})
     assert "use_liger_kernel: false" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plugin_rewards_are_checked_for_form_and_resolved_absolute(tmp_path, monkeypatch):
+    """A plug-in is written 'module:function' or 'file.py:function'; only its form is checked
+    with the config (it is imported when the job starts, trainers/preflight.py); a file's
+    path is made absolute from the working directory."""
+    monkeypatch.chdir(tmp_path)
+    checked = check_config({"rewards": {"my_rewards.py:score": 1.0, "pkg.mod:fn": 0.5,
+                                        "answer": 1.0},
+                            "reward_options": {"my_rewards.py:score": {"scale": 2}}})
+    resolved = resolve(checked)
+    spec = f"{tmp_path}/my_rewards.py:score"
+    assert resolved["rewards"] == {spec: 1.0, "pkg.mod:fn": 0.5, "answer": 1.0}
+    assert resolved["reward_options"] == {spec: {"scale": 2}}
+    assert resolved["reward_plugins"] is None  # written by `attnrl train` when it starts
+    assert resolve(check_config(resolved))["rewards"] == resolved["rewards"]  # idempotent
+    with pytest.raises(UserError, match=r"rewards 'my-mod:fn': 'my-mod' is no module name"):
+        check_config({"rewards": {"my-mod:fn": 1.0}})
+    with pytest.raises(UserError, match=r"unknown reward 'maths' \(did you mean 'math'\?\).*or "
+                                        r"a plug-in 'module:function'"):
+        check_config({"rewards": {"maths": 1.0}})
+    with pytest.raises(UserError, match=r"reward_options names 'other.py:f', which is not in"):
+        check_config({"rewards": {"answer": 1.0}, "reward_options": {"other.py:f": {}}})
+
+
+def test_field_mapping_and_prompt_cap_keys():
+    assert check_config({"task": "data/qa.csv", "question_field": "problem",
+                         "answer_field": "solution"})["question_field"] == "problem"
+    assert check_config({"task": "gsm8k", "eval_task": "held/out.parquet",
+                         "question_field": "problem"})
+    with pytest.raises(UserError, match=r"question_field 'problem' is set, but task "
+                                        r"'chain_sum' is no data file of yours"):
+        check_config({"question_field": "problem"})
+    with pytest.raises(UserError, match="answer_field 'solution' is set, but task 'gsm8k'"):
+        check_config({"task": "gsm8k", "answer_field": "solution"})
+    with pytest.raises(UserError, match="question_field and answer_field are both 'text'"):
+        check_config({"task": "qa.jsonl", "question_field": "text", "answer_field": "text"})
+    with pytest.raises(UserError, match="question_field = '' is empty"):
+        check_config({"task": "qa.jsonl", "question_field": ""})
+    assert check_config({"max_prompt_length": 256})["max_prompt_length"] == 256
+    with pytest.raises(UserError, match="max_prompt_length = 0 is out of range"):
+        check_config({"max_prompt_length": 0})
+    for name in ("question_field", "answer_field", "max_prompt_length", "reward_plugins"):
+        assert name in schema.JOB_KEY_NAMES and name not in schema.TRL_FIELDS, name
+        assert KEYS[name].resume == "fixed", name
