@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from attnrl import quiet
+from attnrl import __version__, quiet
 from attnrl.errors import UserError
 
 SUBCOMMANDS = {
@@ -29,12 +29,16 @@ SUBCOMMANDS = {
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="attnrl", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--version", action="version", version=f"attnrl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"attnrl {__version__}")
+        return 0
     name = argv[0]
     if name not in SUBCOMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
@@ -57,6 +61,11 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"attnrl {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or attnrl.errors.Interrupted (SIGINT/SIGTERM)
+        if not getattr(err, "reported", False):
+            print(f"attnrl {name}: {getattr(err, 'message', '') or 'interrupted (SIGINT)'}",
+                  file=sys.stderr)
+        return getattr(err, "code", 130)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -43,8 +42,9 @@ class JsonlMetricsCallback(TrainerCallback):
 
 class RecordConfigCallback(TrainerCallback):
     """The resolved config: sent to W&B as the run's config when training begins (so W&B
-    holds the job keys too, not only the trainer's fields) and copied into every checkpoint
-    (OUTPUT_DIR/checkpoint-N/config.yaml), so a checkpoint always says what made it."""
+    holds the job keys too, not only the trainer's fields). (It is copied into every
+    checkpoint, OUTPUT_DIR/checkpoint-N/config.yaml, by trainers/checkpoints.py before the
+    checkpoint is renamed into place, so a checkpoint always says what made it.)"""
 
     def __init__(self, resolved: dict):
         self.resolved = resolved
@@ -61,15 +61,30 @@ class RecordConfigCallback(TrainerCallback):
                                         if k != "recorded"}, "versions": versions()},
                                     allow_val_change=True)
 
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from trainers.run_dir import CONFIG_NAME
 
-        source = Path(args.output_dir) / CONFIG_NAME
-        target = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if source.is_file() and target.is_dir():
-            shutil.copyfile(source, target / CONFIG_NAME)
+class StopCallback(TrainerCallback):
+    """SIGINT / SIGTERM during training (trainers/stop.py SignalStop): at the end of the step
+    in progress, the ranks agree (max over ranks) and all save a checkpoint and stop."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.install()  # again: a library may have replaced the handlers meanwhile
+        self.stop.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from trainers.stop import agreed
+
+        signum = agreed(self.stop.received or 0, args.device)
+        if signum:
+            self.stop.received = self.stop.received or signum
+            self.stop.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop.training, self.stop.trained = False, True
 
 
 def completions_per_step(resolved: dict, world_size: int = 1) -> int:

@@ -66,10 +66,15 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     given). Every check that needs no model runs first (trainers/preflight.py), then rank 0
     locks output_dir (trainers/run_dir.py: one run per directory; resume only the same run);
     the resolved config is recorded and an --overwrite'n run removed only once the trainer
-    is built, so a failed start leaves the directory as it was. Returns the trainer."""
+    is built, so a failed start leaves the directory as it was. SIGINT / SIGTERM stop it
+    with a checkpoint (trainers/stop.py): then it raises attnrl.errors.Interrupted (a
+    KeyboardInterrupt) once the lock is released. Returns the trainer."""
+    from attnrl.errors import Interrupted
     from trainers import machine, preflight, run_dir
     from trainers.heldout_keys import heldout_settings
     from trainers.schema import resolve
+    from trainers.stop import SignalStop, stopped_line
+    from trainers.stop import barrier as stop_barrier
 
     resolved = resolve(config)
     preflight.check_job(resolved)
@@ -85,20 +90,31 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
     config, resolved = {**config, **chosen}, {**resolved, **chosen}
     machine.check_device_keys(resolved)
     lock = run_dir.RunLock(resolved["output_dir"])
+    with SignalStop(release=lock.release) as stop:
+        try:
+            if run_dir._rank0():
+                lock.acquire()
+            resume = run_dir.prepare(resolved, overwrite=overwrite,
+                                     allow=set(allow_config_change))
+            if line and run_dir._rank0():
+                print(line, flush=True)
+            trainer = _run_job(config, resolved, heldout, heldout_draw, resume,
+                               callbacks=callbacks, overwrite=overwrite, verbose=verbose,
+                               command=command, stop=stop)
+        finally:
+            lock.release()
+    if stop.stopped_at is None:
+        return trainer
+    text = stopped_line(stop.received, stop.stopped_at, resolved["output_dir"],
+                        resolved["resume"], overwrite)
     if run_dir._rank0():
-        lock.acquire()
-    try:
-        resume = run_dir.prepare(resolved, overwrite=overwrite, allow=set(allow_config_change))
-        if line and run_dir._rank0():
-            print(line, flush=True)
-        return _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=callbacks,
-                        overwrite=overwrite, verbose=verbose, command=command)
-    finally:
-        lock.release()
+        print(text, flush=True)
+    stop_barrier()
+    raise Interrupted(stop.received, text, reported=True)
 
 
 def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
-             overwrite=False, verbose=False, command=None):
+             overwrite=False, verbose=False, command=None, stop=None):
     from attnrl import quiet
     from trainers import run_dir
     from trainers.schema import ATTNRL_DEFAULT_TRL, JOB_KEY_NAMES
@@ -118,6 +134,7 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
         RecordConfigCallback,
         RewardProgressCallback,
         StepPrinterCallback,
+        StopCallback,
         model_card,
         plot_reward_curve,
     )
@@ -172,6 +189,8 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
     else:
         from trainers.grpo import AttnGRPOTrainer as Trainer
     callbacks = [StepPrinterCallback(), RecordConfigCallback(resolved), *(callbacks or [])]
+    if stop is not None:  # SIGINT / SIGTERM: a checkpoint at the end of the step
+        callbacks.append(StopCallback(stop))
     heldout_callback = None
     if heldout.enabled:
         heldout_callback = HeldoutCallback(HeldoutEvaluator(
@@ -208,11 +227,12 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
         if resume:
             print(f"resuming from {resume}", flush=True)
         trainer.train(resume_from_checkpoint=resume)
+        if stop is not None and stop.stopped_at is not None:
+            _close_engine(trainer)  # stopped by a signal: checkpoint-N is the run's state
+            return trainer
     final = Path(args.output_dir) / "final"
     trainer.save_model(str(final))
-    if getattr(trainer, "engine", None) is not None:
-        trainer.engine.close()
-        trainer.engine = None
+    _close_engine(trainer)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
         (final / "README.md").write_text(trainer.run_card)
@@ -238,6 +258,13 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
         if comparison is not None:  # the job's last lines: before -> after, once
             print("\n".join(comparison["lines"]), flush=True)
     return trainer
+
+
+def _close_engine(trainer) -> None:
+    """Close the trainer's rollout engine (vLLM's memory and threads) once."""
+    if getattr(trainer, "engine", None) is not None:
+        trainer.engine.close()
+        trainer.engine = None
 
 
 def _phase(label: str):

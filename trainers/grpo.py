@@ -20,6 +20,8 @@ W&B, checkpoints — is TRL's and keeps TRL's field names):
    (`EpochSeededRepeatSampler`), so a run resumed in a later epoch sees the prompts an
    uninterrupted run would; TRL's sampler continues one generator across epochs, which a
    resumed process cannot restore.
+6. Whole checkpoints: TRL's save is written to OUTPUT_DIR/tmp-checkpoint-N by every rank and
+   renamed to checkpoint-N once all have finished (trainers/checkpoints.py).
 
 Its config, AttnGRPOConfig (TRL's GRPOConfig plus attnrl's fields), is in
 trainers/grpo_config.py.
@@ -401,17 +403,30 @@ class AttnGRPOTrainer(GRPOTrainer):
                 handle.write(self.run_card)
         return None
 
-    def _save_checkpoint(self, model, trial):
-        if self.args.should_save:  # before the checkpoint: a crash keeps the state files
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    _staging: str | None = None
+    """Set while a checkpoint is saved: the tmp- directory it is written into."""
 
-            directory = os.path.join(self._get_output_dir(trial=trial),
-                                     f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if self.qk_credit is not None:
-                self.qk_credit.save(directory)
-            if self.head_split is not None:
-                self.head_split.save(directory)
-        super()._save_checkpoint(model, trial)
+    def _get_output_dir(self, trial) -> str:
+        """Where checkpoint-N is written: OUTPUT_DIR/tmp-checkpoint-N while a save is in
+        progress (trainers/checkpoints.py), output_dir otherwise."""
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's save, written to a tmp- directory and renamed to checkpoint-N once every
+        rank has finished (a checkpoint is whole or absent)."""
+        from trainers.checkpoints import staged_save
+
+        with staged_save(self, trial):
+            if self.args.should_save:
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                directory = os.path.join(self._get_output_dir(trial=trial),
+                                         f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                if self.qk_credit is not None:
+                    self.qk_credit.save(directory)
+                if self.head_split is not None:
+                    self.head_split.save(directory)
+            super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

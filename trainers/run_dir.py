@@ -4,10 +4,15 @@ only when its config is the recorded one (imports nothing heavy).
     OUTPUT_DIR/config.yaml               the resolved config + `recorded` (versions, command)
     OUTPUT_DIR/checkpoint-N/config.yaml  the config that checkpoint was made with
 
-resume: auto  continues the run in output_dir when the new resolved config equals the
-              recorded one in every key that changes what is computed (schema Key.resume
-              'fixed'; 'allowed' keys such as max_steps only when named in
-              --allow_config_change); otherwise refuses, naming the keys.
+Checkpoints are whole or absent (trainers/checkpoints.py): a save is written to
+tmp-checkpoint-N and renamed when complete; an interrupted one (tmp-checkpoint-N, or a
+checkpoint-N without trainer_state.json) is never resumed: `start` sets it aside as
+incomplete-checkpoint-N, in one line.
+
+resume: auto  continues the run in output_dir (from its last whole checkpoint) when the new
+              resolved config equals the recorded one in every key that changes what is
+              computed (schema Key.resume 'fixed'; 'allowed' keys such as max_steps only
+              when named in --allow_config_change); otherwise refuses, naming the keys.
 resume: never output_dir must hold no run; --overwrite deletes the run files first (so
               neither its checkpoints nor its metrics.jsonl can leak into the new run).
 resume: PATH  that checkpoint, under the same rule as auto.
@@ -25,7 +30,6 @@ import datetime
 import fcntl
 import importlib.metadata
 import os
-import re
 import shutil
 import socket
 import sys
@@ -34,9 +38,10 @@ from pathlib import Path
 import yaml
 
 from attnrl.errors import UserError
+from trainers import checkpoints as ckpt
 from trainers.schema import KEYS, check_config, default, resolve
 
-CONFIG_NAME = "config.yaml"
+CONFIG_NAME = ckpt.CONFIG_NAME  # "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "reward_curve.png", "README.md",
              "rollout_weights")
 """Files and directories of a run in output_dir (besides checkpoint-N), removed by
@@ -57,17 +62,15 @@ def versions() -> dict[str, str]:
 
 
 def checkpoints(output_dir) -> list[Path]:
-    """checkpoint-N directories, by step."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """The whole checkpoint-N directories (trainer_state.json written), by step."""
+    return ckpt.whole(output_dir)
 
 
 def run_files(output_dir) -> list[Path]:
+    """The run's files in output_dir: RUN_FILES, checkpoints whole or not, set-aside ones."""
     out = Path(output_dir)
-    return [out / name for name in RUN_FILES if (out / name).exists()] + checkpoints(out)
+    return [out / name for name in RUN_FILES if (out / name).exists()] + checkpoints(out) \
+        + ckpt.incomplete(out) + ckpt.named(out, ckpt.ASIDE)
 
 
 def read_recorded(path) -> dict:
@@ -148,6 +151,7 @@ def prepare(config: dict, overwrite: bool = False, allow: set[str] | None = None
         return None
     if resume != "auto":  # a checkpoint path
         checkpoint = Path(str(resume))
+        _check_whole(checkpoint)
         for recorded in (checkpoint / CONFIG_NAME, checkpoint.parent / CONFIG_NAME):
             if recorded.is_file():
                 check_same_run(recorded, config, allow, f"checkpoint {checkpoint}")
@@ -168,6 +172,17 @@ def prepare(config: dict, overwrite: bool = False, allow: set[str] | None = None
     if changed:
         print(f"resuming with changed {', '.join(changed)}", flush=True)
     return str(last) if last else None
+
+
+def _check_whole(checkpoint: Path) -> None:
+    """UserError for an explicit `resume: PATH` whose save never finished."""
+    if not checkpoint.is_dir() or ckpt.is_whole(checkpoint):
+        return
+    others = checkpoints(checkpoint.parent)
+    hint = f" (the last whole one: {others[-1]})" if others else ""
+    raise UserError(f"checkpoint {checkpoint} is incomplete (no {ckpt.STATE_FILE}: its save "
+                    f"was interrupted); resume from a whole checkpoint{hint} or with "
+                    "--resume auto")
 
 
 def checkpoint_step(checkpoint) -> int | None:
@@ -244,7 +259,9 @@ def write_config(config: dict, output_dir, command: str | None = None,
 def start(config: dict, overwrite: bool = False, command: str | None = None,
           **record) -> None:
     """On rank 0, once every check has passed: remove the previous run (--overwrite) and
-    record the resolved config (write_config; `record`: its trainer_fields, model_hash)."""
+    record the resolved config (write_config; `record`: its trainer_fields, model_hash).
+    Interrupted saves left in output_dir are set aside (incomplete-checkpoint-N), in one
+    line."""
     if not _rank0():
         return
     out = Path(config["output_dir"])
@@ -253,6 +270,9 @@ def start(config: dict, overwrite: bool = False, command: str | None = None,
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if existing:
         print(f"--overwrite: removed the previous run in {out}", flush=True)
+    line = ckpt.set_aside_all(out)
+    if line:
+        print(line, flush=True)
     write_config(config, out, command, **record)
 
 

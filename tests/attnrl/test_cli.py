@@ -231,3 +231,41 @@ def test_bad_input_is_one_line_exit_2_within_3_s(tmp_path, args, message):
         if wall < SECONDS_TO_ERROR:
             break
     assert min(walls) < SECONDS_TO_ERROR, f"{walls} s to the error"
+
+
+
+def test_version_prints_the_package_version_and_exits_0():
+    from attnrl import __version__
+
+    result = attnrl("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"attnrl {__version__}\n" and result.stderr == ""
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (KeyboardInterrupt(), 130, "attnrl train: interrupted (SIGINT)\n"),
+    ("sigterm", 143, "attnrl train: stopped by SIGTERM before training started\n"),
+    ("reported", 143, ""),
+])
+def test_interrupt_is_one_line_and_128_plus_the_signal(monkeypatch, capsys, error, code, line):
+    """Ctrl-C prints one line, not a traceback; a stop already reported prints nothing."""
+    import types
+
+    from attnrl import cli
+    from attnrl.errors import Interrupted
+
+    if error == "sigterm":
+        error = Interrupted(15, "stopped by SIGTERM before training started")
+    elif error == "reported":
+        error = Interrupted(15, "stopped by SIGTERM at step 2", reported=True)
+    module = types.ModuleType("interrupted_command")
+    module.add_arguments = lambda parser: None
+
+    def run(args):
+        raise error
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, "interrupted_command", module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "train", ("interrupted_command", "test"))
+    assert cli.main(["train"]) == code
+    assert capsys.readouterr().err == line

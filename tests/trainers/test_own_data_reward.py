@@ -88,6 +88,7 @@ def test_a_changed_plugin_file_is_a_different_run(tmp_path):
     out = Path(resolved["output_dir"])
     (out / "checkpoint-1").mkdir()
     (out / "checkpoint-1" / "config.yaml").write_text((out / "config.yaml").read_text())
+    (out / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["reward_plugins"] == resolved["reward_plugins"]
     again = job(tmp_path, resume="auto")

@@ -21,14 +21,16 @@ def config(out, **overrides):
 
 
 def fake_run(out, steps=(1, 2), **overrides) -> dict:
-    """An output_dir as `attnrl train` leaves it: config.yaml, metrics.jsonl, checkpoints
-    (each with the config it was made with)."""
+    """An output_dir as `attnrl train` leaves it: config.yaml, metrics.jsonl, whole
+    checkpoints (each with the config it was made with and its trainer_state.json)."""
     resolved = config(out, **overrides)
     run_dir.write_config(resolved, out, command="attnrl train (test)")
     (Path(out) / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in steps))
     for step in steps:
         (Path(out) / f"checkpoint-{step}").mkdir()
         shutil.copyfile(Path(out) / "config.yaml", Path(out) / f"checkpoint-{step}" / "config.yaml")
+        (Path(out) / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            f'{{"global_step": {step}}}')
     return resolved
 
 
@@ -109,6 +111,7 @@ def test_stale_checkpoint_of_another_run_is_never_resumed(tmp_path):
 def test_checkpoints_without_a_recorded_config_are_refused(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
     with pytest.raises(UserError, match="without config.yaml.*cannot be checked"):
         run_dir.prepare(config(out))
     with pytest.raises(UserError, match="has no config.yaml"):
