@@ -23,6 +23,8 @@ import re
 import shutil
 from pathlib import Path
 
+from attnrl.atomic import fsync_dir
+
 STATE_FILE = "trainer_state.json"
 CONFIG_NAME = "config.yaml"  # the run's resolved config (trainers/run_dir.py)
 STAGING = "tmp-"
@@ -88,13 +90,6 @@ def set_aside_all(output_dir) -> str | None:
             f"{listed}; delete when not needed")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def commit(staging: Path, name: str) -> Path:
     """Move the finished save staging/NAME to OUTPUT_DIR/NAME and remove staging. A
@@ -106,7 +101,7 @@ def commit(staging: Path, name: str) -> Path:
     os.rename(staging / name, final)
     os.utime(final)  # the newest by mtime, as transformers' rotation expects
     shutil.rmtree(staging)
-    _fsync_dir(staging.parent)
+    fsync_dir(staging.parent)
     return final
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from attnrl import quiet
+from attnrl.atomic import write_json, write_text
 from attnrl.errors import UserError
 from trainers.heldout_keys import (  # noqa: F401  (re-exported)
     EVAL_TOP_P,
@@ -165,17 +166,6 @@ class HeldoutCallback(TrainerCallback):
                + f" on {len(model['greedy_correct'])} problems ({seconds:.0f} s)")
 
 
-def write_json(path: Path, data) -> None:
-    _write_atomic(path, json.dumps(data, indent=1, default=str))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through PATH.tmp and rename, so a crash never leaves a half file at PATH."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _print(line: str) -> None:
     from tqdm.auto import tqdm
 
@@ -248,7 +238,7 @@ def summarize(out_dir, settings: HeldoutSettings) -> dict | None:
                "trained": compare(data["before"], data["after"])}
     rows = problem_rows(data["before"], data["after"])
     if rows:
-        _write_atomic(folder / "problems.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        write_text(folder / "problems.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     lines = [accuracy_line(summary["trained"])]
     t = summary["trained"]
     if "pass1_diff" in t:

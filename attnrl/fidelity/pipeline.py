@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
+from attnrl import atomic
 from attnrl.errors import UserError
 from attnrl.evaluation import CORRECT_THRESHOLD  # correct: answer reward >= 1
 
@@ -151,9 +151,9 @@ def measure(args, resolved: dict, out: Path, start: float) -> dict:
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["monte_carlo"] = mc
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write(out / "summary.json", json.dumps(summary, indent=1))
-    _write(out / "table.md", format_table(summary) + "\n")
+    atomic.write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic.write_text(out / "table.md", format_table(summary) + "\n")
     plot_fidelity(rows, summary, out / "fidelity.png")
     return summary
 
@@ -172,14 +172,8 @@ def resummarize(out: Path) -> dict:
     for key in ("seconds", "monte_carlo"):
         if key in old:
             summary[key] = old[key]
-    _write(out / "summary.json", json.dumps(summary, indent=1))
-    _write(out / "table.md", format_table(summary) + "\n")
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic.write_text(out / "table.md", format_table(summary) + "\n")
     plot_fidelity(rows, summary, out / "fidelity.png")
     return summary
 
-
-def _write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

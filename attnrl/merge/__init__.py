@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from attnrl.atomic import fsync_dir
 from attnrl.errors import UserError
 from attnrl.merge.io import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, ShardWriter
 from attnrl.merge.lora import read_factor
@@ -122,13 +123,6 @@ def _copy_aux_files(target: Checkpoint, into: Path) -> list[str]:
     return copied
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def merge_checkpoints(rl, sft, target, out, alpha: float = 1.0, exclude=None,
                       force: bool = False, max_shard_bytes: int | str = DEFAULT_MAX_SHARD,
@@ -205,7 +199,7 @@ def merge_checkpoints(rl, sft, target, out, alpha: float = 1.0, exclude=None,
         summary.copied_files = _copy_aux_files(target_src, work)
         summary.seconds = time.perf_counter() - started
         (work / SUMMARY_NAME).write_text(json.dumps(summary.to_json(), indent=2))
-        _fsync_dir(work)
+        fsync_dir(work)
         _install(work, out, force)
     except OSError as err:
         raise UserError(f"writing the merge next to {out} failed ({err}); free disk space or "

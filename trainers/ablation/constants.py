@@ -1,11 +1,9 @@
 """The ablation's fixed settings: strategies, the baseline and the positive control, the
-budget presets (training overrides, held-out evaluation, seeds, target reward) and the
-atomic JSON writer every part uses."""
+budget presets (training overrides, held-out evaluation, seeds, target reward)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from trainers.ablation.registered import CONTROL
 
@@ -118,11 +116,6 @@ BUDGETS = {
 
 EVAL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}  # those of `attnrl eval`
 
-
-def write_json(path: Path, data) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def flatten_settings(settings: dict) -> dict:

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from attnrl.atomic import write_json
 from attnrl.errors import UserError
 from trainers.ablation.constants import (
     ABLATION_FORMAT,
@@ -17,7 +18,6 @@ from trainers.ablation.constants import (
     EVAL_DEFAULTS,
     SEQUENTIAL_MIN_SEEDS,
     flatten_settings,
-    write_json,
 )
 from trainers.ablation.reference import heldout_draw, heldout_seed
 from trainers.ablation.registered import VARIANTS

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from attnrl.atomic import write_json
 from trainers.ablation.constants import (
     BASELINE,
     POSITIVE_CONTROL,
     POSITIVE_CONTROL_LABEL,
     SMOOTH_WINDOW,
-    write_json,
 )
 from trainers.ablation.registered import registered_lines
 from trainers.ablation.stats import mean_or_none

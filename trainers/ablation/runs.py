@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainers.ablation.constants import write_json
+from attnrl.atomic import write_json
 from trainers.ablation.reference import evaluate_run
 
 
