@@ -226,6 +226,19 @@ def cap_prompts(rows: list[dict], tokenizer, cap: int | None, report: dict | Non
     return kept
 
 
+def reward_options(name: str, options: dict, config: dict) -> dict:
+    """The options a built-in reward is built with: `reward_options[name]`, and for
+    'overlong' the job's own max_completion_length unless the options set one (the cap the
+    shaping measures against is the one the completions were generated with)."""
+    mine = dict(options.get(name, {}))
+    if name == "overlong" and "max_completion_length" not in mine:
+        from trainers.schema import default
+
+        mine["max_completion_length"] = config.get("max_completion_length") or \
+            default("max_completion_length", config.get("trainer", "grpo"))
+    return mine
+
+
 def build_rewards(config: dict) -> list:
     """One reward function per configured reward, taking TRL's columns (entry_json is
     decoded back into reasoning-gym entries); a plug-in ('module:function',
@@ -240,7 +253,7 @@ def build_rewards(config: dict) -> list:
         if is_plugin(name):  # called as TRL calls a reward, entry_json decoded
             funcs.append(plugin_reward(name, options.get(name, {})))
             continue
-        fn = get_reward(name, **options.get(name, {}))
+        fn = get_reward(name, **reward_options(name, options, config))
 
         def reward(prompts, completions, _fn=fn, entry_json=None, **columns):
             if entry_json is not None:  # reasoning-gym entries travel as JSON text

@@ -70,3 +70,27 @@ def test_bad_input():
                         overlong_buffer=11)
     with pytest.raises(UserError, match="one per completion"):
         overlong_reward([""] * 2, [""] * 2, completion_lengths=[3], max_completion_length=10)
+
+
+def test_job_overlong_reward_takes_the_jobs_own_cap():
+    """`rewards: {overlong: 1}` with no reward_options shapes against the job's
+    max_completion_length (it used to stop at the first reward call after the model had
+    loaded); an explicit option still wins."""
+    from rewards.length import overlong_penalty
+    from trainers.job import build_rewards
+
+    funcs, weights = build_rewards({"rewards": {"overlong": 1.0}, "max_completion_length": 64})
+    lengths = [10, 50, 60, 64]
+    got = funcs[0]([""] * 4, [""] * 4, completion_lengths=lengths)
+    assert got == [overlong_penalty(n, 64, _default_buffer(64)) for n in lengths]
+    assert weights == [1.0]
+    funcs, _ = build_rewards({"rewards": {"overlong": 1.0}, "max_completion_length": 64,
+                              "reward_options": {"overlong": {"max_completion_length": 40}}})
+    assert funcs[0]([""], [""], completion_lengths=[50])[0] == overlong_penalty(
+        50, 40, _default_buffer(40))
+
+
+def _default_buffer(max_length):
+    from rewards.length import DEFAULT_BUFFER_FRACTION
+
+    return max(1, round(DEFAULT_BUFFER_FRACTION * max_length))
