@@ -52,6 +52,7 @@ from attnrl.rollout.seeds import first_rows, training_seeds
 from trainers.grpo_config import AttnGRPOConfig  # also imported from here (trainers.grpo)
 from trainers.head_split import FrozenHeadSplit
 from trainers.qk_heads import QKCredit, needs_qk
+from trainers.rollout_lag import RolloutLagMixin
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ class EpochSeededRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
-class AttnGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with attnrl rollouts, estimators and attention-guided credit.
+class AttnGRPOTrainer(RolloutLagMixin, GRPOTrainer):
+    """GRPOTrainer with attnrl rollouts, estimators and attention-guided credit; with
+    `rollout_lag` 1, generation one step ahead of training (trainers/rollout_lag.py).
 
     Extra argument: `rollout_engine`, an attnrl RolloutEngine to use instead of creating
     one from the config (e.g. shared between runs in tests).
@@ -201,33 +203,36 @@ class AttnGRPOTrainer(GRPOTrainer):
     """trainers.weight_sync.SyncStats of the latest engine sync (buckets, peak bytes)."""
 
     def sync_engine_weights(self) -> None:
+        """Push the current weights (version = global_step) to the engine. A batch generated
+        ahead (rollout_lag 1) finishes first, on every rank, before any rank pushes."""
         if self.engine is None:
             with _zero3_init_disabled():  # the engine holds full weights, not ZeRO-3 shards
                 self.engine = self._make_engine()
+        if self.rollout_lag:
+            self.engine.drain()
+            if self.accelerator.num_processes > 1:
+                self.accelerator.wait_for_everyone()
         stream = self.weight_stream()
         self.engine.update_weights_stream(stream.names, stream.chunks())
         self.last_sync_stats = stream.stats
         self._engine_step = self.state.global_step
+        self.engine.weight_version = self.state.global_step
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                               has_tool_images=False):
         start = time.perf_counter()
-        if self.engine is None or self._engine_step != self.state.global_step:
-            self.sync_engine_weights()
         config: AttnGRPOConfig = self.args
         n = num_generations if _is_grouped(prompt_ids, num_generations) else 1
-        # one seed per completion row: (run seed, phase, step, call in step, global row)
-        step, phase = self.state.global_step, "train" if self.model.training else "eval"
-        last_step, last_call = self._generation_calls.get(phase, (None, -1))
-        call = last_call + 1 if last_step == step else 0
-        self._generation_calls[phase] = (step, call)
-        rows = training_seeds(config.seed, phase, step, call, self._first_row(len(prompt_ids)),
-                              len(prompt_ids))
         sampling = SamplingConfig(n=n, temperature=config.temperature,
                                   top_p=config.top_p, max_tokens=config.max_completion_length,
                                   seed=None)
-        seeds = None if rows is None else [rows[i:i + n] for i in range(0, len(rows), n)]
-        groups = self.engine.generate(prompt_ids[::n], sampling, seeds=seeds)
+        if self.rollout_lag and self.model.training:
+            groups = self._lagged_groups(prompt_ids, n, sampling)
+        else:
+            if self.engine is None or self._engine_step != self.state.global_step:
+                self.sync_engine_weights()
+            seeds = self._row_seeds(len(prompt_ids), n)
+            groups = self.engine.generate(prompt_ids[::n], sampling, seeds=seeds)
         if config.vllm_enable_sleep_mode:  # its memory to the optimizer step until next time
             self.engine.sleep()
         completion_ids = [c.token_ids for g in groups for c in g]
@@ -235,6 +240,22 @@ class AttnGRPOTrainer(GRPOTrainer):
         self._metrics["train" if self.model.training else "eval"]["time/generation"].append(
             time.perf_counter() - start)
         return completion_ids, logprobs
+
+    def _row_seeds(self, num_rows: int, n: int, step: int | None = None):
+        """One seed per completion row, (run seed, phase, step, call in step, global row),
+        in groups of n; None when unseeded. `step` given (a batch generated ahead for that
+        step): its first call. A collective (the rows of lower ranks are gathered)."""
+        phase = "train" if self.model.training else "eval"
+        if step is None:
+            step = self.state.global_step
+            last_step, last_call = self._generation_calls.get(phase, (None, -1))
+            call = last_call + 1 if last_step == step else 0
+            self._generation_calls[phase] = (step, call)
+        else:
+            call = 0
+        rows = training_seeds(self.args.seed, phase, step, call, self._first_row(num_rows),
+                              num_rows)
+        return None if rows is None else [rows[i:i + n] for i in range(0, len(rows), n)]
 
     def _first_row(self, num_rows: int) -> int:
         """Global index of this rank's first completion row: the rows of the lower ranks,

@@ -93,6 +93,10 @@ class AttnGRPOConfig(GRPOConfig):
         "help": "vllm_server: the directory the server accepts weights from (its "
                 "--weights-dir), as the trainer sees it; None = the server's. The secret: "
                 "env ATTNRL_ROLLOUT_API_KEY."})
+    rollout_lag: int = field(default=0, metadata={
+        "help": "vllm_server: 1 = generate the next batch while training on this one (the "
+                "weights one optimizer step older generate it; TRL's token-level importance "
+                "ratio corrects the lag: trainers/rollout_lag.py); 0 = no overlap."})
     rollout_kv_cache_gib: float = field(default=0.5, metadata={
         "help": "vLLM KV cache size (CPU, or GPU when gpu_memory_utilization is None)."})
     rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
@@ -113,17 +117,21 @@ class AttnGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         from attnrl.errors import UserError
+        from trainers.rollout_lag import lag_problem
         from trainers.schema import liger_problem, top_p_problem
         from trainers.schema_engine import default_is_mode, engine_key_problems
 
         check_reward_aggregation(self.multi_objective_aggregation)
         for problem in (top_p_problem(self.top_p, self.vllm_importance_sampling_correction),
-                        liger_problem(self.use_liger_kernel), *engine_key_problems(self)):
+                        liger_problem(self.use_liger_kernel), *engine_key_problems(self),
+                        lag_problem(self.rollout_lag, self.rollout_engine,
+                                    self.vllm_importance_sampling_correction,
+                                    self.vllm_importance_sampling_mode)):
             if problem:  # before any model loads (run_job builds the config first)
                 raise UserError(problem)
         if self.vllm_importance_sampling_mode is None:
-            self.vllm_importance_sampling_mode = default_is_mode(self.max_completion_length,
-                                                                 self.loss_type)
+            self.vllm_importance_sampling_mode = default_is_mode(
+                self.max_completion_length, self.loss_type, self.rollout_lag)
         if self.deepspeed:
             set_single_process_env()
             skip_cpu_shm_comm_op()

@@ -139,7 +139,7 @@ def resolve(config: dict) -> dict:
     resolved.update({k: v for k, v in config.items() if k not in resolved})
     if resolved["vllm_importance_sampling_mode"] is None:
         resolved["vllm_importance_sampling_mode"] = default_is_mode(
-            resolved["max_completion_length"], resolved["loss_type"])
+            resolved["max_completion_length"], resolved["loss_type"], resolved["rollout_lag"])
     if resolved["resume"] is True:
         resolved["resume"] = "auto"
     elif resolved["resume"] is False:

@@ -168,6 +168,10 @@ ATTNRL_KEYS = [
         gt=0, resume="free"),
     Key("rollout_server_weights_dir", "str|null", None, "vllm_server: the directory the server "
         "accepts weights from, as the trainer sees it; null = the server's", resume="free"),
+    Key("rollout_lag", "int", 0, "vllm_server: 1 = the server generates the next batch while "
+        "the trainer trains on the current one, which the weights one optimizer step older "
+        "generated (trainers/rollout_lag.py); 0 = each batch waits for its generation",
+        ge=0, le=1),
     Key("rollout_kv_cache_gib", "float", 0.5, "vLLM KV cache size (GiB)", gt=0, resume="free"),
     Key("rollout_gpu_memory_utilization", "float|null", None, "vLLM GPU memory fraction", gt=0,
         le=1, resume="free"),
@@ -226,7 +230,8 @@ TRL_KEYS = [
     Key("loss_type", "str", "dapo", "TRL loss aggregation", choices=LOSS_TYPES),
     Key("vllm_importance_sampling_mode", "str|null", None, "how TRL's importance-sampling "
         f"correction weighs the sampler / trainer mismatch (null: {LONG_IS_MODE} when "
-        f"max_completion_length > {LONG_COMPLETION} or loss_type is vespo, else TRL's "
+        f"max_completion_length > {LONG_COMPLETION}, loss_type vespo or rollout_lag 1, "
+        "else TRL's "
         "sequence_mask; the resolved mode is recorded; trainers/schema_engine.py says why)",
         choices=IS_MODES),
     Key("scale_rewards", "str|bool", "group", "reward std scaling",

@@ -41,11 +41,12 @@ trainer disagreement) instead of down-weighting it. It is the mode TRL documents
 token-level default."""
 
 
-def default_is_mode(max_completion_length, loss_type) -> str:
+def default_is_mode(max_completion_length, loss_type, rollout_lag=0) -> str:
     """vllm_importance_sampling_mode when the config leaves it null: LONG_IS_MODE for
-    completions longer than LONG_COMPLETION tokens and for the vespo loss (which needs a
-    token-level mode), else TRL's default, sequence_mask."""
-    if loss_type == "vespo" or (max_completion_length or 0) > LONG_COMPLETION:
+    completions longer than LONG_COMPLETION tokens, for the vespo loss (which needs a
+    token-level mode) and for rollout_lag 1 (trainers/rollout_lag.py), else TRL's default,
+    sequence_mask."""
+    if loss_type == "vespo" or rollout_lag or (max_completion_length or 0) > LONG_COMPLETION:
         return LONG_IS_MODE
     return "sequence_mask"
 

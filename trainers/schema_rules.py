@@ -111,7 +111,16 @@ def check_together(config: dict, where) -> None:
 
 def check_engine_keys(get, where) -> None:
     """vllm_enable_sleep_mode only with attnrl's in-process vLLM engine (the device is
-    checked when the job starts: trainers/machine.py)."""
+    checked when the job starts: trainers/machine.py); rollout_lag 1 only where it can run
+    (trainers/rollout_lag.py)."""
+    from trainers.rollout_lag import lag_problem
+
+    problem = lag_problem(get("rollout_lag"), get("rollout_engine"),
+                          get("vllm_importance_sampling_correction"),
+                          get("vllm_importance_sampling_mode"))
+    if problem:
+        names = ("rollout_lag", "rollout_engine", "vllm_importance_sampling_mode")
+        raise UserError(f"{where(*names)}: {problem}")
     if get("vllm_enable_sleep_mode") and get("rollout_engine") != "vllm":
         raise UserError(f"{where('vllm_enable_sleep_mode', 'rollout_engine')}: "
                         f"vllm_enable_sleep_mode true needs rollout_engine vllm (attnrl's "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +61,19 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]]) -> list[list
 
 
 class RolloutEngine(abc.ABC):
-    """Generates completions and takes new policy weights without a restart."""
+    """Generates completions and takes new policy weights without a restart.
+
+    Generation ahead of training (`rollout_lag` 1, trainers/rollout_lag.py) uses the pair
+    `submit` / `collect`: one batch at a time is in flight, and every completion collected
+    carries `extra["weight_version"]`, the `weight_version` the engine held when the batch
+    was submitted (the trainer sets it to the optimizer step whose weights it pushed).
+    Synchronous by default (`submit` generates before it returns); engines that generate
+    apart from training (the vLLM server) start the batch in a thread and return at once.
+    """
 
     tokenizer = None
+    weight_version: int = 0
+    _pending = None  # (weight version, Future of the groups, submit time) of the batch in flight
 
     @abc.abstractmethod
     def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
@@ -89,12 +101,70 @@ class RolloutEngine(abc.ABC):
         check_stream_names(names, state)
         self.update_weights(state)
 
+    # ------------------------------------------------------------------ generation ahead
+    def submit(self, prompts, sampling: SamplingConfig,
+               seeds: SampleSeeds | None = None) -> None:
+        """Start generating `prompts` (as `generate`); RuntimeError while a batch is in
+        flight (collect it first)."""
+        if self._pending is not None:
+            raise RuntimeError("a generation batch is already in flight: collect it before "
+                               "submitting another")
+        self._pending = (self.weight_version, self._start(prompts, sampling, seeds),
+                         time.perf_counter())
+
+    def _start(self, prompts, sampling, seeds) -> Future:
+        """The groups of `prompts`, as a future: here generated before returning."""
+        done = Future()
+        done.set_result(self.generate(prompts, sampling, seeds=seeds))
+        return done
+
+    @property
+    def in_flight(self) -> bool:
+        """A submitted batch is not collected yet."""
+        return self._pending is not None
+
+    def collect(self) -> tuple[list[list[Completion]], float]:
+        """The groups of the batch in flight, each completion tagged with the weight version
+        that generated it, and the seconds this call waited for them. RuntimeError when
+        nothing is in flight."""
+        if self._pending is None:
+            raise RuntimeError("no generation batch in flight: submit one first")
+        version, future, _ = self._pending
+        start = time.perf_counter()
+        try:
+            groups = future.result()
+        finally:
+            self._pending = None
+        for group in groups:
+            for completion in group:
+                completion.extra["weight_version"] = version
+        return groups, time.perf_counter() - start
+
+    def drain(self) -> None:
+        """Wait until the batch in flight (if any) has finished generating; it stays ready
+        for `collect`. A weight push must not meet a running batch: call this first."""
+        if self._pending is not None:
+            self._pending[1].exception()  # waits; an error is raised by collect
+
+    def discard(self) -> None:
+        """Wait for the batch in flight (if any) and drop it (end of training)."""
+        if self._pending is not None:
+            self._pending[1].exception()
+            self._pending = None
+
+    def check_idle(self) -> None:
+        """RuntimeError when a submitted batch is still generating (no weight push then)."""
+        if self._pending is not None and not self._pending[1].done():
+            raise RuntimeError("weights pushed while a generation batch is in flight: "
+                               "drain() the engine first")
+
     def sleep(self) -> None:
         """Free device memory until the next generation or weight update (engines that can:
         the in-process vLLM engine built with enable_sleep_mode); by default nothing."""
 
     def close(self) -> None:
-        """Free the engine's resources."""
+        """Free the engine's resources (a batch in flight is waited for and dropped)."""
+        self.discard()
 
 
 def check_stream_names(names: list[str], delivered) -> None:

@@ -240,9 +240,21 @@ class VLLMServerEngine(RolloutEngine):
             results.append(group)
         return results
 
+    _thread = None
+
+    def _start(self, prompts, sampling, seeds):
+        """The batch's requests sent from this engine's own thread: `submit` returns at once
+        and the server generates while the trainer trains."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        return self._thread.submit(self.generate, prompts, sampling, seeds=seeds)
+
     # ------------------------------------------------------------------ weight sync
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Push (on the pushing rank), then barrier across trainer ranks."""
+        self.check_idle()
         if self.push_weights:
             self._push(state_dict)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -254,6 +266,7 @@ class VLLMServerEngine(RolloutEngine):
         (copied to CPU) as its own safetensors shard of the new weights directory, and the
         server reloads the directory once all are written; the other ranks run the chunks
         through (under ZeRO-3 each is a collective)."""
+        self.check_idle()
         if not self.push_weights:
             for _ in chunks:
                 pass
@@ -301,4 +314,9 @@ class VLLMServerEngine(RolloutEngine):
                           "weight update (requests still running?)")
 
     def close(self) -> None:
-        """Nothing to release: pushed sub-directories are removed after each push."""
+        """A batch in flight is waited for and dropped, and the request thread stopped
+        (pushed sub-directories are removed after each push)."""
+        super().close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None

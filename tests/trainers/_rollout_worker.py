@@ -16,6 +16,12 @@ REPORT_DIR/evals_rank{R}.json      per held-out evaluation: {"step", "requests"}
 sleeps S seconds per prompt it scores, a stand-in for long generations.
 --pg_timeout S (the worker's): the process group gets a timeout of S seconds for each
 collective (on CPU, transformers passes accelerate no timeout: ddp_timeout is not used).
+--fake_server S (the worker's): the engine is tests/trainers/delayed_engine.py's stand-in for
+the vLLM server (each submitted batch generated in a thread after S seconds); the job then
+sets rollout_engine vllm_server. Each record of rollouts_rank{R}.json also has "versions"
+(the weight versions of its completions), REPORT_DIR/events_rank{R}.json the engine's
+events, REPORT_DIR/scored_rank{R}.pt each scored batch's tensors (TRL's importance ratio
+included) and REPORT_DIR/weights_v{K}.pt (rank 0) the weights pushed as version K.
 """
 
 import json
@@ -124,6 +130,10 @@ def main(argv: list[str]) -> None:
     timeout = pop_option(rest, "--pg_timeout")
     if timeout is not None:
         process_group_timeout(float(timeout))
+    fake_delay = pop_option(rest, "--fake_server")
+    scored, engines = [], []
+    if fake_delay is not None:
+        stand_in_server(float(fake_delay), report_dir, scored, engines)
     generate = AttnGRPOTrainer._generate_single_turn
 
     def recording(self, prompt_ids, *args, **kwargs):  # records, changes nothing
@@ -131,7 +141,8 @@ def main(argv: list[str]) -> None:
         if not facts and hasattr(self.engine, "llm"):
             facts.update(vllm_facts(self.engine.llm))
         calls.append({"step": self.state.global_step, "prompt_ids": prompt_ids,
-                      "completion_ids": completion_ids, "logprobs": logprobs})
+                      "completion_ids": completion_ids, "logprobs": logprobs,
+                      "versions": self.last_rollout_versions})
         return completion_ids, logprobs
 
     AttnGRPOTrainer._generate_single_turn = recording
@@ -142,6 +153,51 @@ def main(argv: list[str]) -> None:
     (report_dir / f"engine_rank{rank}.json").write_text(json.dumps(facts))
     (report_dir / f"evals_rank{rank}.json").write_text(json.dumps(evals))
     (report_dir / f"metrics_rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
+    if fake_delay is not None:
+        import torch
+
+        events = [list(e[:2]) for e in engines[0].events]  # the job closed its engine
+        (report_dir / f"events_rank{rank}.json").write_text(json.dumps(events))
+        torch.save(scored, report_dir / f"scored_rank{rank}.pt")
+
+
+def stand_in_server(delay: float, report_dir: Path, scored: list, engines: list) -> None:
+    """The trainer's engine becomes the delayed stand-in for the vLLM server (appended to
+    `engines`); every pushed version's weights are saved (rank 0) and every scored batch's
+    tensors kept in `scored`."""
+    import torch
+    from delayed_engine import DelayedServerEngine  # beside this script (sys.path[0])
+
+    from attnrl.rollout.hf import HFEngine
+    from trainers.grpo import AttnGRPOTrainer
+
+    def make_engine(self):
+        copy = HFEngine.from_pretrained(self.model.config._name_or_path)
+        engines.append(DelayedServerEngine(copy.model, copy.tokenizer, delay=delay))
+        return engines[-1]
+
+    sync, score = AttnGRPOTrainer.sync_engine_weights, \
+        AttnGRPOTrainer._generate_and_score_completions
+
+    def saving_sync(self):
+        sync(self)
+        if self.accelerator.is_main_process:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.engine.model.state_dict(),
+                       report_dir / f"weights_v{self.engine.weight_version}.pt")
+
+    def recording_score(self, inputs):
+        output = score(self, inputs)
+        if self.model.training:
+            self.engine.events.append(("train", self.state.global_step))
+            scored.append({"step": self.state.global_step,
+                           **{k: v.detach().clone() for k, v in output.items()
+                              if isinstance(v, torch.Tensor)}})
+        return output
+
+    AttnGRPOTrainer._make_engine = make_engine
+    AttnGRPOTrainer.sync_engine_weights = saving_sync
+    AttnGRPOTrainer._generate_and_score_completions = recording_score
 
 
 if __name__ == "__main__":

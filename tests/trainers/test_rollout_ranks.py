@@ -35,10 +35,10 @@ def run(tiny_model_dir, tmp_path, engine, *extra) -> tuple[list, list, list]:
     return calls, metrics, engines
 
 
-def assert_groups_distinct(calls) -> None:
+def assert_groups_distinct(calls, steps: int = 2) -> None:
     """Rank 0's rows then rank 1's form each generation batch (TRL's split); every group of
     NUM_GENERATIONS rows holds one prompt (split over both ranks) and distinct completions."""
-    assert len(calls[0]) == len(calls[1]) == 2  # one generation per step, 2 steps
+    assert len(calls[0]) == len(calls[1]) == steps  # one generation per step
     for call0, call1 in zip(*calls):
         assert call0["step"] == call1["step"]
         assert len(call0["prompt_ids"]) == len(call1["prompt_ids"]) == 2

@@ -261,6 +261,33 @@ def test_training_job_keeps_server_in_sync(server, tiny_model_dir, tmp_path):
     assert drift > 100 * TOL, "the server still holds the initial weights"
 
 
+@pytest.mark.slow
+def test_training_one_step_off_policy_with_the_server(server, tiny_model_dir, tmp_path):
+    """rollout_lag 1 against the real server: step 1 trains on a batch generated at once,
+    steps 2 and 3 on batches the server generated (in the engine's thread) while the step
+    before trained, from the weights one step older; TRL's token-level ratio ran on them.
+    The batch submitted for a step 4 is dropped, so the server ends on the weights of
+    checkpoint-2, the last version pushed."""
+    from trainers.cli import run_job
+    from trainers.job import load_config
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "rollout_engine": "vllm_server", "rollout_server_url": server, "rollout_lag": 1,
+        "rollout_server_timeout": 30, "max_steps": 3, "save_steps": 1,
+        "num_generations": 4, "per_device_train_batch_size": 4})
+    trainer = run_job(config)
+    rows = [row for row in trainer.state.log_history if "rollout/lag" in row]
+    assert [row["rollout/lag"] for row in rows] == [0.0, 1.0, 1.0]
+    assert [row["rollout/submitted_ahead"] for row in rows] == [1.0, 1.0, 1.0]
+    assert trainer.args.vllm_importance_sampling_mode == "token_truncate"
+    assert all("sampling/importance_sampling_ratio/mean" in row for row in rows)
+    probe = VLLMServerEngine(tiny_model_dir, server, timeout=30, push_weights=False)
+    groups = probe.generate(PROMPTS, SamplingConfig(n=2, temperature=1.0, max_tokens=16,
+                                                    seed=5))
+    assert_matches_model(groups, load_model(tmp_path / "run" / "checkpoint-2"))
+
+
 def test_no_server_fails_with_url_and_timeout(tiny_model_dir):
     url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
