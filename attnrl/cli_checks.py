@@ -38,7 +38,12 @@ def model_problem(model) -> str | None:
         return ("not found: give a local Hugging Face model directory or 'smollm2' for the "
                 "packaged SmolLM2-135M-Instruct")
     if not (path / "config.json").is_file():
-        return "has no config.json: give a directory saved with save_pretrained"
+        from attnrl.lora_adapter import adapter_problem, is_adapter_dir
+
+        if is_adapter_dir(path):
+            return adapter_problem(path)
+        return ("has no config.json: give a directory saved with save_pretrained, or a LoRA "
+                "adapter directory (adapter_config.json)")
     return None
 
 

@@ -131,6 +131,27 @@ class CreditConfig:
         return self.signals.q
 
 
+SIGNAL_RUN_KEYS = {"signal_layers": "layers", "signal_head_quantile": "head_quantile",
+                   "freeze_head_split": "freeze_head_split", "signal_window": "window",
+                   "signal_h_lo": "h_lo", "signal_h_hi": "h_hi", "signal_q": "q",
+                   "preplan_by": "preplan_by", "coupled_k": "k", "coupled_alpha": "alpha",
+                   "tau_waad": "tau_waad", "tau_delta": "tau_delta"}
+CREDIT_RUN_KEYS = {"credit": "strategy", "gamma_amp": "gamma_amp",
+                   "credit_apply_to": "apply_to", "credit_seed": "seed", "qk_damp": "qk_damp",
+                   "credit_flip_fraction": "flip_fraction"}
+"""A training config's key -> the SignalConfig / CreditConfig field it sets."""
+
+
+def credit_config_from_run(run: dict, **overrides) -> CreditConfig:
+    """The CreditConfig a training config (`attnrl train` key names; absent keys: their
+    defaults) stands for, with CreditConfig fields in `overrides` (e.g. strategy=...).
+    The trainer builds its own this way (AttnGRPOConfig.credit_config)."""
+    signals = SignalConfig(**{name: run[key] for key, name in SIGNAL_RUN_KEYS.items()
+                              if key in run})
+    credit = {name: run[key] for key, name in CREDIT_RUN_KEYS.items() if key in run}
+    return CreditConfig(**{**credit, **overrides}, signals=signals)
+
+
 @dataclass
 class CreditInputs:
     """What a strategy function receives. Tensors are (B, N) on one device."""

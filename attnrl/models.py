@@ -112,8 +112,22 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         raise UserError(f"model {text!r} not found: give a local Hugging Face model directory "
                         f"or 'smollm2' for the packaged SmolLM2-135M-Instruct")
     if not (path / "config.json").is_file():
+        from attnrl.lora_adapter import (
+            adapter_base,
+            adapter_problem,
+            is_adapter_dir,
+            merged_adapter,
+        )
+
+        if is_adapter_dir(path):  # a LoRA run's final/ or checkpoint: over its base model
+            problem = adapter_problem(path)
+            if problem:
+                raise UserError(f"{path} {problem}")
+            return merged_adapter(path, resolve_model(adapter_base(path)),
+                                  cache_dir() / "merged")
         raise UserError(f"{path} has no config.json: point --model at a directory saved with "
-                        "save_pretrained (config.json + safetensors + tokenizer files)")
+                        "save_pretrained (config.json + safetensors + tokenizer files) or a "
+                        "LoRA adapter directory (adapter_config.json)")
     return path
 
 

@@ -107,6 +107,10 @@ class AttnGRPOTrainer(RolloutLagMixin, GRPOTrainer):
         self.qk_credit = QKCredit(self.model, config, self.credit_config, self.eos_token_ids) \
             if needs_qk(self.credit_inputs) else None
         self._generation_calls = {}  # phase -> (global_step, generation calls in that step)
+        from trainers.credit_log import CreditLog
+
+        self.credit_log = CreditLog(config.log_credit_completions, config.logging_steps) \
+            if config.log_credit_completions and self.accelerator.is_main_process else None
         self._check_is_correction()
 
     def _get_train_sampler(self, dataset=None):
@@ -385,10 +389,16 @@ class AttnGRPOTrainer(RolloutLagMixin, GRPOTrainer):
         gamma = torch.ones(response_mask.shape, device=response_mask.device) if empty else \
             compute_gamma(self.credit_config, signals, response_mask, entropy=entropy_full,
                           generator=self.credit_generator, **qk_extras)
-        token_adv = shape_advantages(self.credit_config, inputs["advantages"], gamma,
+        outcome = inputs["advantages"]
+        token_adv = shape_advantages(self.credit_config, outcome, gamma,
                                      response_mask)[:, -logits_to_keep:]
         inputs["advantages"] = token_adv.to(inputs["completion_ids"].device)
         self.last_token_advantages = inputs["advantages"]
+        if self.credit_log is not None and self.model.training and \
+                self.credit_log.due(self.state.global_step):  # the page of this logged step
+            self.credit_log.capture(self.state.global_step, self.processing_class, inputs,
+                                    outcome, inputs["advantages"], gamma, signals,
+                                    logits_to_keep)
         self._log_credit(gamma, response_mask, signals)
         if signals is not None:  # which path computed the statistics (capture.PATHS)
             for key, value in capture.path_metrics().items():
@@ -411,6 +421,12 @@ class AttnGRPOTrainer(RolloutLagMixin, GRPOTrainer):
     def _head_split_now(self):
         """The frozen split for the capture: None until calibrated (or when not frozen)."""
         return None if self.head_split is None else self.head_split.split
+
+    def log(self, logs, *args, **kwargs):
+        super().log(logs, *args, **kwargs)
+        if self.credit_log is not None and self.model.training:
+            self.credit_log.write(self.args.output_dir, self.state.global_step, self.args.credit,
+                                  self.args.report_to)
 
     run_card: str | None = None
     """README.md written where TRL writes its model card (set by `attnrl train`)."""

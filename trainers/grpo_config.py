@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from attnrl.advantages import estimator_options
-from attnrl.credit import CreditConfig
-from attnrl.signals.types import SignalConfig
+from attnrl.credit import CREDIT_RUN_KEYS, SIGNAL_RUN_KEYS, CreditConfig, credit_config_from_run
 
 
 @dataclass
@@ -112,6 +111,10 @@ class AttnGRPOConfig(GRPOConfig):
     vllm_importance_sampling_mode: str | None = field(default=None, metadata={
         "help": "TRL's importance-sampling mode; None = token_truncate for completions longer "
                 "than 1024 tokens (or loss_type vespo), else sequence_mask."})
+    log_credit_completions: int = field(default=2, metadata={
+        "help": "Completions shown with their per-token advantages at every logging step "
+                "(OUTPUT_DIR/credit/step-N.html; W&B table credit/completions): the highest "
+                "and lowest outcome advantage first; 0 = off (trainers/credit_log.py)."})
     metrics_jsonl: str | None = field(default="metrics.jsonl", metadata={
         "help": "Local JSONL of every logged metric, relative to output_dir (None: off)."})
 
@@ -142,15 +145,9 @@ class AttnGRPOConfig(GRPOConfig):
             deepspeed.init_distributed()
 
     def credit_config(self) -> CreditConfig:
-        signals = SignalConfig(
-            layers=self.signal_layers, head_quantile=self.signal_head_quantile,
-            freeze_head_split=self.freeze_head_split, window=self.signal_window,
-            h_lo=self.signal_h_lo, h_hi=self.signal_h_hi, q=self.signal_q,
-            preplan_by=self.preplan_by, k=self.coupled_k, alpha=self.coupled_alpha,
-            tau_waad=self.tau_waad, tau_delta=self.tau_delta)
-        return CreditConfig(strategy=self.credit, gamma_amp=self.gamma_amp,
-                            apply_to=self.credit_apply_to, signals=signals, seed=self.credit_seed,
-                            qk_damp=self.qk_damp, flip_fraction=self.credit_flip_fraction)
+        """Its credit and signal keys as attnrl's CreditConfig (attnrl.credit)."""
+        keys = {**SIGNAL_RUN_KEYS, **CREDIT_RUN_KEYS}
+        return credit_config_from_run({key: getattr(self, key) for key in keys})
 
     def estimator_kwargs(self) -> dict:
         wanted = {"eps": self.advantage_eps, "scale_std": self.scale_rewards,

@@ -31,9 +31,7 @@ import torch
 
 from attnrl.errors import UserError, nearest
 from trainers.grpo import AttnGRPOConfig, AttnGRPOTrainer
-
-NSR_ESTIMATORS = ("nsr", "psr", "w_reinforce")
-"""Outcome estimators this trainer accepts (attnrl.advantages)."""
+from trainers.schema_names import NSR_ESTIMATORS  # the estimators it accepts
 
 
 @dataclass

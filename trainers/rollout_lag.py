@@ -152,9 +152,10 @@ class RolloutLagMixin:
         """Boundary k of a lagged run: batch k (collected, or generated now when none is in
         flight), with version k pushed and batch k+1 submitted before it returns."""
         step = self.state.global_step
-        waited = 0.0
+        waited, generate_s = 0.0, None
         if self.engine is not None and self.engine.in_flight:
             groups, waited = self.engine.collect()
+            generate_s = self.engine.last_generate_s
             submitted = [g[0].prompt_ids for g in groups]
             if submitted != [list(p) for p in prompt_ids[::n]] or \
                     self._submitted_step != step:
@@ -183,6 +184,8 @@ class RolloutLagMixin:
         metrics = self._metrics["train"]
         metrics["rollout/lag"].append(float(step - min(versions)))
         metrics["rollout/wait_s"].append(waited)
+        if generate_s is not None:  # a batch generated ahead: how long the engine worked on it
+            metrics["rollout/generate_s"].append(generate_s)
         metrics["rollout/submitted_ahead"].append(float(upcoming is not None))
         self.last_rollout_versions = sorted(versions)
         return groups

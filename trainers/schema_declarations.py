@@ -183,6 +183,9 @@ ATTNRL_KEYS = [
     Key("rollout_enable_chunked_prefill", "bool|null", None, "vllm: chunked prefill (null: "
         "by device, chosen when the job starts and recorded: false on CPU, where seeded "
         "requests cannot be prefilled in chunks; true on GPUs)", resume="free"),
+    Key("log_credit_completions", "int", 2, "completions shown with their per-token "
+        "advantages at every logging step (OUTPUT_DIR/credit/step-N.html, W&B table "
+        "credit/completions); 0 = off", ge=0, resume="free"),
     Key("metrics_jsonl", "str|null", "metrics.jsonl", "local JSONL of every logged metric, "
         "relative to output_dir (null: off)"),
 ]

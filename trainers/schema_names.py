@@ -9,6 +9,11 @@ names are in attnrl/credit_names.py.
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "psr", "nsr", "w_reinforce")
 REWARDS = ("math", "gym", "answer", "format", "overlong")
+BINARY_REWARDS = ("math", "gym", "answer", "format")
+"""Rewards that score every completion exactly 0 or 1 (overlong is a penalty in [-1, 0])."""
+NSR_ESTIMATORS = ("nsr", "psr", "w_reinforce")
+"""Estimators of binary outcomes (1 correct, 0 incorrect; attnrl.advantages): trainer nsr
+takes only these, and without correctness_threshold they need a 0/1 reward."""
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 REPORT_TO = ("none", "all", "wandb", "tensorboard", "mlflow", "comet_ml", "neptune",
              "clearml", "dagshub", "dvclive", "codecarbon", "azure_ml", "flyte", "trackio",

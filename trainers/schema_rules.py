@@ -97,6 +97,7 @@ def check_together(config: dict, where) -> None:
         raise UserError(f"{where('signal_h_lo', 'signal_h_hi')}: signal_h_hi {h_hi} < "
                         f"signal_h_lo {h_lo}; the FAI window needs h_lo <= h_hi")
     check_layers(config, where)
+    check_binary_outcomes(trainer, get, where)
     check_engine_keys(get, where)
     check_attn_implementation(config, get, where)
     check_attention(config, get, where)
@@ -107,6 +108,38 @@ def check_together(config: dict, where) -> None:
         if name not in rewards:
             raise UserError(f"{where('reward_options', 'rewards')}: reward_options names "
                             f"{name!r}, which is not in rewards ({', '.join(rewards)})")
+
+
+def check_binary_outcomes(trainer: str, get, where) -> None:
+    """trainer nsr takes only the binary-outcome estimators; those, without
+    correctness_threshold, need a reward that is exactly 0 or 1: one reward of
+    BINARY_REWARDS (or a plug-in, checked on every batch) with weight 1. Both before any
+    model loads (the trainer would otherwise stop at its first batch)."""
+    from trainers.schema_names import BINARY_REWARDS, NSR_ESTIMATORS
+
+    estimator = get("advantage_estimator")
+    if trainer == "nsr" and estimator not in NSR_ESTIMATORS:
+        raise UserError(f"{where('trainer', 'advantage_estimator')}: trainer nsr needs "
+                        f"advantage_estimator one of {', '.join(NSR_ESTIMATORS)}, got "
+                        f"{estimator!r}; for grpo / dr_grpo / rloo use trainer: grpo")
+    if estimator not in NSR_ESTIMATORS or get("correctness_threshold") is not None:
+        return
+    from rewards.plugins import is_plugin
+
+    mix = {name: weight for name, weight in (get("rewards") or {}).items() if weight}
+    name, weight = next(iter(mix.items())) if len(mix) == 1 else (None, None)
+    if weight == 1 and (name in BINARY_REWARDS or is_plugin(name)):
+        return
+    shown = ", ".join(f"{k}: {v:g}" for k, v in mix.items())
+    if len(mix) != 1:
+        why = "several rewards add up" if mix else "no reward"
+    else:
+        why = f"weight {weight:g}" if name in BINARY_REWARDS else f"{name} is not 0/1"
+    raise UserError(f"{where('rewards', 'advantage_estimator', 'correctness_threshold')}: "
+                    f"advantage_estimator {estimator} needs binary rewards (1 correct, 0 "
+                    f"incorrect), but the mix {{{shown}}} can score other values ({why}); set "
+                    "correctness_threshold T (rewards >= T count as correct) or use one 0/1 "
+                    "reward with weight 1")
 
 
 def check_engine_keys(get, where) -> None:

@@ -73,7 +73,9 @@ class RolloutEngine(abc.ABC):
 
     tokenizer = None
     weight_version: int = 0
-    _pending = None  # (weight version, Future of the groups, submit time) of the batch in flight
+    _pending = None  # the batch in flight: {"version", "future", "submitted", "done"}
+    last_generate_s: float | None = None
+    """Seconds the last collected batch took from its submit to its last completion."""
 
     @abc.abstractmethod
     def generate(self, prompts, sampling: SamplingConfig, progress: bool = False,
@@ -109,8 +111,12 @@ class RolloutEngine(abc.ABC):
         if self._pending is not None:
             raise RuntimeError("a generation batch is already in flight: collect it before "
                                "submitting another")
-        self._pending = (self.weight_version, self._start(prompts, sampling, seeds),
-                         time.perf_counter())
+        pending = {"version": self.weight_version, "submitted": time.perf_counter(),
+                   "done": None}
+        pending["future"] = self._start(prompts, sampling, seeds)
+        pending["future"].add_done_callback(
+            lambda _: pending.__setitem__("done", time.perf_counter()))
+        self._pending = pending
 
     def _start(self, prompts, sampling, seeds) -> Future:
         """The groups of `prompts`, as a future: here generated before returning."""
@@ -129,12 +135,13 @@ class RolloutEngine(abc.ABC):
         nothing is in flight."""
         if self._pending is None:
             raise RuntimeError("no generation batch in flight: submit one first")
-        version, future, _ = self._pending
-        start = time.perf_counter()
+        pending, start = self._pending, time.perf_counter()
         try:
-            groups = future.result()
+            groups = pending["future"].result()
         finally:
             self._pending = None
+        self.last_generate_s = (pending["done"] or time.perf_counter()) - pending["submitted"]
+        version = pending["version"]
         for group in groups:
             for completion in group:
                 completion.extra["weight_version"] = version
@@ -144,17 +151,17 @@ class RolloutEngine(abc.ABC):
         """Wait until the batch in flight (if any) has finished generating; it stays ready
         for `collect`. A weight push must not meet a running batch: call this first."""
         if self._pending is not None:
-            self._pending[1].exception()  # waits; an error is raised by collect
+            self._pending["future"].exception()  # waits; an error is raised by collect
 
     def discard(self) -> None:
         """Wait for the batch in flight (if any) and drop it (end of training)."""
         if self._pending is not None:
-            self._pending[1].exception()
+            self._pending["future"].exception()
             self._pending = None
 
     def check_idle(self) -> None:
         """RuntimeError when a submitted batch is still generating (no weight push then)."""
-        if self._pending is not None and not self._pending[1].done():
+        if self._pending is not None and not self._pending["future"].done():
             raise RuntimeError("weights pushed while a generation batch is in flight: "
                                "drain() the engine first")
 

@@ -55,6 +55,15 @@ def fill_from_run(args) -> dict:
             args.model = str(path / "final")
         elif args.model is None and final.is_dir():
             args.model = str(final)
+        elif args.model is None:  # killed or still training: never the base model silently
+            run_dir = path if path.is_dir() else final.parent
+            steps = sorted(run_dir.glob("checkpoint-*"),
+                           key=lambda c: int(c.name.split("-")[-1]) if
+                           c.name.split("-")[-1].isdigit() else -1)
+            hint = f"--model {steps[-1]} (its latest checkpoint)" if steps else \
+                f"--model {run.get('model', DEFAULT_MODEL)} (its base model)"
+            raise UserError(f"--config {args.config}: the run has no final/ model yet (killed, "
+                            f"or still training); give {hint}")
     run_values = {"engine": settings["engine"], "temperature": run.get("temperature"),
                   "top_p": run.get("top_p"), "max_tokens": run.get("max_completion_length")}
     for key, default in DEFAULTS.items():
@@ -110,8 +119,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     engine.close()
     n_tokens = sum(len(c.token_ids) for g in groups for c in g)
-    speed = (f"{n_tokens} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):.1f} "
-             f"tok/s, engine {args.engine})")
+    speed = (f"model {args.model}: {n_tokens} tokens in {seconds:.1f} s "
+             f"({n_tokens / max(seconds, 1e-9):.1f} tok/s, engine {args.engine})")
     if args.json:  # one document a script can parse; nothing else on stdout
         print(json.dumps({
             "model": str(args.model), "task": task, "task_kwargs": kwargs or None,

@@ -23,6 +23,20 @@ def test_generate_bad_input_exit_2(args, message):
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_generate_on_a_run_without_final_names_its_checkpoint(tmp_path):
+    """A killed (or still training) run has no final/: generate --config RUN refuses in one
+    line naming the run's latest checkpoint, instead of sampling the base model silently."""
+    run = tmp_path / "run"
+    for step in (2, 10):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: smollm2\ntask: chain_sum\noutput_dir: {run}\n")
+    result = attnrl("generate", "--config", str(run), "--engine", "hf")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("attnrl ")]
+    assert len(lines) == 1 and "has no final/ model" in lines[0]
+    assert f"--model {run / 'checkpoint-10'}" in lines[0]
+
+
 def test_generate_bad_jsonl_exit_2(tmp_path, tiny_model_dir):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"text": "no question here"}\n')
@@ -40,7 +54,7 @@ def test_generate_prints_samples_with_hf_engine(tiny_model_dir):
     assert result.stdout.count("=== prompt ") == 2 and result.stdout.count("--- sample") == 4
     assert "=== prompt 0: State the final answer to the following arithmetic problem: " \
         in result.stdout
-    assert "tok/s" in result.stdout
+    assert "tok/s" in result.stdout and f"model {tiny_model_dir}:" in result.stdout
 
 
 def test_generate_json_is_one_document_a_script_can_read(tiny_model_dir):
@@ -188,6 +202,15 @@ BAD_INPUTS = [
     (["eval", "--model", "smollm2", "--task", "{noanswer.jsonl}"], "noanswer.jsonl:2 has no "
                                                                    "'answer'"),
     (["generate", "--task_kwargs", "{min_termz: 2}"], "chain_sum has no option 'min_termz'"),
+    (["train", "--trainer", "nsr", "--advantage_estimator", "grpo"],
+     "trainer nsr needs advantage_estimator one of nsr, psr, w_reinforce, got 'grpo'"),
+    (["train", "--trainer", "nsr", "--advantage_estimator", "nsr", "--rewards",
+      "{answer: 1, overlong: 1}"],
+     "advantage_estimator nsr needs binary rewards"),
+    (["train", "--rollout_lag", "1"], "rollout_lag 1 needs rollout_engine vllm_server, not vllm"),
+    (["signals", "--prompt", "x", "--response", "y", "--credit", "qk_tokens"],
+     "needs the QK heads a run selects"),
+    (["generate", "--model", "{afile.txt}"], "has no config.json"),
 ]
 SECONDS_TO_ERROR = 3.0
 

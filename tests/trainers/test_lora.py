@@ -98,6 +98,47 @@ def test_saved_final_model_is_the_adapter(lora_run):
     assert saved and all("lora_" in k for k in saved)
 
 
+def test_final_adapter_loads_over_its_base_everywhere(lora_run, tmp_path, monkeypatch,
+                                                     capsys):
+    """A LoRA run's final/ (an adapter) is a model directory for every command: resolved
+    once into the merged model (base + (alpha / r) B A, the weights the engine trained
+    against), named with its base on stderr, reused from the cache the next time; `attnrl
+    generate` samples it and a broken adapter is refused in one line before any load."""
+    from attnrl.cli import main
+    from attnrl.errors import UserError
+    from attnrl.models import load_model, resolve_model
+    from trainers.lora_merge import merged_lora_state_dict
+
+    monkeypatch.setenv("ATTNRL_CACHE", str(tmp_path / "cache"))
+    trainer, base, _ = lora_run
+    final = Path(trainer.args.output_dir) / "final"
+    merged_dir = resolve_model(final)
+    assert "over" in capsys.readouterr().err
+    assert resolve_model(final) == merged_dir and "merged:" in capsys.readouterr().err
+    loaded = load_model(final).state_dict()
+    expected = merged_lora_state_dict(trainer.accelerator.unwrap_model(trainer.model))
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value.float(), rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(loaded[n], base[n]) for n in base), "merged = base"
+
+    code = main(["generate", "--model", str(final), "--engine", "hf", "--num-prompts", "1",
+                 "-n", "1", "--max-tokens", "4", "--task", "chain_sum"])
+    assert code == 0
+    out = capsys.readouterr()
+    assert f"model {final}" in out.out  # the plain output names the model it sampled
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere"}')
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    code = main(["generate", "--model", str(broken), "--engine", "hf"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LoRA adapter over '/nowhere'" in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="not a local model directory"):
+        resolve_model(broken)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_synced_weights_equal_peft_merge_with_lora_bias(dtype):
     """With lora_bias, PEFT's merge adds (alpha / r) * lora_B.bias to the layer's bias: the

@@ -98,6 +98,26 @@ def test_resolved_config_is_recorded_everywhere(first_run, tiny_model_dir):
         assert noise not in result.stderr + result.stdout, noise
 
 
+def test_credit_pages_and_wandb_table_at_every_logging_step(first_run):
+    """logging_steps 1, log_credit_completions 2 (default): OUTPUT_DIR/credit/step-N.html
+    for both steps, each with 2 completions whose every token is a coloured span, and the
+    W&B table credit/completions in the offline run (2 rows a step)."""
+    import json
+
+    _, out, _ = first_run
+    pages = sorted((out / "credit").glob("step-*.html"))
+    assert [p.name for p in pages] == ["step-000001.html", "step-000002.html"]
+    for page in pages:
+        text = page.read_text()
+        assert text.count("<h3>completion ") == 2 and "<span title='token 0 " in text
+    tables = sorted((out / "wandb").glob("offline-run-*/files/media/table/credit/"
+                                         "completions_*.table.json"))
+    assert len(tables) == 2, tables
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "outcome_advantage", "prompt", "tokens"]
+    assert len(table["data"]) == 2 and table["data"][0][1] >= table["data"][1][1]
+
+
 @pytest.mark.parametrize("change, field", [(("--credit", "global_anchor"), "credit"),
                                            (("--learning_rate", 0.5), "learning_rate")])
 def test_changed_config_is_refused_fast(first_run, change, field):

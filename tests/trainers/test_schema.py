@@ -164,6 +164,45 @@ def test_top_p_refusal_holds_for_the_trainer_config_itself():
                        report_to="none")
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"trainer": "nsr", "advantage_estimator": "grpo"},
+     "trainer nsr needs advantage_estimator one of nsr, psr, w_reinforce, got 'grpo'"),
+    ({"trainer": "nsr", "rewards": {"answer": 1.0, "overlong": 1.0}},
+     r"mix \{answer: 1, overlong: 1\} can score other values \(several rewards add up\)"),
+    ({"advantage_estimator": "w_reinforce", "rewards": {"answer": 2.0}}, r"\(weight 2\)"),
+    ({"advantage_estimator": "psr", "rewards": {"overlong": 1.0}}, "overlong is not 0/1"),
+])
+def test_binary_outcome_estimators_refuse_rewards_that_are_not_binary(config, words):
+    """Refused when the config is read (the trainer would stop at its first batch)."""
+    with pytest.raises(UserError, match=words):
+        check_config(config)
+
+
+def test_binary_outcome_estimators_take_a_threshold_or_one_binary_reward():
+    assert check_config({"trainer": "nsr", "rewards": {"answer": 1.0, "overlong": 1.0},
+                         "correctness_threshold": 1.0})
+    assert check_config({"trainer": "nsr", "rewards": {"math": 1.0}})
+    assert check_config({"advantage_estimator": "nsr", "rewards": {"my_pkg.scores:exact": 1}})
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"rollout_lag": 1}, "rollout_lag 1 needs rollout_engine vllm_server, not vllm"),
+    ({"rollout_lag": 1, "rollout_engine": "vllm_server", "rollout_server_url": "http://h:1",
+      "vllm_importance_sampling_mode": "sequence_mask"}, "token-level"),
+    ({"rollout_lag": 2}, "rollout_lag"),
+])
+def test_rollout_lag_is_refused_where_it_cannot_run(config, words):
+    with pytest.raises(UserError, match=words):
+        check_config(config)
+
+
+def test_rollout_lag_makes_the_default_importance_sampling_token_level():
+    config = {"rollout_lag": 1, "rollout_engine": "vllm_server",
+              "rollout_server_url": "http://h:1"}
+    assert resolve(check_config(config))["vllm_importance_sampling_mode"] == "token_truncate"
+    assert resolve(check_config({}))["vllm_importance_sampling_mode"] == "sequence_mask"
+
+
 def test_liger_kernel_is_refused_in_one_line():
     """TRL's liger loss never calls the per-token log-prob code where credit is applied."""
     with pytest.raises(UserError) as err:

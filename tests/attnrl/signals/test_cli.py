@@ -141,7 +141,10 @@ def test_generated_response_is_greedy_generate(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "/no/such/model", "--prompt", "x", "--response", "y"], "not found"),
     (["--task", "chain_summ", "--response", "y"], "did you mean 'chain_sum'"),
-    (["--prompt", "x", "--task", "chain_sum", "--response", "y"], "exactly one of"),
+    (["--prompt", "x", "--task", "chain_sum", "--response", "y"], "not both"),
+    (["--response", "y"], "give --prompt TEXT, --task NAME"),
+    (["--prompt", "x", "--response", "y", "--credit", "qk_tokens"], "needs the QK heads"),
+    (["--prompt", "x", "--response", "y", "--credit", "copuled"], "did you mean 'coupled'"),
     (["--prompt", "x", "--response", "y", "--h-hi", "soon"], "--h-hi"),
     (["--prompt", "x", "--response", "y", "--layers", "1,9"], "out of range"),
     (["--prompt", "x", "--response", "y", "--layers", "a,b"], "--layers"),
@@ -222,3 +225,65 @@ def test_gold_answer_and_correctness_are_shown(tiny_model_dir, tmp_path, capsys)
     assert rc == 0
     result = json.loads((tmp_path / "nogold" / "signals.json").read_text())
     assert result["gold"] is None and result["correct"] is None
+
+
+@pytest.mark.parametrize("strategy, advantage", [("coupled", None), ("entropy", "-2")])
+def test_credit_is_the_strategys_gamma_times_the_outcome(strategy, advantage, tiny_model_dir,
+                                                         tmp_path):
+    """--credit: gamma of the strategy from the response's own signals (and, for entropy, the
+    entropy of the distribution each token was drawn from), A_t = gamma_t A_i with A_i = +1
+    for an ungraded response unless --advantage; credit.html shows every token."""
+    from attnrl.credit import CreditConfig, compute_gamma
+
+    extra = [] if advantage is None else ["--advantage", advantage]
+    rc = main(["signals", "--model", str(tiny_model_dir), "--prompt", QUESTION, "--response",
+               RESPONSE, "--out", str(tmp_path), "--credit", strategy, *SIGNAL_ARGS, *extra])
+    assert rc == 0
+    result = json.loads((tmp_path / "signals.json").read_text())
+    tokens, credit = result["tokens"], result["credit"]
+    outcome = 1.0 if advantage is None else float(advantage)
+    assert credit["strategy"] == strategy and credit["outcome_advantage"] == outcome
+    ids = torch.tensor([result["prompt_ids"] + [t["id"] for t in tokens]])
+    response_mask = torch.zeros_like(ids, dtype=torch.bool)
+    response_mask[0, len(result["prompt_ids"]):] = True
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        signals = compute_token_signals(model, ids, torch.ones_like(ids), response_mask,
+                                        config=CONFIG)
+        logits = model(input_ids=ids).logits.float()
+    entropy = torch.zeros(ids.shape)
+    probs = torch.softmax(logits, -1)
+    entropy[0, 1:] = -(probs * torch.log_softmax(logits, -1)).sum(-1)[0, :-1]
+    gamma = compute_gamma(CreditConfig(strategy=strategy, signals=CONFIG), signals,
+                          response_mask, entropy=entropy)[0, response_mask[0]]
+    torch.testing.assert_close(torch.tensor(credit["gamma"]), gamma, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(credit["advantage"]), gamma * outcome, atol=1e-6,
+                               rtol=0)
+    assert (gamma != 1).any(), "no token credited: the check would be vacuous"
+    page = (tmp_path / "credit.html").read_text()
+    assert page.count("<span title='token ") == len(tokens)
+
+
+def test_config_run_gives_model_task_signals_and_credit(tiny_model_dir, tmp_path):
+    """--config RUN without final/: the run's base model, its task (held-out seed), its
+    signal settings and its credit strategy; a flag still overrides."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "task": "chain_sum", "task_seed": 3,
+        "task_kwargs": {"min_terms": 2, "max_terms": 2}, "output_dir": str(run),
+        "signal_layers": [1, 2], "signal_h_lo": 2, "signal_h_hi": None, "signal_window": 4,
+        "signal_q": 0.3, "credit": "global_anchor", "coupled_k": 2}))
+    rc = main(["signals", "--config", str(run), "--response", RESPONSE, "--q", "0.25",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "signals.json").read_text())
+    assert result["model"] == str(tiny_model_dir)
+    assert result["config"]["layers"] == [1, 2] and result["config"]["h_hi"] is None
+    assert result["config"]["window"] == 4 and result["config"]["q"] == 0.25
+    assert result["config"]["k"] == 2  # the run's coupled_k, kept
+    assert result["credit"]["strategy"] == "global_anchor"
+    assert "arithmetic problem" in result["question"]  # the run's task, chain_sum
+    assert (tmp_path / "out" / "credit.html").exists()
