@@ -14,6 +14,16 @@ from attnrl.errors import UserError
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 SMOLLM2_LAYERS = 30  # num_hidden_layers of the packaged SmolLM2-135M-Instruct
+SMOLLM2_CONTEXT = 8192  # its max_position_embeddings
+
+
+def context_length(model) -> int | None:
+    """max_position_embeddings of a model, read without loading it (None: not readable)."""
+    if is_packaged(model):
+        return SMOLLM2_CONTEXT
+    config = read_config(model)
+    value = None if config is None else config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def is_packaged(model) -> bool:
@@ -44,7 +54,17 @@ def model_problem(model) -> str | None:
             return adapter_problem(path)
         return ("has no config.json: give a directory saved with save_pretrained, or a LoRA "
                 "adapter directory (adapter_config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        return ("has config.json but no weights (*.safetensors or pytorch_model*.bin): give the "
+                "directory the model was saved to with save_pretrained")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return ("has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + "): save the "
+                "tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
     return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Any of these in a model directory: a tokenizer transformers can load from it."""
 
 
 def check_model(model, flag: str = "--model") -> None:

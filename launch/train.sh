@@ -30,6 +30,11 @@ while [[ $# -gt 0 ]]; do
         --master-port) PORT="${2:-}"; shift 2 || die "--master-port needs a number";;
         --dry-run) DRY_RUN=1; shift;;
         -h|--help) usage; exit 0;;
+        --gpu|--num-gpus|--num_gpus|--nproc_per_node|--nproc-per-node)
+            die "$1 is not an option of launch/train.sh (it would reach attnrl as a config \
+key): did you mean --gpus N?";;
+        --ds_config) die "--ds_config: did you mean --ds-config FILE?";;
+        --master_port) die "--master_port: did you mean --master-port N?";;
         *) OVERRIDES+=("$1"); shift;;
     esac
 done

@@ -30,8 +30,16 @@ def add_arguments(parser) -> None:
                         "when it resumes (e.g. max_steps)")
     parser.add_argument("--verbose", action="store_true",
                         help="show every library warning and log line")
-    parser.epilog = "Any other --key value pair overrides that key of the config " \
-        "(keys: trainers/schema.py)."
+    from trainers.schema_declarations import ATTNRL_KEYS, JOB_KEYS, TRL_KEYS
+
+    def names(keys):
+        return ", ".join(k.name for k in keys)
+    parser.epilog = (
+        "Any other --key value pair overrides that key of the config; what each takes, its "
+        "default and whether it may change on resume: docs/configuration.md. "
+        f"Job keys: {names(JOB_KEYS)}. Credit, signal, estimator and engine keys: "
+        f"{names(ATTNRL_KEYS)}. TRL's keys the shipped configs use: {names(TRL_KEYS)}; "
+        "every other GRPOConfig field is taken too.")
 
 
 def run(args) -> int:
@@ -94,13 +102,19 @@ def run_job(config: dict, callbacks=None, overwrite: bool = False,
         try:
             if run_dir._rank0():
                 lock.acquire()
+            before = run_dir.entries(resolved["output_dir"])
             resume = run_dir.prepare(resolved, overwrite=overwrite,
                                      allow=set(allow_config_change))
             if line and run_dir._rank0():
                 print(line, flush=True)
-            trainer = _run_job(config, resolved, heldout, heldout_draw, resume,
-                               callbacks=callbacks, overwrite=overwrite, verbose=verbose,
-                               command=command, stop=stop)
+            try:
+                trainer = _run_job(config, resolved, heldout, heldout_draw, resume,
+                                   callbacks=callbacks, overwrite=overwrite, verbose=verbose,
+                                   command=command, stop=stop)
+            except Exception:  # a start that never trained a step is not a run
+                if resume is None and run_dir._rank0():
+                    run_dir.undo_failed_start(resolved["output_dir"], before)
+                raise
         finally:
             lock.release()
     if stop.stopped_at is None:
@@ -199,9 +213,14 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
     if args.metrics_jsonl:
         callbacks.append(JsonlMetricsCallback(Path(args.output_dir) / args.metrics_jsonl))
     with _phase(f"building the {trainer_name} trainer ({args.rollout_engine} rollouts)"):
-        trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args,
-                          train_dataset=dataset, processing_class=tokenizer,
-                          callbacks=callbacks, peft_config=peft_config)
+        try:
+            trainer = Trainer(model=model, reward_funcs=reward_funcs, args=args,
+                              train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=callbacks, peft_config=peft_config)
+        except ValueError as err:
+            if type(err).__name__ != "NoMatchingPeftModuleError":
+                raise
+            raise _no_lora_targets(model, resolved) from None
     trainer.run_card = model_card(resolved, command, world_size=trainer.accelerator.num_processes)
     if heldout_callback is not None:
         heldout_callback.bind(trainer)
@@ -260,6 +279,20 @@ def _run_job(config, resolved, heldout, heldout_draw, resume, callbacks=None,
     return trainer
 
 
+def _no_lora_targets(model, resolved):
+    """The UserError for lora.target_modules that match no module of the model (PEFT's
+    error, after the model loaded), naming the linear layers it has."""
+    import torch
+
+    from attnrl.errors import UserError
+
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear)})
+    return UserError(f"lora.target_modules {resolved['lora'].get('target_modules')!r} match no "
+                     f"module of {resolved['model']}; its linear layers are named "
+                     f"{', '.join(names)}: list some of them, or use 'all-linear'")
+
+
 def _close_engine(trainer) -> None:
     """Close the trainer's rollout engine (vLLM's memory and threads) once."""
     if getattr(trainer, "engine", None) is not None:
@@ -291,8 +324,42 @@ def _wandb_environment(resolved: dict, verbose: bool) -> bool:
         return False
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", str(resolved["output_dir"]))
+    if os.environ["WANDB_MODE"] in ("online", "run"):
+        check_wandb_online(resolved["output_dir"])
     if resolved["wandb_project"]:
         os.environ.setdefault("WANDB_PROJECT", str(resolved["wandb_project"]))
     if not quiet.is_terminal() and not verbose:
         os.environ.setdefault("WANDB_SILENT", "true")
     return True
+
+
+def check_wandb_online(output_dir) -> None:
+    """WANDB_MODE online: a UserError without an API key (WANDB_API_KEY or a netrc entry
+    for the W&B host), before anything loads; a host that does not answer within 5 s makes
+    the run log offline instead, with one line saying how to upload it later."""
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+
+    from attnrl.errors import UserError
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host = url.hostname or "api.wandb.ai"
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            found = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            found = None
+        key = found[2] if found else None
+    if not key:
+        raise UserError(f"report_to wandb with WANDB_MODE={os.environ['WANDB_MODE']} needs a "
+                        f"W&B API key for {host}: run `wandb login` or set WANDB_API_KEY, or "
+                        "unset WANDB_MODE (attnrl then logs offline; upload with wandb sync)")
+    port = url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"W&B: {host}:{port} does not answer ({err.strerror or err}); logging offline to "
+              f"{Path(output_dir) / 'wandb'} (upload later with wandb sync)", flush=True)

@@ -167,7 +167,9 @@ class AttnGRPOTrainer(RolloutLagMixin, GRPOTrainer):
                                weights_dir=config.rollout_server_weights_dir,
                                push_weights=self.accelerator.is_main_process)
         if config.rollout_engine == "vllm":
-            max_len = config.rollout_max_model_len or max(2048, config.max_completion_length + 1024)
+            context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+            max_len = config.rollout_max_model_len or \
+                min(max(2048, config.max_completion_length + 1024), context)
             dtype = torch.bfloat16 if config.bf16 else torch.float32
             return make_engine("vllm", path, dtype=dtype, max_model_len=max_len,
                                kv_cache_gib=config.rollout_kv_cache_gib,

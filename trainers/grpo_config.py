@@ -101,7 +101,8 @@ class AttnGRPOConfig(GRPOConfig):
     rollout_gpu_memory_utilization: float | None = field(default=None, metadata={
         "help": "vLLM GPU memory fraction on CUDA nodes (colocated with training)."})
     rollout_max_model_len: int | None = field(default=None, metadata={
-        "help": "vLLM max sequence length; None = max(2048, max_completion_length + 1024)."})
+        "help": "vLLM max sequence length; None = max(2048, max_completion_length + 1024), "
+                "at most the model's context (max_position_embeddings)."})
     rollout_enforce_eager: bool | None = field(default=None, metadata={
         "help": "vLLM without CUDA graphs; None = by device (attnrl/rollout/engine_settings.py: "
                 "true on CPU, false on GPUs)."})

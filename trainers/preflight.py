@@ -73,6 +73,13 @@ def check_output_dir(path, key: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{key} {str(path)!r} is not writable ({str(parent)!r} is not "
                         "writable by this user); give another --" + key)
+    import tempfile
+
+    try:  # permissions are not everything (/proc, read-only mounts): try it, leave nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".attnrl-probe-", dir=parent))
+    except OSError as err:
+        raise UserError(f"{key} {str(path)!r} cannot be created in {str(parent)!r} "
+                        f"({err.strerror or err}); give another --{key}") from None
 
 
 def _model_shape(model) -> dict | None:

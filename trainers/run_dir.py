@@ -73,6 +73,30 @@ def run_files(output_dir) -> list[Path]:
         + ckpt.incomplete(out) + ckpt.named(out, ckpt.ASIDE)
 
 
+def entries(output_dir) -> set[str]:
+    """The names in output_dir now (empty when it does not exist)."""
+    out = Path(str(output_dir))
+    return set(os.listdir(out)) if out.is_dir() else set()
+
+
+def undo_failed_start(output_dir, before: set[str]) -> None:
+    """After a new run failed before its first logged step (no checkpoint, no metrics):
+    remove what it wrote (config.yaml, W&B files, ...), so the directory is as it was and
+    a corrected rerun needs no --overwrite. A run that trained is left alone."""
+    out = Path(str(output_dir))
+    metrics = out / "metrics.jsonl"
+    if checkpoints(out) or ckpt.incomplete(out) or \
+            (metrics.is_file() and metrics.stat().st_size > 0):
+        return
+    added = sorted(entries(out) - set(before) - {LOCK_NAME})
+    for name in added:
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if added:
+        print(f"the start failed before its first step: removed what it wrote in {out} "
+              f"({', '.join(added)}); it holds no run", file=sys.stderr, flush=True)
+
+
 def read_recorded(path) -> dict:
     """A recorded config.yaml, checked and resolved like a new one."""
     config = yaml.safe_load(Path(path).read_text()) or {}

@@ -98,6 +98,7 @@ def check_together(config: dict, where) -> None:
                         f"signal_h_lo {h_lo}; the FAI window needs h_lo <= h_hi")
     check_layers(config, where)
     check_binary_outcomes(trainer, get, where)
+    check_context(config, get, where)
     check_engine_keys(get, where)
     check_attn_implementation(config, get, where)
     check_attention(config, get, where)
@@ -140,6 +141,31 @@ def check_binary_outcomes(trainer: str, get, where) -> None:
                     f"incorrect), but the mix {{{shown}}} can score other values ({why}); set "
                     "correctness_threshold T (rewards >= T count as correct) or use one 0/1 "
                     "reward with weight 1")
+
+
+def check_context(config: dict, get, where) -> None:
+    """Prompt and completion fit the model's context (max_position_embeddings, read from
+    its config.json): vLLM would refuse the engine after the model loaded."""
+    from attnrl.cli_checks import context_length
+
+    model = config.get("model", "smollm2")
+    context = context_length(model)
+    if context is None:
+        return
+    completion, prompt = get("max_completion_length"), get("max_prompt_length")
+    engine_len = get("rollout_max_model_len")
+    if completion is not None and completion >= context:
+        raise UserError(f"{where('max_completion_length', 'model')}: max_completion_length "
+                        f"{completion} leaves no room for a prompt in {model}'s context of "
+                        f"{context} tokens (max_position_embeddings); set it below {context}")
+    if prompt is not None and completion is not None and prompt + completion > context:
+        raise UserError(f"{where('max_prompt_length', 'max_completion_length', 'model')}: "
+                        f"max_prompt_length {prompt} + max_completion_length {completion} = "
+                        f"{prompt + completion} tokens exceed {model}'s context of {context}")
+    if engine_len is not None and engine_len > context:
+        raise UserError(f"{where('rollout_max_model_len', 'model')}: rollout_max_model_len "
+                        f"{engine_len} exceeds {model}'s context of {context} tokens; set it "
+                        f"to at most {context} (or leave it null)")
 
 
 def check_engine_keys(get, where) -> None:

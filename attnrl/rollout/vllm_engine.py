@@ -71,6 +71,10 @@ class VLLMEngine(RolloutEngine):
 
         path = str(resolve_model(model))
         self.tokenizer = load_tokenizer(path)
+        from attnrl.cli_checks import context_length
+
+        context = context_length(path)  # vLLM refuses a longer one
+        max_model_len = min(max_model_len, context) if context else max_model_len
         self.tp_group = None
         if colocate:
             from attnrl.rollout.colocate import colocate_kwargs

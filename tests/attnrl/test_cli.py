@@ -211,6 +211,10 @@ BAD_INPUTS = [
     (["signals", "--prompt", "x", "--response", "y", "--credit", "qk_tokens"],
      "needs the QK heads a run selects"),
     (["generate", "--model", "{afile.txt}"], "has no config.json"),
+    (["ablate", "--strategies", "coupled,random"], "has no uniform: every comparison"),
+    (["train", "--output_dir", "/proc/attnrl-run"], "cannot be created in '/proc'"),
+    (["train", "--max_completion_length", "9000"], "leaves no room for a prompt in smollm2's "
+                                                   "context of 8192 tokens"),
 ]
 SECONDS_TO_ERROR = 3.0
 

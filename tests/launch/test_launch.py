@@ -116,6 +116,11 @@ def test_train_sh_rejects_bad_inputs(tmp_path):
     assert result.returncode == 2 and "not valid JSON" in result.stderr
     result = script("train.sh", "--config", TINY, "--gpus", "two", "--dry-run")
     assert result.returncode == 2 and "--gpus" in result.stderr
+    for typo, meant in (("--gpu", "--gpus N"), ("--num_gpus", "--gpus N"),
+                        ("--ds_config", "--ds-config FILE")):
+        result = script("train.sh", "--config", TINY, typo, 2, "--dry-run")
+        assert result.returncode == 2 and f"did you mean {meant}" in result.stderr, \
+            result.stderr
     if HAS_GPU:
         result = script("train.sh", "--config", TINY, "--gpus", 4096, "--dry-run")
         assert result.returncode == 2 and "usable GPU" in result.stderr

@@ -198,8 +198,8 @@ def test_second_train_into_a_locked_run_dir_exits_2_fast(tmp_path):
 def test_a_start_that_fails_after_the_model_loaded_leaves_the_directory_as_it_was(
         tmp_path, tiny_model_dir):
     """--overwrite of an existing run, then a failure while the trainer is built (here: PEFT
-    finds no module named by lora.target_modules): the old run is untouched, no lock is
-    left."""
+    finds no module named by lora.target_modules, said in one line naming the model's
+    linear layers): the old run is untouched, no lock is left."""
     from trainers.cli import run_job
 
     out = tmp_path / "run"
@@ -208,12 +208,40 @@ def test_a_start_that_fails_after_the_model_loaded_leaves_the_directory_as_it_wa
     new = load_config(TINY, {"output_dir": str(out), "model": str(tiny_model_dir),
                              "lora": {"r": 4, "target_modules": ["no_such_proj"]},
                              "seed": 5})
-    with pytest.raises(ValueError, match="no_such_proj"):
+    with pytest.raises(UserError, match=r"\['no_such_proj'\] match no module of .*q_proj"):
         run_job(new, overwrite=True)
     after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before
     # and a directory that did not exist is not left behind
     fresh = tmp_path / "fresh"
-    with pytest.raises(ValueError, match="no_such_proj"):
+    with pytest.raises(UserError, match="no_such_proj"):
         run_job({**new, "output_dir": str(fresh)})
     assert not fresh.exists()
+
+
+def test_a_start_that_fails_at_its_first_step_is_not_a_run(tmp_path, tiny_model_dir, capsys):
+    """The rollout server does not answer at the first generation, after config.yaml was
+    written: what the start wrote is removed (one line says so), and a corrected rerun into
+    the same directory (resume: never, no --overwrite) trains."""
+    import socket
+
+    from trainers.cli import run_job
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    bad = load_config(TINY, {"output_dir": str(out), "model": str(tiny_model_dir),
+                             "rollout_engine": "vllm_server", "max_steps": 1,
+                             "rollout_server_url": f"http://127.0.0.1:{port}",
+                             "rollout_server_timeout": 1})
+    with pytest.raises(UserError, match="no vLLM server answered"):
+        run_job(bad)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert "the start failed before its first step" in capsys.readouterr().err
+    good = load_config(TINY, {"output_dir": str(out), "model": str(tiny_model_dir),
+                              "max_steps": 1})
+    run_job(good)
+    assert (out / "final").is_dir() and (out / "notes.txt").is_file()

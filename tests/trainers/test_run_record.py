@@ -20,8 +20,8 @@ KEYS = ("reward", "loss", "grad_norm", "accuracy", "completions/mean_length",
         "credit/gamma_mean")
 
 
-def train(*args, cwd):
-    env = dict(os.environ, WANDB_MODE="offline")
+def train(*args, cwd, **env_vars):
+    env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
     env.pop("WANDB_DIR", None)  # W&B files go under the run's output_dir
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "attnrl.cli", "train", *map(str, args)],
@@ -165,3 +165,36 @@ def test_overwritten_run_leaves_nothing_to_resume(first_run):
     commands = yaml.safe_load((out / "config.yaml").read_text())["recorded"]["commands"]
     assert len(commands) == 2 and "--overwrite" in commands[0]["command"] and \
         "--resume auto" in commands[1]["command"]
+
+
+def test_wandb_online_without_a_key_is_one_line_before_anything_loads(tmp_path,
+                                                                     tiny_model_dir):
+    """WANDB_MODE=online and no API key (no WANDB_API_KEY, no netrc entry): exit 2 in one
+    line before the model loads; nothing is written."""
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    result = train("--config", TINY, "--model", tiny_model_dir, "--output_dir", out,
+                   "--report_to", "wandb", cwd=tmp_path, **env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "needs a W&B API key" in result.stderr and "Traceback" not in result.stderr
+    assert "loading the policy" not in result.stdout and not out.exists()
+
+
+@pytest.mark.slow
+def test_wandb_host_that_does_not_answer_falls_back_to_offline(tmp_path, tiny_model_dir):
+    """A key but no reachable W&B host (this machine reaches no W&B server): the run logs
+    offline, says so in one line with how to upload, and trains."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    result = train("--config", TINY, "--model", tiny_model_dir, "--output_dir", out,
+                   "--report_to", "wandb", "--max_steps", 1, cwd=tmp_path,
+                   WANDB_MODE="online", WANDB_API_KEY="x" * 40,
+                   WANDB_BASE_URL=f"http://127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"W&B: 127.0.0.1:{port} does not answer" in result.stdout
+    assert "logging offline" in result.stdout and (out / "final").is_dir()
+    assert list((out / "wandb").glob("offline-run-*"))

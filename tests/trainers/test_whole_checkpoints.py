@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from attnrl.errors import Interrupted, UserError
 from trainers import checkpoints, run_dir
@@ -192,26 +193,52 @@ def check_stopped(code, stdout, stderr, out, name, steps) -> int:
 
 
 @pytest.mark.slow
+def run_to_the_end(command) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def assert_same_final_weights(a, b) -> None:
+    """Bit-identical final models (the stopped-and-resumed run is the uninterrupted one)."""
+    from safetensors.torch import load_file
+
+    first, second = (load_file(out / "final" / "model.safetensors") for out in (a, b))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """The run the signalled ones must reproduce: 8 steps without a stop."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_to_the_end(train_command(tiny_model_dir, out, 8))
+    return out
+
+
 def test_sigterm_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path,
-                                                                      tiny_model_dir):
+                                                                      tiny_model_dir,
+                                                                      uninterrupted):
     out, steps = tmp_path / "run", 8
     command = train_command(tiny_model_dir, out, steps)
     step = check_stopped(*signalled(command, signal.SIGTERM), out, "SIGTERM", steps)
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_to_the_end(command)
     assert f"resuming from {out / f'checkpoint-{step}'}" in resumed.stdout
-    assert (out / "final" / "model.safetensors").is_file()
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
               .splitlines() if "reward" in json.loads(line)]
     assert logged == list(range(1, steps + 1))
+    assert_same_final_weights(out, uninterrupted)
 
 
 @pytest.mark.slow
-def test_sigint_stops_with_a_checkpoint(tmp_path, tiny_model_dir):
+def test_sigint_stops_with_a_checkpoint_that_resumes_bit_identically(tmp_path, tiny_model_dir,
+                                                                     uninterrupted):
     out, steps = tmp_path / "run", 8
-    check_stopped(*signalled(train_command(tiny_model_dir, out, steps), signal.SIGINT), out,
-                  "SIGINT", steps)
+    command = train_command(tiny_model_dir, out, steps)
+    check_stopped(*signalled(command, signal.SIGINT), out, "SIGINT", steps)
+    run_to_the_end(command)
+    assert_same_final_weights(out, uninterrupted)
 
 
 @pytest.mark.slow

@@ -65,6 +65,10 @@ def check_strategies(strategies) -> None:
             strategy_parts(name)  # raises naming the registered strategies
     if len(set(strategies)) != len(strategies):
         raise UserError(f"--strategies lists a strategy twice: {','.join(strategies)}")
+    if BASELINE not in strategies:
+        raise UserError(f"--strategies {','.join(strategies)} has no {BASELINE}: every "
+                        f"comparison of the ablation is against {BASELINE} (and the untrained "
+                        f"model); add {BASELINE}")
 
 
 def record_settings(out_dir: Path, settings: dict, write: bool = True) -> None:
