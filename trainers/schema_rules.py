@@ -234,6 +234,10 @@ def check_lora_tied(config: dict, get, where) -> None:
     lora = get("lora")
     if not isinstance(lora, dict):
         return
+    if lora.get("use_dora"):  # trainers/lora_merge.py: plain LoRA only
+        raise UserError(f"{where('lora')}: lora.use_dora true cannot be synced to the rollout "
+                        "engine: attnrl's weight sync merges plain LoRA (W + (alpha / r) B A) "
+                        "and not DoRA's column-norm rescaling; use lora: {use_dora: false}")
     targets = lora.get("target_modules")
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     saved = list(lora.get("modules_to_save") or [])

@@ -212,6 +212,7 @@ BAD_INPUTS = [
      "needs the QK heads a run selects"),
     (["generate", "--model", "{afile.txt}"], "has no config.json"),
     (["ablate", "--strategies", "coupled,random"], "has no uniform: every comparison"),
+    (["train", "--lora", "{r: 8, use_dora: true}"], "lora.use_dora true cannot be synced"),
     (["train", "--output_dir", "/proc/attnrl-run"], "cannot be created in '/proc'"),
     (["train", "--max_completion_length", "9000"], "leaves no room for a prompt in smollm2's "
                                                    "context of 8192 tokens"),
