@@ -99,22 +99,34 @@ def test_step_k_trains_on_version_k_minus_1_in_order(tmp_path, dataset):
     assert not trainer.engine.in_flight
 
 
-def test_learning_rate_zero_lag_one_equals_lag_zero(tmp_path, dataset):
+@pytest.mark.parametrize("schedule, versions", [
+    ({}, [[0], [0], [1]]),
+    # a batch trains 2 steps: the next one comes from the weights of the boundary before
+    ({"num_iterations": 2}, [[0], [0]]),
+    ({"steps_per_generation": 2}, [[0], [0]]),           # 2 steps per generation batch
+    ({"gradient_accumulation_steps": 2}, [[0], [0], [1]]),
+])
+def test_learning_rate_zero_lag_one_equals_lag_zero(tmp_path, dataset, schedule, versions):
+    """Same prompts, seeds, completions, losses and weights as lag 0 when the weights do not
+    move, whatever the generation schedule (the next batch is read the right distance
+    ahead and seeded for the step it trains at)."""
     runs = {}
     for lag in (0, 1):
         trainer = trainer_for(tmp_path / str(lag), dataset, peaked_model(), rollout_lag=lag,
                               max_steps=3, learning_rate=0.0,
-                              vllm_importance_sampling_mode="token_truncate")
+                              vllm_importance_sampling_mode="token_truncate", **schedule)
         trainer.train()
         runs[lag] = trainer
     losses = [[row["loss"] for row in t.state.log_history if "loss" in row] for t in
               runs.values()]
     assert losses[0] == losses[1] and len(losses[0]) == 3
+    assert len(runs[0].scored) == len(runs[1].scored) == len(versions)
     for a, b in zip(runs[0].scored, runs[1].scored):
         assert torch.equal(a["completion_ids"], b["completion_ids"])
+        assert torch.equal(a["prompt_ids"], b["prompt_ids"])
     state0, state1 = runs[0].model.state_dict(), runs[1].model.state_dict()
     assert all(torch.equal(state0[k], state1[k]) for k in state0)
-    assert [s["versions"] for s in runs[1].scored] == [[0], [0], [1]]
+    assert [s["versions"] for s in runs[1].scored] == versions
 
 
 def token_logps(model, batch) -> torch.Tensor:
