@@ -127,7 +127,9 @@ def run_summary(folder: Path) -> dict | None:
             "boundary_s": sum(boundary) / len(boundary) if boundary else None,
             "server_busy_s": sum(busy) / len(busy) if busy else None,
             "reward_curve": [r["reward"] for r in steps],
-            "mean_reward": sum(r["reward"] for r in steps) / len(steps)}
+            "mean_reward": sum(r["reward"] for r in steps) / len(steps),
+            "mean_completion_tokens": sum(r.get("completions/mean_length", 0.0)
+                                          for r in steady) / max(1, len(steady))}
 
 
 def aggregate(seeds: list[int]) -> dict:
@@ -198,12 +200,12 @@ def gpu_model(per_lag: dict) -> dict:
 
 def table(result: dict) -> str:
     lines = [("| run | steps/h (2..N) | step s | trainer waits s/step | server busy s/step | "
-              "mean reward |"), "|---|---|---|---|---|---|"]
+              "completion tokens | mean reward |"), "|---|---|---|---|---|---|---|"]
     for lag in ("lag0", "lag1"):
         for seed, r in sorted(result["runs"][lag].items()):
             lines.append(f"| {lag} seed {seed} | {r['steps_per_hour']:.0f} | {r['step_s']:.1f} "
                          f"| {r['trainer_wait_s']:.1f} | {r['server_busy_s']:.1f} | "
-                         f"{r['mean_reward']:.3f} |")
+                         f"{r['mean_completion_tokens']:.1f} | {r['mean_reward']:.3f} |")
     if "verdict" in result:
         lines += ["", result["verdict"]]
         model = result.get("gpu_model") or {}

@@ -103,9 +103,10 @@ def test_a_changed_plugin_file_is_a_different_run(tmp_path):
 
 
 def test_plugin_reward_goes_through_nsr_binary_rule(tmp_path, tiny_model_dir, monkeypatch):
-    """trainer nsr, a data file with mapped fields and a plug-in giving 0.5: the run records
-    the plug-in's sha256 and the data counts, then the first step stops with the binary
-    rule naming the plug-in (as for a registered reward)."""
+    """trainer nsr, a data file with mapped fields and a plug-in giving 0.5: the first step
+    stops with the binary rule naming the plug-in (as for a registered reward) and leaves no
+    run behind; the rerun with correctness_threshold trains and records the plug-in's
+    sha256 and the data counts."""
     from trainers.cli import run_job
 
     config = load_config(TINY, {
@@ -119,6 +120,8 @@ def test_plugin_reward_goes_through_nsr_binary_rule(tmp_path, tiny_model_dir, mo
     with pytest.raises(UserError, match=r"needs binary rewards .* from plugin.py:half "
                                         r"\(weight 1\); set correctness_threshold"):
         run_job(config)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # the failed start is not a run
+    run_job({**config, "correctness_threshold": 1.0})
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     spec = f"{tmp_path}/plugin.py:half"
     assert saved["rewards"] == {spec: 1.0}

@@ -132,9 +132,9 @@ def test_a_built_trainer_config_refuses_trl_engine_values():
     ({}, "sequence_mask"),                                   # configs/default.yaml: 64 tokens
     ({"max_completion_length": 1024}, "sequence_mask"),
     ({"max_completion_length": 1025}, "token_truncate"),
-    ({"max_completion_length": 8192}, "token_truncate"),
+    ({"max_completion_length": 8000}, "token_truncate"),   # SmolLM2's context: 8192
     ({"loss_type": "vespo"}, "token_truncate"),              # vespo needs a token-level mode
-    ({"max_completion_length": 8192, "vllm_importance_sampling_mode": "sequence_mask"},
+    ({"max_completion_length": 8000, "vllm_importance_sampling_mode": "sequence_mask"},
      "sequence_mask"),                                       # given: kept
 ])
 def test_importance_sampling_mode_by_completion_length(given, mode):

@@ -90,11 +90,14 @@ def test_a_task_without_answers_is_refused(tiny_model_dir, tmp_path, capsys):
 
 
 def test_a_softcapping_model_is_refused_for_attention_strategies(tmp_path, capsys):
-    """Decided from config.json alone (no weights needed: nothing loads before it)."""
+    """Decided from config.json alone: its weight and tokenizer files are empty (nothing
+    loads before the refusal)."""
     model = tmp_path / "gemma2"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({
         "model_type": "gemma2", "num_hidden_layers": 4, "attn_logit_softcapping": 50.0}))
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "tokenizer_config.json").write_text("{}")
     rc = main(["fidelity", "--model", str(model), "--strategies", "coupled,random",
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
