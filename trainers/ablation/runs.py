@@ -85,6 +85,7 @@ def worker(run_dir: Path) -> None:
 
         result = evaluate_run(resolve_model(config.get("model", "smollm2")), config,
                               spec["eval"])
+        result["models"][0]["model"] = str(config.get("model", "smollm2"))  # not a local path
     write_json(run_dir / "eval.json", result)
     print(f"eval: greedy accuracy {result['models'][0]['greedy_accuracy']:.3f}", flush=True)
 
