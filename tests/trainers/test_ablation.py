@@ -491,7 +491,7 @@ def test_sequential_driver_stops_resumes_and_extends(tmp_path, monkeypatch):
     shift = {"uniform": 0.0, "coupled": 0.0, "uniform_half_lr": -0.08}
     trained = []
 
-    def fake_execute(run, keep_checkpoints=False):
+    def fake_execute(run, keep_checkpoints=False, slot=None):
         if run["seed"] is None:
             write_run(run["dir"], 0.3)
         else:

@@ -10,13 +10,15 @@ The package, in the order a run flows through it:
     registered.py  the registered tests: primary, Holm secondary, the predicted control
     summary.py     summary.json from finished runs
     report.py      table.md and credit_ablation.png
+    workers.py     --workers N: disjoint CPU cores or GPUs per run in parallel
     cli.py         `attnrl ablate` options and driver
 
 Every run of a seed shares that seed's data order, rollout sampling seeds and step budget;
-runs differ only in `credit` (and `credit_seed`, which is the seed). Runs execute one
-after another, each in its own process, in seed-major order (all strategies of seed 0
-first), so a cut-off ablation still covers every strategy. Re-running the same command
-skips finished runs and resumes a half-finished one from its last checkpoint.
+runs differ only in `credit` (and `credit_seed`, which is the seed). Runs execute each in
+its own process, in seed-major order (all strategies of seed 0 first), so a cut-off
+ablation still covers every strategy; `--workers N` runs N at a time, each pinned to its
+own cores or GPUs (workers.py), with the same numbers. Re-running the same command skips
+finished runs and resumes a half-finished one from its last checkpoint.
 
 Layout of the output directory:
     ablation.json                  the shared settings (a re-run must match them)

@@ -16,6 +16,7 @@ from trainers.ablation.report import format_table, write_summary
 from trainers.ablation.runs import execute_all, run_status
 from trainers.ablation.stats import stop_rule
 from trainers.ablation.summary import summarize
+from trainers.ablation.workers import worker_slots
 
 
 def add_arguments(parser) -> None:
@@ -63,6 +64,10 @@ def add_arguments(parser) -> None:
                         help="an `attnrl fidelity` summary.json (or its --out) of this task: "
                              "the table says which strategies beat their own permutation there "
                              "(the others are not recommended for the task)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="runs at the same time, each pinned to its own share of the CPU "
+                             "cores (or, where GPUs are visible, its own GPUs); a run's numbers "
+                             "do not depend on N (default 1)")
     parser.add_argument("--summary-only", action="store_true",
                         help="rebuild summary.json and the PNG from finished runs; train nothing")
 
@@ -72,6 +77,7 @@ def run(args) -> int:
     a seed is one round. With --until-half-width, stop_rule decides after each round
     whether to go on; a re-run replays the rounds on the finished runs and so reaches the
     same decision."""
+    slots = worker_slots(getattr(args, "workers", 1))
     runs, settings, out, untrained = build(args)
     record_settings(out, settings, write=not args.summary_only)
     notes = getattr(args, "fidelity_notes", None)
@@ -84,19 +90,18 @@ def run(args) -> int:
                       "half_widths": {}}
     failed = []
     if not args.summary_only:
-        failed += execute_all([untrained], 0, len(runs), args)
+        failed += execute_all([untrained], 0, len(runs), args, slots=slots)
     rounds = {}
     for item in runs:
         rounds.setdefault(item["seed"], []).append(item)
     done = []
+    if sequential is None:  # every run in seed-major order, as many at once as workers
+        if not args.summary_only:
+            failed += execute_all(runs, 1, len(runs), args,
+                                  lambda: write_summary(runs, settings, out, untrained,
+                                                        fidelity=notes), slots=slots)
+        done, rounds = list(runs), {}
     for k, (seed, group) in enumerate(rounds.items(), start=1):
-        if sequential is None:
-            if not args.summary_only:
-                failed += execute_all(group, len(done) + 1, len(runs), args,
-                                       lambda: write_summary(runs, settings, out, untrained,
-                                                             fidelity=notes))
-            done += group
-            continue
         if args.summary_only and not any(run_status(r) == "done" for r in group):
             sequential["stopped"] = "no finished runs"
             break
@@ -105,7 +110,8 @@ def run(args) -> int:
             so_far = [*done, *group]
             failures = execute_all(group, len(done) + 1, len(runs), args,
                                     lambda so_far=so_far: write_summary(
-                                        so_far, settings, out, untrained, sequential, notes))
+                                        so_far, settings, out, untrained, sequential, notes),
+                                    slots=slots)
             failed += failures
         done += group
         sequential["seeds"].append(seed)

@@ -10,10 +10,12 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from attnrl.atomic import write_json
 from trainers.ablation.reference import evaluate_run
+from trainers.ablation.workers import describe, pin_from_env, slot_env
 
 
 def run_name(strategy: str, seed: int) -> str:
@@ -35,14 +37,15 @@ def run_status(run: dict) -> str:
     return "train"
 
 
-def execute(run: dict, keep_checkpoints: bool = False) -> int:
-    """Train (resuming from a checkpoint if any) and evaluate one run in a child process;
-    its output is appended to <run dir>/log.txt. Returns the exit status."""
+def execute(run: dict, keep_checkpoints: bool = False, slot: dict | None = None) -> int:
+    """Train (resuming from a checkpoint if any) and evaluate one run in a child process
+    on `slot`'s cores or GPUs (workers.py; None: no pinning); its output is appended to
+    <run dir>/log.txt. Returns the exit status."""
     run["dir"].mkdir(parents=True, exist_ok=True)
     spec = {"config": run["config"], "eval": run["eval"], "keep_checkpoints": keep_checkpoints,
             "train": run.get("train", True)}
     write_json(run["dir"] / "run.json", spec)
-    env = dict(os.environ, WANDB_DIR=str(run["dir"]))
+    env = slot_env(slot or {}, dict(os.environ, WANDB_DIR=str(run["dir"])))
     for key, value in (("OMP_NUM_THREADS", "1"), ("WANDB_MODE", "offline"),
                        ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
@@ -50,7 +53,8 @@ def execute(run: dict, keep_checkpoints: bool = False) -> int:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(run["dir"] / "log.txt", "a") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run_status(run)}\n")
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run_status(run)} "
+                  f"({describe(slot or {})})\n")
         log.flush()
         proc = subprocess.run([sys.executable, "-m", "trainers.ablation", str(run["dir"])],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
@@ -63,6 +67,9 @@ def worker(run_dir: Path) -> None:
     curve and the final model on the held-out problems, heldout/), then copy the final
     evaluation to eval.json. The untrained model (the spec says no training) is evaluated
     with attnrl.evaluation on the same problems and settings."""
+    cores = pin_from_env()
+    if cores is not None:
+        print(f"pinned to CPU {','.join(map(str, sorted(os.sched_getaffinity(0))))}", flush=True)
     spec = json.loads((run_dir / "run.json").read_text())
     config = spec["config"]
     if spec.get("train", True):
@@ -117,27 +124,50 @@ def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["greedy_accuracy"])) for r in rows]
 
 
-def execute_all(items, first_index: int, total: int, args, after=None) -> list[str]:
-    """Run the unfinished `items` one after another (finished ones are skipped); `after()`
-    once after each run that succeeded. Returns the names of the failed runs."""
-    failed = []
-    for i, item in enumerate(items, start=first_index):
-        name = "untrained" if item["seed"] is None else run_name(item["strategy"], item["seed"])
+def execute_all(items, first_index: int, total: int, args, after=None,
+                slots=None) -> list[str]:
+    """Run the unfinished `items` (finished ones are skipped), one per slot at a time in
+    the given order (`slots`: workers.worker_slots; default one unpinned slot); `after()`
+    once after each run that succeeded, in this thread. Returns the failed runs' names."""
+    slots = list(slots or [{}])
+    free, failed, running = list(range(len(slots))), [], {}
+
+    def start(pool, i, item, name):
+        slot_index = free.pop(0)
         status = run_status(item)
-        if status == "done":
-            print(f"[{i}/{total}] skip {name}: finished (eval.json exists)", flush=True)
-            continue
         what = "evaluating" if status == "evaluate" else "training + evaluating"
-        print(f"[{i}/{total}] {time.strftime('%H:%M:%S')} {name}: {what} "
+        where = f" on {describe(slots[slot_index])}" if len(slots) > 1 else ""
+        print(f"[{i}/{total}] {time.strftime('%H:%M:%S')} {name}: {what}{where} "
               f"(log: {item['dir'] / 'log.txt'})", flush=True)
-        start = time.perf_counter()
-        code = execute(item, keep_checkpoints=args.keep_checkpoints)
+        future = pool.submit(execute, item, keep_checkpoints=args.keep_checkpoints,
+                             slot=slots[slot_index] if len(slots) > 1 else None)
+        running[future] = (name, item, slot_index, time.perf_counter())
+
+    def finish(future):
+        name, item, slot_index, began = running.pop(future)
+        free.append(slot_index)
+        code = future.result()
         if code != 0:
             failed.append(name)
             print(f"    {name} FAILED (exit {code}); see {item['dir'] / 'log.txt'}",
                   flush=True)
-            continue
-        print(f"    {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+            return
+        print(f"    {name} done in {time.perf_counter() - began:.0f} s", flush=True)
         if after is not None:
             after()
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        for i, item in enumerate(items, start=first_index):
+            name = "untrained" if item["seed"] is None else run_name(item["strategy"],
+                                                                      item["seed"])
+            if run_status(item) == "done":
+                print(f"[{i}/{total}] skip {name}: finished (eval.json exists)", flush=True)
+                continue
+            while not free:
+                for future in wait(list(running), return_when=FIRST_COMPLETED).done:
+                    finish(future)
+            start(pool, i, item, name)
+        while running:
+            for future in wait(list(running), return_when=FIRST_COMPLETED).done:
+                finish(future)
     return failed
