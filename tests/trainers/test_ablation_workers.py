@@ -34,13 +34,15 @@ def test_split_evenly_is_a_partition_with_sizes_within_one(n, parts):
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
-def test_slots_cpu_gpu_and_refusals():
+def test_slots_cpu_gpu_and_refusals(capsys):
     assert worker_slots(1, cpus=[0, 1], gpus=[]) == [{}]  # one worker: nothing pinned
     assert worker_slots(2, cpus=[0, 1], gpus=[]) == [{"cpus": [0]}, {"cpus": [1]}]
     assert worker_slots(2, cpus=[3, 1, 2, 0], gpus=[]) == [{"cpus": [0, 1]}, {"cpus": [2, 3]}]
-    # an 8-GPU node: GPUs are split, cores are left to the runs
-    assert worker_slots(4, cpus=range(16), gpus=[str(g) for g in range(8)]) == [
-        {"gpus": ["0", "1"]}, {"gpus": ["2", "3"]}, {"gpus": ["4", "5"]}, {"gpus": ["6", "7"]}]
+    # an 8-GPU node: one GPU per run (a run is one process), cores are left to the runs
+    eight = [str(g) for g in range(8)]
+    assert worker_slots(8, cpus=range(16), gpus=eight) == [{"gpus": [g]} for g in eight]
+    assert worker_slots(4, cpus=range(16), gpus=eight) == [{"gpus": [g]} for g in "0123"]
+    assert "4,5,6,7 stay idle" in capsys.readouterr().out
     with pytest.raises(UserError, match="--workers 3 but this process may use 2 CPU core"):
         worker_slots(3, cpus=[0, 1], gpus=[])
     with pytest.raises(UserError, match="--workers 9 but 8 GPU"):

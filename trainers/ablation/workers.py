@@ -1,6 +1,6 @@
 """Several ablation runs at once (`--workers N`): each run's child process gets a slot of
-its own, N disjoint sets of CPU cores on a CPU machine or N disjoint sets of GPUs on a GPU
-node, so runs in parallel never share a core or a device.
+its own, N disjoint sets of CPU cores on a CPU machine or one GPU each on a GPU node (a run
+is one process), so runs in parallel never share a core or a device.
 
 A slot reaches the child through its environment: ATTNRL_CPU_AFFINITY="0,1" (the child
 pins itself with os.sched_setaffinity before torch starts its threads; vLLM's CPU thread
@@ -52,7 +52,7 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 
 def worker_slots(workers: int, cpus=None, gpus=None) -> list[dict]:
-    """N slots: {'gpus': [...]} where GPUs are visible (each run on its own GPUs), else
+    """N slots: {'gpus': [one]} where GPUs are visible (each run on its own GPU), else
     {'cpus': [...]} (each run on its own cores). One worker: one slot with no pinning.
     Raises UserError when there are fewer cores or GPUs than workers."""
     if workers < 1:
@@ -66,7 +66,11 @@ def worker_slots(workers: int, cpus=None, gpus=None) -> list[dict]:
             raise UserError(f"--workers {workers} but {len(gpus)} GPU(s) are visible "
                             f"({','.join(gpus)}): each run needs a GPU of its own; give "
                             f"--workers {len(gpus)} or fewer")
-        return [{"gpus": chunk} for chunk in split_evenly(gpus, workers)]
+        if workers < len(gpus):  # a run is one process: more GPUs in a slot stay idle
+            print(f"# --workers {workers}: GPUs {','.join(gpus[:workers])} run the ablation, "
+                  f"{','.join(gpus[workers:])} stay idle (one process, one GPU per run; "
+                  f"give --workers {len(gpus)} to use them all)", flush=True)
+        return [{"gpus": [gpu]} for gpu in gpus[:workers]]
     if workers > len(cpus):
         raise UserError(f"--workers {workers} but this process may use {len(cpus)} CPU "
                         f"core(s): each run needs a core of its own; give --workers "
