@@ -41,17 +41,22 @@ def fai_counts(response: torch.Tensor, h_lo: int, h_hi: int | None) -> torch.Ten
 
 def select_heads(span: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Local (lowest span) and global (highest span) heads. span (L, H) -> two (L, H) bool.
-    Each set has ceil(quantile * L * H) heads (at least 1); ties go to the lower index."""
-    if not 0.0 < quantile <= 1.0:
-        raise UserError(f"head_quantile must be in (0, 1] (0.3 in the paper), got {quantile}")
+    Heads are ranked once by span (ties: the lower (layer, head) index ranks lower); each
+    set has ceil(quantile * L * H) heads, at least 1 and at most half of them, so the two
+    sets never share a head (except a model of one sampled head, which is both)."""
+    if not 0.0 < quantile <= 0.5:
+        raise UserError(f"head_quantile must be in (0, 0.5] (0.3 in the paper; above 0.5 local "
+                        f"and global heads would overlap), got {quantile}")
     flat = span.reshape(-1).float()
-    count = max(1, math.ceil(quantile * flat.numel() - 1e-9))
-    low = torch.sort(flat, stable=True).indices[:count]
-    high = torch.sort(flat, descending=True, stable=True).indices[:count]
+    n = flat.numel()
+    count = max(1, math.ceil(quantile * n - 1e-9))
+    if n >= 2:
+        count = min(count, n // 2)
+    order = torch.sort(flat, stable=True).indices
     local = torch.zeros_like(flat, dtype=torch.bool)
     global_ = torch.zeros_like(flat, dtype=torch.bool)
-    local[low] = True
-    global_[high] = True
+    local[order[:count]] = True
+    global_[order[n - count:]] = True
     return local.view(span.shape), global_.view(span.shape)
 
 

@@ -74,17 +74,19 @@ def head_span(attn: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
 
 
 def split_heads(span: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lowest / highest ceil(quantile * L * H) heads by span (L, H); ties: lower index."""
+    """Heads ranked by (span, index): the first c local, the last c global, with
+    c = ceil(quantile * L * H) bounded to [1, L * H // 2] (1 head: c = 1)."""
     L, H = span.shape
     heads = [(l, h) for l in range(L) for h in range(H)]
     count = max(1, math.ceil(quantile * len(heads) - 1e-9))
-    low = sorted(range(len(heads)), key=lambda i: (float(span.view(-1)[i]), i))[:count]
-    high = sorted(range(len(heads)), key=lambda i: (-float(span.view(-1)[i]), i))[:count]
+    if len(heads) >= 2:
+        count = min(count, len(heads) // 2)
+    ranked = sorted(range(len(heads)), key=lambda i: (float(span.view(-1)[i]), i))
     local = torch.zeros(L, H, dtype=torch.bool)
     global_ = torch.zeros(L, H, dtype=torch.bool)
-    for i in low:
+    for i in ranked[:count]:
         local[heads[i]] = True
-    for i in high:
+    for i in ranked[len(heads) - count:]:
         global_[heads[i]] = True
     return local, global_
 

@@ -21,7 +21,8 @@ class SignalConfig:
     num_layers: int = 5
     """How many layers the default selection takes [P]."""
     head_quantile: float = 0.3
-    """Fraction of heads (by span) called local (lowest) and global (highest) [P]."""
+    """Fraction of heads (by span) called local (lowest) and global (highest), in (0, 0.5]
+    (each set at most half the heads, so they never share one) [P]."""
     freeze_head_split: bool = False
     """Keep the local/global split from the first batch instead of re-ranking per batch [D]."""
     window: int = 10
@@ -52,8 +53,9 @@ class SignalConfig:
             (self.h_lo >= 0, f"h_lo must be >= 0 (10 in the paper), got {self.h_lo}"),
             (self.h_hi is None or self.h_hi >= self.h_lo,
              f"h_hi must be >= h_lo ({self.h_lo}) or None (to the end), got {self.h_hi}"),
-            (0.0 < self.head_quantile <= 1.0,
-             f"head_quantile must be in (0, 1] (0.3 in the paper), got {self.head_quantile}"),
+            (0.0 < self.head_quantile <= 0.5,
+             (f"head_quantile must be in (0, 0.5] (0.3 in the paper; above 0.5 local and "
+              f"global heads would overlap), got {self.head_quantile}")),
             (0.0 <= self.q <= 1.0, f"q must be in [0, 1] (0.4 in the paper), got {self.q}"),
             (self.k >= 0, f"k must be >= 0 (3 by default), got {self.k}"),
             (self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}"),

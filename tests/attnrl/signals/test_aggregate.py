@@ -4,10 +4,12 @@ loops of attnrl.signals.reference, on random inputs (hypothesis). Exact equality
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attnrl.errors import UserError
 from attnrl.signals import SignalConfig, top_q_mask
 from attnrl.signals import reference as ref
 from attnrl.signals.aggregate import (
@@ -44,7 +46,7 @@ def test_top_q_mask_equals_loop(data, q):
 
 
 @SETTINGS
-@given(st.integers(1, 6), st.integers(1, 10), st.sampled_from([0.1, 0.3, 0.5, 1.0]),
+@given(st.integers(1, 6), st.integers(1, 10), st.sampled_from([0.1, 0.3, 0.45, 0.5]),
        st.integers(0, 1000), st.booleans())
 def test_select_heads_equals_loop(L, H, quantile, seed, ties):
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +55,27 @@ def test_select_heads_equals_loop(L, H, quantile, seed, ties):
     local, global_ = select_heads(span, quantile)
     want_local, want_global = ref.split_heads(span, quantile)
     assert torch.equal(local, want_local) and torch.equal(global_, want_global)
-    assert local.sum() == max(1, math.ceil(quantile * L * H - 1e-9))
+    n = L * H
+    count = max(1, math.ceil(quantile * n - 1e-9))
+    assert local.sum() == global_.sum() == (min(count, n // 2) if n >= 2 else 1)
+    if n >= 2:  # local and global never share a head, with ties or an odd head count
+        assert not (local & global_).any()
+        assert span[local].max() <= span[global_].min()
+
+
+def test_select_heads_disjoint_where_the_old_rule_overlapped():
+    # 9 heads at 0.5 (ceil 4.5 = 5 each) and equal spans (both took the lowest indices)
+    odd = torch.arange(9.0).view(3, 3)
+    local, global_ = select_heads(odd, 0.5)
+    assert local.view(-1).tolist() == [True] * 4 + [False] * 5
+    assert global_.view(-1).tolist() == [False] * 5 + [True] * 4
+    local, global_ = select_heads(torch.ones(2, 4), 0.3)  # ceil(2.4) = 3 each
+    assert local.view(-1).tolist() == [True] * 3 + [False] * 5
+    assert global_.view(-1).tolist() == [False] * 5 + [True] * 3
+    one_head = select_heads(torch.ones(1, 1), 0.3)
+    assert one_head[0].item() and one_head[1].item()
+    with pytest.raises(UserError, match=r"head_quantile must be in \(0, 0.5\]"):
+        select_heads(odd, 0.6)
 
 
 @SETTINGS

@@ -455,6 +455,7 @@ def test_bad_masks_are_refused_and_implementation_restored():
 
 
 @pytest.mark.parametrize("bad", [{"window": 0}, {"h_lo": 5, "h_hi": 2}, {"head_quantile": 0},
+                                 {"head_quantile": 0.6},
                                  {"q": 1.5}, {"preplan_by": "entropy"}, {"k": -1}])
 def test_bad_config_is_refused(bad):
     model = tiny("llama", 4, 2)
