@@ -128,3 +128,38 @@ def test_primary_test_keeps_its_level_under_the_null():
     rejected = sum(paired_test(paired_t_interval([rng.gauss(0, 0.03) for _ in range(10)]))["p"]
                    < 0.05 for _ in range(trials))
     assert 0.035 <= rejected / trials <= 0.065
+
+
+@pytest.mark.parametrize("effect, sd, n", [(0.03, 0.028, 10), (0.03, 0.04, 10),
+                                           (0.03, 0.02, 5), (0.0, 0.03, 10)])
+def test_power_at_matches_a_simulated_paired_t_test(effect, sd, n):
+    """The normal-approximation power against the rejection rate of the real paired t test
+    on 4000 simulated ablations (binomial sd <= 0.8 points; the approximation is within 3)."""
+    from trainers.ablation import paired_t_interval
+    from trainers.ablation.registered import paired_test, power_at
+
+    rng = random.Random(int(1000 * sd) + n)
+    trials = 4000
+    rate = sum(paired_test(paired_t_interval([rng.gauss(effect, sd) for _ in range(n)]))["p"]
+               < 0.05 for _ in range(trials)) / trials
+    assert power_at(effect, sd, n) == pytest.approx(rate, abs=0.03)
+
+
+def test_power_statement_follows_the_plan(tmp_path):
+    """The table states the primary test's power at 3 AUC points from the observed sd, and
+    says UNDERPOWERED above the plan's sd of 3.2 points."""
+    from tests.trainers.test_ablation import format_table
+
+    rng = random.Random(10)
+    base = [rng.uniform(0.35, 0.7) for _ in range(10)]
+    control = [b - 0.06 + rng.gauss(0, 0.01) for b in base]
+    for sd, underpowered in ((0.01, False), (0.06, True)):
+        coupled = [b + rng.gauss(0, sd) for b in base]
+        summary = fake_ablation(tmp_path / str(sd), {"uniform": base, "coupled": coupled,
+                                                      "uniform_half_lr": control})
+        power = summary["registered"]["primary"]["power"]
+        assert power["seeds"] == 10 and power["underpowered"] is underpowered
+        text = format_table(summary)
+        line = next(x for x in text.splitlines() if x.startswith("# power of the primary"))
+        assert f"about {100 * power['power']:.0f}% with 10 seeds" in line
+        assert ("UNDERPOWERED" in line) is underpowered

@@ -14,6 +14,9 @@ Plan (fixed before the runs; `attnrl ablate` states it in its table):
                 [0, T] is uniform's AUC over [0, T / 2]:
                     predicted diff = AUC_uniform[0, T/2] - AUC_uniform[0, T]
                 "Detected" when its paired interval on AUC lies below 0.
+    power       of the primary test at a PRIMARY_EFFECT difference with the observed paired
+                sd over the planned seeds (normal approximation, as the plan's seed count);
+                an sd above PRIMARY_SD_LIMIT is stated as underpowered for that effect
 
     t_two_sided_p(2.7764, 4)        # 0.05 (t_{0.975, 4})
     holm({"a": 0.01, "b": 0.04})    # {"a": 0.02, "b": 0.04}
@@ -27,6 +30,8 @@ import math
 ALPHA = 0.05
 PRIMARY_ARM = "coupled"      # [D] the library's recommended attention strategy
 PRIMARY_METRIC = "auc"       # [D] learning speed, measured over the whole curve
+PRIMARY_EFFECT = 0.03       # [D] the AUC difference the plan is powered for (3 points)
+PRIMARY_SD_LIMIT = 0.032     # [D] the plan's sd above which 10 seeds are underpowered for it
 CONTROL = "uniform_half_lr"
 CONTROL_METRIC = "auc"
 # recipe variants that are arms but not credit strategies: credit and learning-rate scale
@@ -70,6 +75,24 @@ def t_two_sided_p(t: float, df: int) -> float:
     if not math.isfinite(t):
         return 0.0
     return regularized_beta(df / (df + t * t), df / 2.0, 0.5)
+
+
+def normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def power_at(effect: float, sd: float, n: int) -> float | None:
+    """Power of the two-sided paired t test at alpha 0.05 for a true mean difference
+    `effect` with paired sd `sd` over n seeds, normal approximation:
+    Phi(d - t) + Phi(-d - t), d = effect sqrt(n) / sd, t = t_{0.975, n-1}. None for n < 2."""
+    from attnrl.analysis.stats import t975
+
+    if n < 2 or sd is None:
+        return None
+    if sd <= 0:
+        return 1.0
+    d, t = effect * math.sqrt(n) / sd, t975(n - 1)
+    return normal_cdf(d - t) + normal_cdf(-d - t)
 
 
 def paired_test(diff: dict) -> dict:
@@ -126,6 +149,11 @@ def registered(rows: dict, predicted: list[float], planned_seeds: int,
         primary = {"arm": primary_arm, "metric": PRIMARY_METRIC, "diff": diff,
                    **paired_test(diff)}
         primary["significant"] = primary["p"] is not None and primary["p"] < ALPHA
+        sd = diff.get("sd")
+        primary["power"] = None if sd is None else {
+            "effect": PRIMARY_EFFECT, "sd": sd, "seeds": planned_seeds,
+            "power": power_at(PRIMARY_EFFECT, sd, planned_seeds),
+            "underpowered": sd > PRIMARY_SD_LIMIT, "sd_limit": PRIMARY_SD_LIMIT}
     family = {}
     for name, row in rows.items():
         if name in ("uniform", CONTROL):
@@ -187,6 +215,13 @@ def registered_lines(result: dict) -> list[str]:
                          f"{d['n']} seeds): {_points(d['mean'])} [{_points(d['low'])}, "
                          f"{_points(d['high'])}] points, t = {primary['t']:.2f}, "
                          f"p = {primary['p']:.3f}: {verdict}")
+    power = primary.get("power") if primary is not None else None
+    if power is not None:
+        lines.append(f"# power of the primary test at a {100 * power['effect']:.1f}-point AUC "
+                     f"difference: about {100 * power['power']:.0f}% with {power['seeds']} "
+                     f"seeds at the observed paired sd {100 * power['sd']:.2f} points"
+                     + (f"; UNDERPOWERED for it (the plan assumed sd <= "
+                        f"{100 * power['sd_limit']:.1f})" if power["underpowered"] else ""))
     tested = [s for s in result["secondary"] if s["p"] is not None]
     if tested:
         lines.append("# secondary (Holm over " + str(len(tested)) + " tests, alpha "
