@@ -51,6 +51,14 @@ def test_slots_cpu_gpu_and_refusals(capsys):
         worker_slots(0, cpus=[0], gpus=[])
 
 
+def test_remaining_time_counts_rounds_of_workers():
+    from trainers.ablation.runs import remaining
+
+    assert remaining(7, [900, 1000], 2) == "; 7 runs left, about 1 h 03 min"  # 4 rounds
+    assert remaining(1, [60], 1) == "; 1 run left, about 1 min"
+    assert remaining(0, [60], 1) == "" and remaining(3, [], 1) == ""
+
+
 def test_visible_gpus_reads_cuda_visible_devices():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5"}) == ["4", "5"]
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
@@ -90,6 +98,7 @@ def test_two_workers_run_at_once_on_their_own_cores_and_change_no_number(tmp_pat
     parallel = ablate(*common, "--out", tmp_path / "two", "--workers", 2)
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
 
+    assert "; 1 run left, about" in serial.stdout  # after the first of the two trained runs
     lines = parallel.stdout.splitlines()
     starts = {name: i for i, line in enumerate(lines) for name in ("uniform", "random")
               if f"{name}-seed0: training + evaluating on CPU" in line}

@@ -124,13 +124,24 @@ def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["greedy_accuracy"])) for r in rows]
 
 
+def remaining(left: int, took: list[float], workers: int) -> str:
+    """'; 7 runs left, about 1 h 05 min' from the mean time of the runs finished so far
+    (runs in parallel: `workers` at a time); '' when none is left."""
+    if left <= 0 or not took:
+        return ""
+    minutes = round(-(-left // workers) * sum(took) / len(took) / 60)
+    hours = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    return f"; {left} run{'s' if left > 1 else ''} left, about {hours}"
+
+
 def execute_all(items, first_index: int, total: int, args, after=None,
                 slots=None) -> list[str]:
     """Run the unfinished `items` (finished ones are skipped), one per slot at a time in
     the given order (`slots`: workers.worker_slots; default one unpinned slot); `after()`
     once after each run that succeeded, in this thread. Returns the failed runs' names."""
     slots = list(slots or [{}])
-    free, failed, running = list(range(len(slots))), [], {}
+    free, failed, running, took = list(range(len(slots))), [], {}, []
+    left = sum(run_status(item) != "done" for item in items)
 
     def start(pool, i, item, name):
         slot_index = free.pop(0)
@@ -144,15 +155,19 @@ def execute_all(items, first_index: int, total: int, args, after=None,
         running[future] = (name, item, slot_index, time.perf_counter())
 
     def finish(future):
+        nonlocal left
         name, item, slot_index, began = running.pop(future)
         free.append(slot_index)
         code = future.result()
+        left -= 1
         if code != 0:
             failed.append(name)
             print(f"    {name} FAILED (exit {code}); see {item['dir'] / 'log.txt'}",
                   flush=True)
             return
-        print(f"    {name} done in {time.perf_counter() - began:.0f} s", flush=True)
+        took.append(time.perf_counter() - began)
+        print(f"    {name} done in {took[-1]:.0f} s{remaining(left, took, len(slots))}",
+              flush=True)
         if after is not None:
             after()
 
