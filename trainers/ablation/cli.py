@@ -66,8 +66,8 @@ def add_arguments(parser) -> None:
                              "(the others are not recommended for the task)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="runs at the same time, each pinned to its own share of the CPU "
-                             "cores (or, where GPUs are visible, its own GPUs); a run's numbers "
-                             "do not depend on N (default 1)")
+                             "cores (or, where GPUs are visible, a GPU of its own); a run's "
+                             "numbers do not depend on N (default 1)")
     parser.add_argument("--summary-only", action="store_true",
                         help="rebuild summary.json and the PNG from finished runs; train nothing")
 
