@@ -22,7 +22,8 @@ from trainers.ablation.workers import worker_slots
 def add_arguments(parser) -> None:
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu",
                         help="preset: tiny (tests), cpu (SmolLM2 full fine-tune on 2 CPU "
-                             "cores, ~11 min per run), medium / large (GPU nodes)")
+                             "cores, ~15 min per run, two at a time with --workers 2), medium / "
+                             "large (GPU nodes)")
     parser.add_argument("--model", default=None,
                         help="model directory or 'smollm2' (default: the config's)")
     parser.add_argument("--task", default=None,

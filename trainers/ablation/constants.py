@@ -62,8 +62,9 @@ SMOOTH_WINDOW = 5  # steps-to-target uses the trailing 5-step average of the tra
 # cpu: SmolLM2-135M full fine-tune on 2 CPU cores, the main job's recipe and task
 #   (configs/default.yaml: its task, task_size and held-out problems, none in the training
 #   pool; its learning rate, 4 prompts x 8 samples, 64 tokens, 16 steps). Micro-batches of 8
-#   (4 accumulated) keep the peak near 5 GB. ~9 min per run on 2 idle cores (far more on
-#   shared ones; never beside another vLLM process): 4 strategies x 5 seeds in about 3 h.
+#   (4 accumulated) keep the peak near 6 GB. One thread per run (OMP_NUM_THREADS=1): ~17 min
+#   per run alone, 13-15 min each with --workers 2 on 2 idle cores (two at a time, one core
+#   each): the 41 runs of 4 strategies x 10 seeds in about 5 h.
 # medium / large: GPU nodes.
 BUDGETS = {
     "tiny": {
