@@ -59,6 +59,17 @@ def test_remaining_time_counts_rounds_of_workers():
     assert remaining(0, [60], 1) == "" and remaining(3, [], 1) == ""
 
 
+def test_idle_core_hint_only_where_cores_would_stay_idle():
+    from trainers.ablation.workers import idle_core_hint
+
+    assert "--workers 2 would run 2 at a time" in idle_core_hint(1, {}, cpus=[0, 1], gpus=[])
+    assert idle_core_hint(1, {"OMP_NUM_THREADS": "1"}, cpus=range(4), gpus=[]) is not None
+    assert idle_core_hint(2, {}, cpus=[0, 1], gpus=[]) is None          # already parallel
+    assert idle_core_hint(1, {}, cpus=[0], gpus=[]) is None             # one core
+    assert idle_core_hint(1, {"OMP_NUM_THREADS": "2"}, cpus=[0, 1], gpus=[]) is None
+    assert idle_core_hint(1, {}, cpus=range(16), gpus=["0"]) is None    # a GPU node
+
+
 def test_visible_gpus_reads_cuda_visible_devices():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5"}) == ["4", "5"]
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
@@ -93,12 +104,16 @@ def test_two_workers_run_at_once_on_their_own_cores_and_change_no_number(tmp_pat
                                                                           tiny_model_dir):
     common = ("--budget", "tiny", "--model", tiny_model_dir, "--strategies", "uniform,random",
               "--seeds", "0")
-    serial = ablate(*common, "--out", tmp_path / "one")
+    # the CPU path (cores as slots) also on a machine with GPUs
+    serial = ablate(*common, "--out", tmp_path / "one", CUDA_VISIBLE_DEVICES="")
     assert serial.returncode == 0, serial.stdout[-3000:] + serial.stderr[-3000:]
-    parallel = ablate(*common, "--out", tmp_path / "two", "--workers", 2)
+    parallel = ablate(*common, "--out", tmp_path / "two", "--workers", 2,
+                      CUDA_VISIBLE_DEVICES="")
     assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
 
     assert "; 1 run left, about" in serial.stdout  # after the first of the two trained runs
+    assert "--workers 2 would run 2 at a time" in serial.stdout
+    assert "would run" not in parallel.stdout
     lines = parallel.stdout.splitlines()
     starts = {name: i for i, line in enumerate(lines) for name in ("uniform", "random")
               if f"{name}-seed0: training + evaluating on CPU" in line}

@@ -16,7 +16,7 @@ from trainers.ablation.report import format_table, write_summary
 from trainers.ablation.runs import execute_all, run_status
 from trainers.ablation.stats import stop_rule
 from trainers.ablation.summary import summarize
-from trainers.ablation.workers import worker_slots
+from trainers.ablation.workers import idle_core_hint, worker_slots
 
 
 def add_arguments(parser) -> None:
@@ -80,6 +80,9 @@ def run(args) -> int:
     same decision."""
     slots = worker_slots(getattr(args, "workers", 1))
     runs, settings, out, untrained = build(args)
+    hint = None if args.summary_only else idle_core_hint(getattr(args, "workers", 1))
+    if hint:
+        print(hint, flush=True)
     record_settings(out, settings, write=not args.summary_only)
     notes = getattr(args, "fidelity_notes", None)
     for line in notes or []:

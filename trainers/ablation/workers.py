@@ -106,3 +106,15 @@ def pin_from_env(environ=None) -> list[int] | None:
     cores = [int(c) for c in value.split(",")]
     os.sched_setaffinity(0, cores)
     return cores
+
+
+def idle_core_hint(workers: int, environ=None, cpus=None, gpus=None) -> str | None:
+    """A line for a CPU ablation that leaves cores idle: one worker, one thread per run
+    (OMP_NUM_THREADS unset or 1: the runs' default) and more than one core. None otherwise."""
+    environ = os.environ if environ is None else environ
+    gpus = visible_gpus(environ) if gpus is None else list(gpus)
+    cores = len(os.sched_getaffinity(0)) if cpus is None else len(list(cpus))
+    if workers != 1 or gpus or cores < 2 or environ.get("OMP_NUM_THREADS", "1") != "1":
+        return None
+    return (f"# each run uses 1 thread and this machine has {cores} cores: --workers {cores} "
+            f"would run {cores} at a time (the same numbers, about {cores}x sooner)")
