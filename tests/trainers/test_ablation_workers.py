@@ -150,3 +150,38 @@ def test_too_many_workers_is_one_line_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--workers" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_scheduler_keeps_order_bounds_concurrency_and_reports_failures(tmp_path, monkeypatch):
+    """execute_all with 2 slots over 5 runs (execute() replaced by a timed stand-in: the
+    scheduler is what is tested): starts in the given order, never more than 2 at once, each
+    slot used by one run at a time, a failed run reported and the others summarised."""
+    import argparse
+    import threading
+    import time
+
+    from trainers.ablation import runs as runs_module
+
+    lock, active, log = threading.Lock(), set(), []
+
+    def fake_execute(run, keep_checkpoints=False, slot=None):
+        key = slot["cpus"][0]
+        with lock:
+            assert key not in active  # a slot holds one run at a time
+            active.add(key)
+            log.append(("start", run["strategy"], len(active)))
+        time.sleep(0.05 * (1 + run["seed"] % 2))
+        with lock:
+            active.discard(key)
+        return 1 if run["strategy"] == "c" else 0
+
+    monkeypatch.setattr(runs_module, "execute", fake_execute)
+    items = [{"strategy": name, "seed": i, "dir": tmp_path / name}
+             for i, name in enumerate("abcde")]
+    after = []
+    failed = runs_module.execute_all(items, 1, 5, argparse.Namespace(keep_checkpoints=False),
+                                     lambda: after.append(1),
+                                     slots=[{"cpus": [0]}, {"cpus": [1]}])
+    assert failed == ["c-seed2"] and len(after) == 4
+    assert [s for _, s, _ in log] == list("abcde")
+    assert max(n for _, _, n in log) == 2
