@@ -163,3 +163,39 @@ def test_power_statement_follows_the_plan(tmp_path):
         line = next(x for x in text.splitlines() if x.startswith("# power of the primary"))
         assert f"about {100 * power['power']:.0f}% with 10 seeds" in line
         assert ("UNDERPOWERED" in line) is underpowered
+
+
+def test_an_interim_table_gives_no_verdict(tmp_path):
+    """Before the planned seeds (here 4 of 6 paired: seeds 4 and 5 have only uniform) the
+    table gives intervals as progress, no test, verdict or power judgement (the plan's
+    rule); at the planned count the same data gets them."""
+    from tests.trainers.test_ablation import format_table
+
+    rng = random.Random(11)
+    base = [rng.uniform(0.35, 0.7) for _ in range(6)]
+    arms = {"uniform": base, "coupled": [b + 0.06 + rng.gauss(0, 0.01) for b in base],
+            "uniform_half_lr": [b - 0.08 + rng.gauss(0, 0.01) for b in base]}
+    full = fake_ablation(tmp_path / "full", arms)
+    assert not full["registered"]["interim"]
+    assert "coupled learns better than uniform" in format_table(full)
+    from tests.trainers.test_ablation import SETTINGS, write_run
+    from trainers.ablation import summarize
+
+    runs, root = [], tmp_path / "partial"
+    for seed in range(6):
+        for strategy, values in arms.items():
+            run_dir = root / f"{strategy}-seed{seed}"
+            if strategy == "uniform" or seed < 4:  # the others not finished yet
+                write_run(run_dir, values[seed])
+            runs.append({"strategy": strategy, "seed": seed, "dir": run_dir})
+    write_run(root / "untrained", 0.3)
+    partial = summarize(runs, SETTINGS, {"strategy": "untrained", "seed": None,
+                                         "dir": root / "untrained", "train": False})
+    assert partial["registered"]["interim"]
+    text = format_table(partial)
+    assert "so far" in text and "tested at 6 seeds, not before" in text
+    for word in ("learns better", "p = ", "DETECTED", "CANNOT DECIDE", "UNDERPOWERED",
+                 "secondary (Holm", "cannot decide"):
+        assert word not in text, word
+    rows = {r["strategy"]: r for r in partial["table"]}
+    assert rows["coupled"]["verdict"] == "INTERIM (4 of 6 seeds): no verdict"

@@ -172,8 +172,11 @@ def registered(rows: dict, predicted: list[float], planned_seeds: int,
         control = {"arm": CONTROL, "metric": CONTROL_METRIC, "diff": diff,
                    "predicted_per_seed": predicted, "predicted": mean_pred,
                    "detected": diff.get("high") is not None and diff["high"] < 0}
-    done = primary["diff"]["n"] if primary else 0
-    return {"alpha": ALPHA, "planned_seeds": planned_seeds, "interim": done < planned_seeds,
+    arms = [row[f"diff_{PRIMARY_METRIC}"]["n"] for name, row in rows.items()
+            if name != "uniform"]
+    done = primary["diff"]["n"] if primary else min(arms, default=planned_seeds)
+    return {"alpha": ALPHA, "planned_seeds": planned_seeds, "done_seeds": done,
+            "interim": done < planned_seeds,
             "primary": primary, "secondary": secondary, "control": control}
 
 
@@ -186,17 +189,32 @@ def registered_lines(result: dict) -> list[str]:
     lines = []
     primary, control = result["primary"], result["control"]
     if result.get("interim"):
-        done = primary["diff"]["n"] if primary else 0
+        done = result.get("done_seeds", primary["diff"]["n"] if primary else 0)
         lines.append(f"# INTERIM: {done} of {result['planned_seeds']} planned seeds; the "
                      "registered verdict is the one at the planned count (progress only)")
     if control is not None:
         d = control["diff"]
-        state = ("DETECTED" if control["detected"] else
-                 "not detected" if d.get("low") is not None else "no interval yet")
+        state = ("no interval yet" if d.get("low") is None else
+                 "so far (judged at the planned seeds)" if result.get("interim") else
+                 "DETECTED" if control["detected"] else "not detected")
         lines.append(f"# control {control['arm']} (uniform at half the learning rate) on AUC: "
                      f"{_points(d['mean'])} [{_points(d.get('low'))}, {_points(d.get('high'))}] "
                      f"points, predicted {_points(control['predicted'])} from uniform's own "
                      f"curves: {state}")
+    if result.get("interim"):  # the plan tests at its seed count: progress only before it
+        n = result["planned_seeds"]
+        if primary is not None and primary["diff"].get("low") is not None:
+            d = primary["diff"]
+            lines.append(f"# PRIMARY ({primary['arm']} - uniform, AUC, paired t): so far "
+                         f"{_points(d['mean'])} [{_points(d['low'])}, {_points(d['high'])}] "
+                         f"points over {d['n']} seeds; tested at {n} seeds, not before")
+        power = primary.get("power") if primary is not None else None
+        if power is not None:
+            lines.append(f"# power so far: about {100 * power['power']:.0f}% at a "
+                         f"{100 * power['effect']:.1f}-point AUC difference with {n} seeds at "
+                         f"the paired sd observed so far ({100 * power['sd']:.2f} points; the "
+                         f"plan's power statement is made at {n} seeds)")
+        return lines
     if primary is not None:
         d = primary["diff"]
         if primary["p"] is None:

@@ -78,6 +78,12 @@ def power_lines(summary: dict) -> list[str]:
     judged on the area under the curve (the primary metric), final accuracy beside it."""
     power = summary["power"]
     name, auc = power["control"], power["auc"]
+    if (summary.get("registered") or {}).get("interim"):
+        diff = auc.get("diff") or {}
+        if diff.get("low") is None:
+            return []
+        return [(f"# positive control {name} so far: {_ci(diff)} points on AUC (INTERIM: "
+                 "whether this budget can decide is judged at the planned seeds)")]
     if auc["status"] == "absent":
         return [(f"# POWER UNKNOWN: the positive control {name} was not run (add it to "
                  "--strategies); 'no difference shown' is no evidence of no effect")]

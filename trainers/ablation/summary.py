@@ -120,6 +120,11 @@ def summarize(runs: list[dict], settings: dict, untrained: dict | None = None,
                 if value is not None:
                     predicted.append(value)
     tests = registered(rows, predicted, len({r["seed"] for r in runs}))
+    if tests["interim"]:  # no verdict before the planned seed count (the plan's rule)
+        done = tests["done_seeds"]
+        for row in table:
+            if row["strategy"] != BASELINE:
+                row["verdict"] = f"INTERIM ({done} of {tests['planned_seeds']} seeds): no verdict"
     learned = None
     if reference is not None:  # the untrained model is one fixed reference: seeds vary
         learned = paired_t_interval([e["heldout"]["greedy_accuracy"]
