@@ -184,6 +184,10 @@ def _points(value) -> str:
     return "-" if value is None else f"{100 * value:+.1f}"
 
 
+def _interval(d: dict) -> str:
+    return f"{_points(d['mean'])} [{_points(d.get('low'))}, {_points(d.get('high'))}] points"
+
+
 def registered_lines(result: dict) -> list[str]:
     """The table's statement of the registered tests, in plan order."""
     lines = []
@@ -198,16 +202,14 @@ def registered_lines(result: dict) -> list[str]:
                  "so far (judged at the planned seeds)" if result.get("interim") else
                  "DETECTED" if control["detected"] else "not detected")
         lines.append(f"# control {control['arm']} (uniform at half the learning rate) on AUC: "
-                     f"{_points(d['mean'])} [{_points(d.get('low'))}, {_points(d.get('high'))}] "
-                     f"points, predicted {_points(control['predicted'])} from uniform's own "
-                     f"curves: {state}")
+                     f"{_interval(d)}, predicted {_points(control['predicted'])} from "
+                     f"uniform's own curves: {state}")
     if result.get("interim"):  # the plan tests at its seed count: progress only before it
         n = result["planned_seeds"]
         if primary is not None and primary["diff"].get("low") is not None:
             d = primary["diff"]
             lines.append(f"# PRIMARY ({primary['arm']} - uniform, AUC, paired t): so far "
-                         f"{_points(d['mean'])} [{_points(d['low'])}, {_points(d['high'])}] "
-                         f"points over {d['n']} seeds; tested at {n} seeds, not before")
+                         f"{_interval(d)} over {d['n']} seeds; tested at {n} seeds, not before")
         power = primary.get("power") if primary is not None else None
         if power is not None:
             lines.append(f"# power so far: about {100 * power['power']:.0f}% at a "
@@ -230,8 +232,7 @@ def registered_lines(result: dict) -> list[str]:
             else:
                 verdict = "no difference shown; the control was not detected: cannot decide"
             lines.append(f"# PRIMARY ({primary['arm']} - uniform, AUC, paired t over "
-                         f"{d['n']} seeds): {_points(d['mean'])} [{_points(d['low'])}, "
-                         f"{_points(d['high'])}] points, t = {primary['t']:.2f}, "
+                         f"{d['n']} seeds): {_interval(d)}, t = {primary['t']:.2f}, "
                          f"p = {primary['p']:.3f}: {verdict}")
     power = primary.get("power") if primary is not None else None
     if power is not None:
