@@ -193,9 +193,9 @@ def registered_lines(result: dict) -> list[str]:
     lines = []
     primary, control = result["primary"], result["control"]
     if result.get("interim"):
-        done = result.get("done_seeds", primary["diff"]["n"] if primary else 0)
-        lines.append(f"# INTERIM: {done} of {result['planned_seeds']} planned seeds; the "
-                     "registered verdict is the one at the planned count (progress only)")
+        lines.append(f"# INTERIM: {result['done_seeds']} of {result['planned_seeds']} "
+                     "planned seeds; the registered verdict is the one at the planned count "
+                     "(progress only)")
     if control is not None:
         d = control["diff"]
         state = ("no interval yet" if d.get("low") is None else

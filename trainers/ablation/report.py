@@ -78,7 +78,7 @@ def power_lines(summary: dict) -> list[str]:
     judged on the area under the curve (the primary metric), final accuracy beside it."""
     power = summary["power"]
     name, auc = power["control"], power["auc"]
-    if (summary.get("registered") or {}).get("interim"):
+    if summary["registered"]["interim"]:
         diff = auc.get("diff") or {}
         if diff.get("low") is None:
             return []

@@ -151,7 +151,7 @@ def execute_all(items, first_index: int, total: int, args, after=None,
         print(f"[{i}/{total}] {time.strftime('%H:%M:%S')} {name}: {what}{where} "
               f"(log: {item['dir'] / 'log.txt'})", flush=True)
         future = pool.submit(execute, item, keep_checkpoints=args.keep_checkpoints,
-                             slot=slots[slot_index] if len(slots) > 1 else None)
+                             slot=slots[slot_index])
         running[future] = (name, item, slot_index, time.perf_counter())
 
     def finish(future):

@@ -57,10 +57,10 @@ def worker_slots(workers: int, cpus=None, gpus=None) -> list[dict]:
     Raises UserError when there are fewer cores or GPUs than workers."""
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more (runs at the same time)")
-    gpus = visible_gpus() if gpus is None else list(gpus)
-    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
     if workers == 1:
         return [{}]
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
     if gpus:
         if workers > len(gpus):
             raise UserError(f"--workers {workers} but {len(gpus)} GPU(s) are visible "
@@ -112,9 +112,10 @@ def idle_core_hint(workers: int, environ=None, cpus=None, gpus=None) -> str | No
     """A line for a CPU ablation that leaves cores idle: one worker, one thread per run
     (OMP_NUM_THREADS unset or 1: the runs' default) and more than one core. None otherwise."""
     environ = os.environ if environ is None else environ
-    gpus = visible_gpus(environ) if gpus is None else list(gpus)
     cores = len(os.sched_getaffinity(0)) if cpus is None else len(list(cpus))
-    if workers != 1 or gpus or cores < 2 or environ.get("OMP_NUM_THREADS", "1") != "1":
+    if workers != 1 or cores < 2 or environ.get("OMP_NUM_THREADS", "1") != "1":
+        return None
+    if visible_gpus(environ) if gpus is None else gpus:  # nvidia-smi only when it matters
         return None
     return (f"# each run uses 1 thread and this machine has {cores} cores: --workers {cores} "
             f"would run {cores} at a time (the same numbers, about {cores}x sooner)")
